@@ -1,0 +1,101 @@
+"""Per-family weight maps and quirks, read from the TOML tables in `configs/`.
+
+A family is data: which `architectures` / `model_type` names it answers to, which rows map
+HF tensors to ours, which source tensors are dropped on purpose, and the few values its
+modelling code hard-wires. `extends = "llama"` inherits every row of the parent and adds
+its own (a child row with the same target and `when` replaces the parent's).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from gqa_convert.errors import UnsupportedModelError
+
+SLIDING_WINDOW_RULES = ("never", "always", "qwen2")
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    """One line of a family's weight map. `{l}` in names stands for the layer index."""
+
+    source: str
+    target: str | None = None  # None for dropped sources
+    layout: str | None = None  # einops pattern, e.g. "(n h) m -> n m h"
+    when: str | None = None  # a config flag: qkv_bias, o_bias, tied, untied
+    drop: bool = False
+
+    @property
+    def per_layer(self) -> bool:
+        return "{l}" in self.source
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    sliding_window_rule: str
+    fixed: dict[str, Any]
+    rows: tuple[TensorRow, ...]
+
+
+def _read_table(name: str) -> dict[str, Any]:
+    path = resources.files("gqa_convert.configs") / f"{name}.toml"
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def _build(name: str) -> Family:
+    table = _read_table(name)
+    parent = _build(table["extends"]) if "extends" in table else None
+    rows = list(parent.rows) if parent else []
+    for raw in table.get("tensors", []):
+        row = TensorRow(**raw)
+        rows = [
+            r for r in rows if (r.target, r.source, r.when) != (row.target, row.source, row.when)
+        ]
+        rows.append(row)
+    rule = table.get("sliding_window_rule", parent.sliding_window_rule if parent else "never")
+    if rule not in SLIDING_WINDOW_RULES:
+        raise ValueError(f"configs/{name}.toml: unknown sliding_window_rule {rule!r}")
+    return Family(
+        name=name,
+        architectures=tuple(table["architectures"]),
+        model_types=tuple(table.get("model_types", ())),
+        sliding_window_rule=rule,
+        fixed={**(parent.fixed if parent else {}), **table.get("fixed", {})},
+        rows=tuple(rows),
+    )
+
+
+@cache
+def families() -> tuple[Family, ...]:
+    """Every family shipped in `configs/`, in name order."""
+    names = sorted(
+        entry.name.removesuffix(".toml")
+        for entry in resources.files("gqa_convert.configs").iterdir()
+        if entry.name.endswith(".toml")
+    )
+    return tuple(_build(name) for name in names)
+
+
+def supported_architectures() -> list[str]:
+    return sorted(arch for family in families() for arch in family.architectures)
+
+
+def family_for(architectures: list[str] | None, model_type: str | None) -> Family:
+    """The family for config.json's `architectures` (or, when absent, its `model_type`)."""
+    for family in families():
+        if architectures and architectures[0] in family.architectures:
+            return family
+        if not architectures and model_type in family.model_types:
+            return family
+    stated = f"architectures={architectures!r}" if architectures else f"model_type={model_type!r}"
+    raise UnsupportedModelError(
+        f"config.json: unsupported architecture ({stated}); "
+        f"supported: {', '.join(supported_architectures())}"
+    )

@@ -1,0 +1,233 @@
+"""One frozen config for our decoder, and the one door from HF's config.json into it.
+
+HF field names appear only in `from_hf`. Everything the checkpoint states is read, never
+derived: `head_dim` need not be d_model / n_heads, `rope_theta` need not be 10000.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gqa_convert.architectures import Family, family_for
+from gqa_convert.errors import BadInputError, UnsupportedModelError
+
+FORMAT = "gqa-convert/1"
+ROPE_TYPES = ("default", "llama3")
+ACTIVATIONS = ("silu",)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings. `llama3` scaling uses the four fields below it."""
+
+    theta: float = 10_000.0
+    type: str = "default"
+    factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything our decoder needs, in our names. Build it with `from_hf` or `load_config`."""
+
+    architecture: str
+    family: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_key_value_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    eps: float
+    act_fn: str = "silu"
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    sliding_window: int | None = None
+    # "global" or "local" (sliding window) for each layer.
+    attn_types: tuple[str, ...] = ()
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    dtype: str = "float32"
+    # TransformerLens's 1/(layer_id+1) score scaling; no HF Llama-family model uses it.
+    scale_attn_by_inverse_layer_idx: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_key_value_heads:
+            raise BadInputError(
+                f"config.json: num_attention_heads={self.n_heads} is not divisible by "
+                f"num_key_value_heads={self.n_key_value_heads}"
+            )
+        if len(self.attn_types) != self.n_layers:
+            object.__setattr__(self, "attn_types", ("global",) * self.n_layers)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head: head h reads KV head h // group_size."""
+        return self.n_heads // self.n_key_value_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self), "attn_types": list(self.attn_types)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        if data.pop("format", None) != FORMAT:
+            raise BadInputError(f"config.json: not a gqa-convert export (format != {FORMAT!r})")
+        data["rope"] = RopeConfig(**data["rope"])
+        data["attn_types"] = tuple(data["attn_types"])
+        return cls(**data)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a BadInputError that names the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _get(hf: dict, key: str, kind: type, default: Any = ...) -> Any:
+    value = hf.get(key, default)
+    if value is ...:
+        raise BadInputError(f"config.json: missing field {key!r}")
+    if value is None and default is None:
+        return None
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok or (kind is int and value <= 0):
+        raise BadInputError(
+            f"config.json: field {key!r} = {value!r} is not a valid {kind.__name__}"
+        )
+    return value
+
+
+def _rope_from_hf(hf: dict) -> RopeConfig:
+    """Both spellings: `rope_parameters` (transformers 5) and `rope_theta` + `rope_scaling`."""
+    if isinstance(hf.get("rope_parameters"), dict):
+        where, params = "rope_parameters", dict(hf["rope_parameters"])
+        if "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
+            raise UnsupportedModelError(
+                "config.json: per-layer-type rope_parameters are not supported"
+            )
+    else:
+        where, params = "rope_scaling", dict(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"config.json: {where}.rope_type = {rope_type!r} is not supported "
+            f"(supported: {', '.join(ROPE_TYPES)})"
+        )
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedModelError(
+            f"config.json: partial_rotary_factor = {partial!r} is not supported"
+        )
+    theta = _get(params, "rope_theta", float)
+    if rope_type == "default":
+        return RopeConfig(theta=theta)
+    return RopeConfig(
+        theta=theta,
+        type=rope_type,
+        factor=_get(params, "factor", float),
+        low_freq_factor=_get(params, "low_freq_factor", float),
+        high_freq_factor=_get(params, "high_freq_factor", float),
+        original_max_position_embeddings=_get(
+            params,
+            "original_max_position_embeddings",
+            int,
+            _get(hf, "max_position_embeddings", int),
+        ),
+    )
+
+
+def _attn_types(hf: dict, family: Family, n_layers: int) -> tuple[tuple[str, ...], int | None]:
+    window = _get(hf, "sliding_window", int, None)
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        names = {"full_attention": "global", "sliding_attention": "local"}
+        if len(layer_types) != n_layers or any(t not in names for t in layer_types):
+            raise UnsupportedModelError(
+                f"config.json: layer_types = {layer_types!r}: expected {n_layers} entries of "
+                f"{' / '.join(names)}"
+            )
+        types = tuple(names[t] for t in layer_types)
+    elif window is None or family.sliding_window_rule == "never":
+        types = ("global",) * n_layers
+    elif family.sliding_window_rule == "always":
+        types = ("local",) * n_layers
+    else:  # qwen2
+        on = bool(hf.get("use_sliding_window", False))
+        first = _get(hf, "max_window_layers", int, n_layers) if on else n_layers
+        types = tuple("local" if on and i >= first else "global" for i in range(n_layers))
+    if "local" in types and window is None:
+        raise BadInputError(
+            "config.json: layer_types asks for sliding attention, sliding_window is null"
+        )
+    return types, window if "local" in types else None
+
+
+def from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Our config from the dict of an HF `config.json` (either rope spelling)."""
+    family = family_for(hf.get("architectures"), hf.get("model_type"))
+    act = hf.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"config.json: hidden_act = {act!r} is not supported "
+            f"(supported: {', '.join(ACTIVATIONS)})"
+        )
+    if hf.get("mlp_bias"):
+        raise UnsupportedModelError("config.json: mlp_bias = true is not supported")
+    d_model = _get(hf, "hidden_size", int)
+    n_heads = _get(hf, "num_attention_heads", int)
+    n_layers = _get(hf, "num_hidden_layers", int)
+    d_head = _get(hf, "head_dim", int, None)
+    if d_head is None:
+        if d_model % n_heads:
+            raise BadInputError(
+                f"config.json: no head_dim, and hidden_size={d_model} is not divisible by "
+                f"num_attention_heads={n_heads}"
+            )
+        d_head = d_model // n_heads
+    attn_types, window = _attn_types(hf, family, n_layers)
+    attention_bias = bool(hf.get("attention_bias", False))
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return ModelConfig(
+        architecture=(hf.get("architectures") or [family.architectures[0]])[0],
+        family=family.name,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_key_value_heads=_get(hf, "num_key_value_heads", int, n_heads) or n_heads,
+        d_head=d_head,
+        d_mlp=_get(hf, "intermediate_size", int),
+        d_vocab=_get(hf, "vocab_size", int),
+        n_ctx=_get(hf, "max_position_embeddings", int),
+        eps=_get(hf, "rms_norm_eps", float),
+        act_fn=act,
+        rope=_rope_from_hf(hf),
+        sliding_window=window,
+        attn_types=attn_types,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=family.fixed.get("qkv_bias", attention_bias),
+        o_bias=family.fixed.get("o_bias", attention_bias),
+        dtype=str(dtype),
+    )
+
+
+def load_hf_config(src: Path) -> ModelConfig:
+    """Our config from `src/config.json`, an HF checkpoint folder."""
+    return from_hf(read_json(Path(src) / "config.json"))

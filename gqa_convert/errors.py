@@ -1,0 +1,47 @@
+"""The exceptions the library raises on purpose, one type per kind of failure.
+
+The CLI maps each type to an exit code (`exit_code`) in one place; the table is in the
+README. Messages name the file, field or tensor at fault and, where there is one, the fix.
+"""
+
+
+class GQAConvertError(Exception):
+    """Base of every deliberate failure. Anything else reaching the CLI is a bug."""
+
+    exit_code = 1
+
+
+class UsageError(GQAConvertError):
+    """The command line asks for something inconsistent."""
+
+    exit_code = 2
+
+
+class BadInputError(GQAConvertError):
+    """A source file is missing, unreadable, corrupt, or disagrees with config.json."""
+
+    exit_code = 3
+
+
+class UnsupportedModelError(GQAConvertError):
+    """A well-formed checkpoint of an architecture, rope type or feature we do not handle."""
+
+    exit_code = 4
+
+
+class ParityError(GQAConvertError):
+    """The converted model's logits differ from the HuggingFace model's beyond tolerance."""
+
+    exit_code = 5
+
+
+class OutputError(GQAConvertError):
+    """The output cannot be written: it exists, its parent is read-only, the disk is full."""
+
+    exit_code = 6
+
+
+class HubError(GQAConvertError):
+    """The HuggingFace Hub refused or failed a request."""
+
+    exit_code = 7

@@ -1,0 +1,6 @@
+"""Our decoder. Knows nothing of files, HF names or the Hub: it receives tensors in our layout."""
+
+from gqa_convert.model.attention import GroupedQueryAttention
+from gqa_convert.model.decoder import GQATransformer
+
+__all__ = ["GQATransformer", "GroupedQueryAttention"]

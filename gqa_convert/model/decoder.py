@@ -1,0 +1,188 @@
+"""GQATransformer: embedding, RMSNorm, rotary, GQA blocks, gated SiLU MLP, unembedding.
+
+Parameter names are TransformerLens HookedTransformer names (`embed.W_E`,
+`blocks.{l}.attn.W_Q`, `blocks.{l}.mlp.W_gate`, `unembed.W_U`, ...). The numerics follow
+HF's Llama: RMSNorm in fp32 then cast back, rotary cos/sin computed in fp32 then cast to
+the compute dtype, softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from gqa_convert.config import ModelConfig, RopeConfig
+from gqa_convert.model.attention import GroupedQueryAttention
+from gqa_convert.model.hooks import HookPoint
+
+
+def rotary_inv_freq(rope: RopeConfig, d_head: int) -> Float[Tensor, " half_d_head"]:
+    """Inverse frequencies computed as HF does, in fp32 (llama3 smoothing included)."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, d_head, 2).float() / d_head))
+    if rope.type == "default":
+        return inv_freq
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    old_len = rope.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.w * x32.to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """W_out(silu(x W_gate) * (x W_in)), weights stored [d_model, d_mlp] / [d_mlp, d_model]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp], gate before the activation
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp], input of W_out
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        gate = self.hook_pre(x @ self.W_gate)
+        return self.hook_post(F.silu(gate) * (x @ self.W_in)) @ self.W_out
+
+
+class Embed(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.W_E[tokens]
+
+
+class Unembed(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return x @ self.W_U
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.attn = GroupedQueryAttention(cfg, cfg.attn_types[layer_id], layer_id)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.mlp = GatedMLP(cfg)
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self, resid: Tensor, cos: Tensor, sin: Tensor, use_fast_path: bool | None = None
+    ) -> Tensor:
+        resid = self.hook_resid_pre(resid)
+        attn_out = self.attn(self.ln1(resid), cos, sin, use_fast_path)
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
+        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
+
+
+class GQATransformer(nn.Module):
+    """A Llama-family decoder in TransformerLens layout: tokens [batch, pos] -> logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        self.unembed = Unembed(cfg)
+        inv_freq = rotary_inv_freq(cfg.rope, cfg.d_head)
+        self.register_buffer("rotary_inv_freq", inv_freq, persistent=False)
+
+    def rotary(self, n_pos: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [n_pos, d_head] in HF's convention (frequencies repeated twice)."""
+        pos = torch.arange(n_pos, device=self.rotary_inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.rotary_inv_freq)  # [pos, d_head / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self, tokens: Int[Tensor, "batch pos"], use_fast_path: bool | None = None
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits. `use_fast_path`: None picks SDPA unless a hook reads scores or pattern;
+        False forces the reference path (explicit scores, pattern, repeat_interleave)."""
+        resid = self.hook_embed(self.embed(tokens))
+        cos, sin = self.rotary(tokens.shape[1], resid.dtype)
+        for block in self.blocks:
+            resid = block(resid, cos, sin, use_fast_path)
+        return self.unembed(self.ln_final(resid))
+
+    @classmethod
+    def from_pretrained(
+        cls, converted_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
+    ) -> GQATransformer:
+        """Load an export of `gqa-convert convert` (config.json + safetensors)."""
+        from gqa_convert.export import load_export  # files are export's business, not ours
+
+        cfg, state = load_export(Path(converted_dir))
+        return cls.from_state_dict(cfg, state, dtype=dtype, device=device)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        cfg: ModelConfig,
+        state: dict[str, Tensor],
+        dtype: torch.dtype | None = None,
+        device: str = "cpu",
+    ) -> GQATransformer:
+        """Build on the meta device and take `state`'s tensors as parameters (no copy).
+
+        Every parameter must come from `state`, except biases the config says are absent,
+        which are zero; any missing or unexpected name is an error.
+        """
+        with torch.device("meta"):
+            model = cls(cfg)
+        zero = {
+            name for name in model.state_dict() if name not in state and _zero_by_config(cfg, name)
+        }
+        missing = set(model.state_dict()) - set(state) - zero
+        unexpected = set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise ValueError(
+                f"state dict does not match the model: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        ref_dtype = dtype or state["embed.W_E"].dtype
+        full = dict(state)
+        for name in zero:
+            full[name] = torch.zeros(model.get_parameter(name).shape, dtype=ref_dtype)
+        model.load_state_dict(full, assign=True, strict=True)
+        model.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.d_head)
+        return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+def _zero_by_config(cfg: ModelConfig, name: str) -> bool:
+    """Biases the source family does not have: zero in our model, never read from files."""
+    leaf = name.rsplit(".", 1)[-1]
+    return (leaf in ("b_Q", "_b_K", "_b_V") and not cfg.qkv_bias) or (
+        leaf == "b_O" and not cfg.o_bias
+    )
