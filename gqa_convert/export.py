@@ -90,7 +90,8 @@ def write_export(
             writer.close()
         if len(shards) > 1:
             weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
-            index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+            total = sum(s.nbytes for s in specs)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             _write_json(tmp / INDEX_NAME, index)
         _write_json(tmp / "config.json", {**plan.config.to_dict(), "hf_config": plan.hf_config})
     log.info("wrote %s (%d tensors, %d shard(s))", out, len(specs), len(shards))
