@@ -1,0 +1,185 @@
+"""GroupedQueryAttention against plain multi-head attention, the head grouping, the fast path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from gqa_convert.config import ModelConfig
+from gqa_convert.model.attention import GroupedQueryAttention, attention_mask
+from gqa_convert.model.decoder import GQATransformer
+
+
+def tiny_cfg(n_heads=8, n_kv=2, window=None, **kw) -> ModelConfig:
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        family="llama",
+        d_model=32,
+        n_layers=2,
+        n_heads=n_heads,
+        n_key_value_heads=n_kv,
+        d_head=6,
+        d_mlp=48,
+        d_vocab=50,
+        n_ctx=128,
+        eps=1e-5,
+        sliding_window=window,
+        **kw,
+    )
+
+
+def random_attention(cfg: ModelConfig, attn_type="global", seed=0) -> GroupedQueryAttention:
+    torch.manual_seed(seed)
+    attn = GroupedQueryAttention(cfg, attn_type)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    return attn
+
+
+def rotary_identity(n_pos: int, d_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(n_pos, d_head), torch.zeros(n_pos, d_head)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4, 8])
+@pytest.mark.parametrize("attn_type", ["global", "local"])
+def test_gqa_equals_mha_on_expanded_kv(n_kv, attn_type):
+    cfg = tiny_cfg(n_kv=n_kv, window=5)
+    gqa = random_attention(cfg, attn_type)
+    mha = GroupedQueryAttention(dataclasses.replace(cfg, n_key_value_heads=8), attn_type)
+    with torch.no_grad():
+        for name in ("W_Q", "W_O", "b_Q", "b_O"):
+            getattr(mha, name).copy_(getattr(gqa, name))
+        mha._W_K.copy_(gqa.W_K)
+        mha._W_V.copy_(gqa.W_V)
+        mha._b_K.copy_(gqa.b_K)
+        mha._b_V.copy_(gqa.b_V)
+    x = torch.randn(2, 12, cfg.d_model)
+    cos, sin = rotary_identity(12, cfg.d_head)
+    for fast in (True, False):
+        expected = mha(x, cos, sin, fast)
+        torch.testing.assert_close(gqa(x, cos, sin, fast), expected, atol=1e-5, rtol=0)
+
+
+def test_head_h_reads_kv_head_h_floordiv_group():
+    cfg = tiny_cfg(n_heads=8, n_kv=2)  # group 4: heads 0-3 -> KV 0, heads 4-7 -> KV 1
+    attn = random_attention(cfg)
+    expected = [0, 0, 0, 0, 1, 1, 1, 1]
+    for h, kv in enumerate(expected):
+        assert torch.equal(attn.W_K[h], attn._W_K[kv])
+        assert torch.equal(attn.W_V[h], attn._W_V[kv])
+        assert torch.equal(attn.b_K[h], attn._b_K[kv])
+    # The forward pass groups the same way: KV head j carries the constant value j.
+    v = torch.arange(2.0).view(1, 1, 2, 1).expand(1, 5, 2, cfg.d_head)
+    pattern = torch.softmax(torch.randn(1, 8, 5, 5), dim=-1)
+    z = attn.calculate_z_scores(v, pattern)  # [batch, pos, head, d_head]
+    torch.testing.assert_close(z[0, :, :, 0], torch.tensor(expected).float().expand(5, 8))
+    # ... and scores: head h's scores use K of KV head h // 4 only.
+    q = torch.randn(1, 5, 8, cfg.d_head)
+    k = torch.randn(1, 5, 2, cfg.d_head)
+    scores = attn.calculate_attention_scores(q, k)
+    for h, kv in enumerate(expected):
+        manual = q[0, :, h] @ k[0, :, kv].T / cfg.d_head**0.5
+        torch.testing.assert_close(scores[0, h], manual)
+
+
+def test_per_head_inputs_match_shared_input():
+    cfg = tiny_cfg()
+    attn = random_attention(cfg)
+    x = torch.randn(2, 7, cfg.d_model)
+    shared = attn.calculate_qkv_matrices(x, x, x)
+    per_head = attn.calculate_qkv_matrices(
+        x[:, :, None].expand(2, 7, 8, cfg.d_model),
+        x[:, :, None].expand(2, 7, 2, cfg.d_model),
+        x[:, :, None].expand(2, 7, 2, cfg.d_model),
+    )
+    assert [t.shape for t in shared] == [(2, 7, 8, 6), (2, 7, 2, 6), (2, 7, 2, 6)]
+    for a, b in zip(shared, per_head, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 8])
+@pytest.mark.parametrize("window", [None, 1, 4, 100])
+def test_fast_path_equals_reference(n_kv, window):
+    cfg = tiny_cfg(n_kv=n_kv, window=window or 3)
+    attn = random_attention(cfg, "global" if window is None else "local")
+    x = torch.randn(3, 10, cfg.d_model)
+    cos, sin = torch.cos(torch.randn(10, cfg.d_head)), torch.sin(torch.randn(10, cfg.d_head))
+    torch.testing.assert_close(attn(x, cos, sin, True), attn(x, cos, sin, False), atol=1e-5, rtol=0)
+
+
+def test_a_pattern_hook_switches_to_the_reference_path_and_can_patch():
+    cfg = tiny_cfg()
+    attn = random_attention(cfg)
+    x = torch.randn(1, 6, cfg.d_model)
+    cos, sin = rotary_identity(6, cfg.d_head)
+    seen = []
+    handle = attn.hook_pattern.register_forward_hook(lambda m, i, out: seen.append(out))
+    assert attn.needs_pattern
+    attn(x, cos, sin)
+    handle.remove()
+    assert seen and seen[0].shape == (1, 8, 6, 6)
+    torch.testing.assert_close(seen[0].sum(-1), torch.ones(1, 8, 6))
+    assert torch.all(seen[0].triu(1) == 0)  # causal
+    # A hook that returns a tensor replaces the activation: uniform-on-first-token pattern.
+    first = torch.zeros(1, 8, 6, 6)
+    first[..., 0] = 1
+    attn.hook_pattern.register_forward_hook(lambda m, i, out: first)
+    z_expected = torch.einsum("bpkh->bpkh", attn.calculate_qkv_matrices(x, x, x)[2][:, :1])
+    out = attn(x, cos, sin)
+    v0 = z_expected.repeat_interleave(4, dim=2).expand(1, 6, 8, cfg.d_head)
+    torch.testing.assert_close(out, torch.einsum("bqnh,nhm->bqm", v0, attn.W_O) + attn.b_O)
+
+
+def test_sliding_window_mask_matches_hf_rule():
+    # HF keeps key j for query i when i - window < j <= i.
+    mask = attention_mask(6, 6, 3, torch.device("cpu"))
+    for i in range(6):
+        for j in range(6):
+            assert bool(mask[i, j]) == (i - 3 < j <= i)
+
+
+def test_layer_id_scaling():
+    cfg = tiny_cfg(scale_attn_by_inverse_layer_idx=True)
+    plain = random_attention(tiny_cfg())
+    scaled = GroupedQueryAttention(cfg, layer_id=3)
+    scaled.load_state_dict(plain.state_dict())
+    q, k = torch.randn(1, 4, 8, 6), torch.randn(1, 4, 2, 6)
+    torch.testing.assert_close(
+        scaled.calculate_attention_scores(q, k), plain.calculate_attention_scores(q, k) / 4
+    )
+    x = torch.randn(1, 4, cfg.d_model)
+    cos, sin = rotary_identity(4, 6)
+    torch.testing.assert_close(scaled(x, cos, sin, True), scaled(x, cos, sin, False))
+
+
+def test_bad_attn_type_and_local_without_window_are_refused():
+    with pytest.raises(ValueError, match="attn_type"):
+        GroupedQueryAttention(tiny_cfg(), "sliding")
+    with pytest.raises(ValueError, match="sliding_window"):
+        GroupedQueryAttention(tiny_cfg(), "local")
+
+
+def test_hook_points_have_transformer_lens_names():
+    names = {n for n, _ in GQATransformer(tiny_cfg()).named_modules() if "hook" in n}
+    for name in (
+        "hook_embed",
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_mid",
+        "blocks.0.hook_resid_post",
+        "blocks.0.hook_attn_out",
+        "blocks.0.hook_mlp_out",
+        "blocks.1.attn.hook_q",
+        "blocks.1.attn.hook_k",
+        "blocks.1.attn.hook_v",
+        "blocks.1.attn.hook_rot_q",
+        "blocks.1.attn.hook_rot_k",
+        "blocks.1.attn.hook_attn_scores",
+        "blocks.1.attn.hook_pattern",
+        "blocks.1.attn.hook_z",
+        "blocks.1.mlp.hook_pre",
+        "blocks.1.mlp.hook_post",
+    ):
+        assert name in names
