@@ -90,8 +90,11 @@ def build_smollm2(out: Path, *, force: bool = False) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
-        # No local_files_only here: the tokenizer would record it in tokenizer_config.json.
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        for load_flag in ("is_local", "local_files_only"):  # else saved to tokenizer_config.json
+            tok.init_kwargs.pop(load_flag, None)
+        tok.model_max_length = model.config.max_position_embeddings  # 8192, as upstream
+        tok.save_pretrained(tmp)
         marker = {**expected, "transformers": transformers_version, "gguf": str(gguf)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")  # written last
         if not force and _is_complete(out, expected):
