@@ -99,23 +99,29 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def _get(hf: dict, key: str, kind: type, default: Any = ...) -> Any:
-    value = hf.get(key, default)
-    if value is ...:
-        raise BadInputError(f"config.json: missing field {key!r}")
-    if value is None and default is None:
-        return None
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    """`hf[key]` checked to be a `kind` (ints and floats > 0); null means the default."""
+    value = hf.get(key)
+    if value is None:
+        if default is ...:
+            raise BadInputError(f"config.json: missing field {key!r}")
+        return default
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if not ok or (kind is int and value <= 0):
         raise BadInputError(
             f"config.json: field {key!r} = {value!r} is not a valid {kind.__name__}"
         )
+    if kind is float and not 0 < value < float("inf"):  # eps, theta, factors: all positive
+        raise BadInputError(f"config.json: field {key!r} = {value!r} is not a positive number")
     return value
 
 
 def _rope_from_hf(hf: dict) -> RopeConfig:
     """Both spellings: `rope_parameters` (transformers 5) and `rope_theta` + `rope_scaling`."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(hf.get(key, {}), dict | None):
+            raise BadInputError(f"config.json: field {key!r} = {hf[key]!r} is not an object")
     if isinstance(hf.get("rope_parameters"), dict):
         where, params = "rope_parameters", dict(hf["rope_parameters"])
         if "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
@@ -159,6 +165,8 @@ def _attn_types(hf: dict, family: Family, n_layers: int) -> tuple[tuple[str, ...
     layer_types = hf.get("layer_types")
     if layer_types is not None:
         names = {"full_attention": "global", "sliding_attention": "local"}
+        if not isinstance(layer_types, list):
+            raise BadInputError(f"config.json: field 'layer_types' = {layer_types!r} is not a list")
         if len(layer_types) != n_layers or any(t not in names for t in layer_types):
             raise UnsupportedModelError(
                 f"config.json: layer_types = {layer_types!r}: expected {n_layers} entries of "
@@ -170,7 +178,7 @@ def _attn_types(hf: dict, family: Family, n_layers: int) -> tuple[tuple[str, ...
     elif family.sliding_window_rule == "always":
         types = ("local",) * n_layers
     else:  # qwen2
-        on = bool(hf.get("use_sliding_window", False))
+        on = _get(hf, "use_sliding_window", bool, False)
         first = _get(hf, "max_window_layers", int, n_layers) if on else n_layers
         types = tuple("local" if on and i >= first else "global" for i in range(n_layers))
     if "local" in types and window is None:
@@ -182,14 +190,29 @@ def _attn_types(hf: dict, family: Family, n_layers: int) -> tuple[tuple[str, ...
 
 def from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Our config from the dict of an HF `config.json` (either rope spelling)."""
-    family = family_for(hf.get("architectures"), hf.get("model_type"))
+    architectures = hf.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        raise BadInputError(
+            f"config.json: field 'architectures' = {architectures!r} is not a list of names"
+        )
+    family = family_for(architectures, hf.get("model_type"))
+    if hf.get("auto_map"):
+        # Custom modelling code: we never run it (no trust_remote_code), and cannot vouch
+        # that the weights mean what the stated architecture's stock code says they mean.
+        raise UnsupportedModelError(
+            f"config.json: auto_map = {hf['auto_map']!r} asks for the checkpoint's own "
+            "modelling code, which gqa-convert never runs; if the model is a stock "
+            f"{family.architectures[0]}, delete auto_map from config.json and convert again"
+        )
     act = hf.get("hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise UnsupportedModelError(
             f"config.json: hidden_act = {act!r} is not supported "
             f"(supported: {', '.join(ACTIVATIONS)})"
         )
-    if hf.get("mlp_bias"):
+    if _get(hf, "mlp_bias", bool, False):
         raise UnsupportedModelError("config.json: mlp_bias = true is not supported")
     d_model = _get(hf, "hidden_size", int)
     n_heads = _get(hf, "num_attention_heads", int)
@@ -203,8 +226,10 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
             )
         d_head = d_model // n_heads
     attn_types, window = _attn_types(hf, family, n_layers)
-    attention_bias = bool(hf.get("attention_bias", False))
+    attention_bias = _get(hf, "attention_bias", bool, False)
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if not isinstance(dtype, str):
+        raise BadInputError(f"config.json: field 'dtype' = {dtype!r} is not a dtype name")
     return ModelConfig(
         architecture=(hf.get("architectures") or [family.architectures[0]])[0],
         family=family.name,
@@ -221,7 +246,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope=_rope_from_hf(hf),
         sliding_window=window,
         attn_types=attn_types,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=_get(hf, "tie_word_embeddings", bool, False),
         qkv_bias=family.fixed.get("qkv_bias", attention_bias),
         o_bias=family.fixed.get("o_bias", attention_bias),
         dtype=str(dtype),

@@ -45,3 +45,14 @@ class HubError(GQAConvertError):
     """The HuggingFace Hub refused or failed a request."""
 
     exit_code = 7
+
+
+def listing(what: str, problems: list[str], shown: int = 20) -> str:
+    """One message for several offenders, its first line a summary: what is wrong, how many,
+    and the first offender; then each offender (at most `shown`) on an indented line."""
+    if len(problems) == 1:
+        return f"{what}: {problems[0]}"
+    lines = problems[:shown]
+    if len(problems) > shown:
+        lines.append(f"... and {len(problems) - shown} more")
+    return f"{what}: {len(problems)} problems, first: {problems[0]}\n  " + "\n  ".join(lines)
