@@ -172,7 +172,9 @@ class GroupedQueryAttention(nn.Module):
             pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             z = self.calculate_z_scores(v, self.hook_pattern(pattern))
         z = self.hook_z(z)
-        return torch.einsum("bqnh,nhm->bqm", z, self.W_O) + self.b_O
+        # One matmul over (head, d_head) together, as HF's o_proj: einsum "bqnh,nhm->bqm"
+        # sums per-head partial products, each rounded in bf16 (twice HF's error, measured).
+        return z.flatten(2) @ self.W_O.flatten(0, 1) + self.b_O  # [b, q, n*h] @ [n*h, m]
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
         """torch SDPA with enable_gqa: K/V are never materialised at n_heads."""

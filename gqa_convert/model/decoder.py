@@ -115,13 +115,15 @@ class GQATransformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
         self.unembed = Unembed(cfg)
-        inv_freq = rotary_inv_freq(cfg.rope, cfg.d_head)
-        self.register_buffer("rotary_inv_freq", inv_freq, persistent=False)
+        # fp32 always, as HF's: a plain tensor, not a buffer, so `.to(bfloat16)` cannot round
+        # the frequencies (a phase error growing with position). rotary() moves its device.
+        self.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.d_head)
 
     def rotary(self, n_pos: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin [n_pos, d_head] in HF's convention (frequencies repeated twice)."""
-        pos = torch.arange(n_pos, device=self.rotary_inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.rotary_inv_freq)  # [pos, d_head / 2]
+        inv_freq = self.rotary_inv_freq.to(self.embed.W_E.device, torch.float32)
+        pos = torch.arange(n_pos, device=inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)  # [pos, d_head / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

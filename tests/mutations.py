@@ -1,0 +1,155 @@
+"""Deliberately broken conversions: each must fail the parity gate, which must say where.
+
+A mutation maps (config, state dict in our layout) to a broken pair. Apply it in memory
+(`mutated_model`) or to an export folder (`mutate_export`), which rewrites config.json and
+the weights as a converter with that bug would have written them.
+
+Two bugs live in model behaviour rather than in the weights; how each is simulated:
+- Grouping `h % n_kv` instead of `h // group` (a `tile` where `repeat_interleave` belongs).
+  `grouping_modulo` writes it into the weights: with the correct grouping, put old query
+  head `sigma(j) = (j % group) * n_kv + j // group` at index j of W_Q, b_Q and W_O. New head
+  j reads KV head j // group = sigma(j) % n_kv, so the model computes
+  sum_h O_h attn(Q_h, K_{h % n_kv}, V_{h % n_kv}): exactly the buggy grouping (a no-op for
+  MHA and MQA, where both groupings agree). `grouping_modulo_behaviour` instead patches one
+  attention module to tile K / V; the two give the same logits (a test checks it).
+- Sliding window ignored: a config mutation (every layer global, no window), as a
+  converter that drops `sliding_window` would write.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from gqa_convert.api import convert_in_memory
+from gqa_convert.checkpoint import INDEX_NAME
+from gqa_convert.config import ModelConfig
+from gqa_convert.export import load_export
+from gqa_convert.model.decoder import GQATransformer
+
+State = dict[str, Tensor]
+Mutation = Callable[[ModelConfig, State], tuple[ModelConfig, State]]
+
+
+def swap_kv_heads(layer: int = 1, a: int = 0, b: int = 1) -> Mutation:
+    """K and V of KV heads a and b swapped in one layer: query group a reads group b's K/V."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        for name in ("_W_K", "_W_V", "_b_K", "_b_V"):
+            key = f"blocks.{layer}.attn.{name}"
+            if key in state:
+                w = state[key].clone()
+                w[[a, b]] = w[[b, a]]
+                state[key] = w
+        return cfg, state
+
+    return mutate
+
+
+def modulo_order(cfg: ModelConfig) -> list[int]:
+    """sigma: the old query head that goes to index j (see the module docstring)."""
+    g, k = cfg.group_size, cfg.n_key_value_heads
+    return [(j % g) * k + j // g for j in range(cfg.n_heads)]
+
+
+def grouping_modulo(layer: int | None = 1) -> Mutation:
+    """The `h % n_kv` grouping, as weights (one layer, or every layer with None)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        order = modulo_order(cfg)
+        layers = range(cfg.n_layers) if layer is None else [layer]
+        for i in layers:
+            for name in ("W_Q", "b_Q", "W_O"):  # head axis first in all three
+                key = f"blocks.{i}.attn.{name}"
+                if key in state:
+                    state[key] = state[key][order].clone()
+        return cfg, state
+
+    return mutate
+
+
+def grouping_modulo_behaviour(model: GQATransformer, layer: int = 1) -> GQATransformer:
+    """Patch one attention module so head h reads KV head h % n_kv (K / V tiled, not
+    interleaved), on the reference path (a hook on hook_pattern turns SDPA off)."""
+    attn = model.blocks[layer].attn
+    g = attn.repeat_kv_heads
+
+    def scores(q: Tensor, k: Tensor) -> Tensor:
+        k = k.repeat(1, 1, g, 1)  # [batch, pos, kv, d] -> [batch, pos, kv * g, d], tiled
+        return torch.einsum("bqnh,bknh->bnqk", q, k) * (1.0 / attn.attn_scale)
+
+    def z_scores(v: Tensor, pattern: Tensor) -> Tensor:
+        return torch.einsum("bknh,bnqk->bqnh", v.repeat(1, 1, g, 1), pattern)
+
+    attn.calculate_attention_scores = scores
+    attn.calculate_z_scores = z_scores
+    attn.hook_pattern.register_forward_hook(lambda module, inputs, output: None)
+    return model
+
+
+def wrong_rope_theta(theta: float = 10_000.0) -> Mutation:
+    """Every layer's rotary uses `theta` (TransformerLens's bug: 10000 whatever the file says)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        return replace(cfg, rope=replace(cfg.rope, theta=theta)), state
+
+    return mutate
+
+
+def norm_to_ones(name: str = "blocks.1.ln1.w") -> Mutation:
+    """One RMSNorm weight replaced by ones (a norm dropped by the converter)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        state[name] = torch.ones_like(state[name])
+        return cfg, state
+
+    return mutate
+
+
+def w_o_transposed(layer: int = 1) -> Mutation:
+    """W_O transposed within each head: HF's [d_model, d_head] block of o_proj read as
+    [d_head, d_model] without the transpose (a `view` where a `rearrange` belongs)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        key = f"blocks.{layer}.attn.W_O"
+        w = state[key]  # [n, d_head, d_model]
+        state[key] = w.transpose(1, 2).reshape(w.shape).clone()  # [n, m, h] bytes as [n, h, m]
+        return cfg, state
+
+    return mutate
+
+
+def sliding_window_ignored() -> Mutation:
+    """Every layer global and no window: what a converter that drops `sliding_window` writes."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        return replace(cfg, attn_types=("global",) * cfg.n_layers, sliding_window=None), state
+
+    return mutate
+
+
+def mutated_model(src: Path, mutation: Mutation) -> GQATransformer:
+    """`src` converted in memory, then broken by `mutation`."""
+    model = convert_in_memory(src)
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    cfg, state = mutation(model.cfg, state)
+    return GQATransformer.from_state_dict(cfg, state)
+
+
+def mutate_export(folder: Path, mutation: Mutation) -> Path:
+    """Rewrite an export folder's config.json and weights (one file) with `mutation` applied."""
+    cfg, state = load_export(folder)
+    cfg, state = mutation(cfg, {name: t.clone() for name, t in state.items()})
+    config = json.loads((folder / "config.json").read_text())
+    config = {**cfg.to_dict(), "hf_config": config.get("hf_config")}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for old in [*folder.glob("*.safetensors"), folder / INDEX_NAME]:
+        old.unlink(missing_ok=True)
+    save_file({n: t.contiguous() for n, t in state.items()}, folder / "model.safetensors")
+    return folder

@@ -1,0 +1,391 @@
+"""The logit-parity gate: correct conversions pass, broken ones fail and say where."""
+
+from __future__ import annotations
+
+import json
+import string
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gqa_convert import convert, convert_in_memory
+from gqa_convert.cli import app
+from gqa_convert.config import from_hf, load_hf_config
+from gqa_convert.errors import ParityError, UsageError
+from gqa_convert.export import MANIFEST_NAME
+from gqa_convert.verify import (
+    TOLERANCES,
+    ParityFailure,
+    default_seq_len,
+    load_reference,
+    regimes,
+    verify,
+)
+from tests import mutations as M
+from tests.hf_models import make_hf_checkpoint, random_tokens
+from tests.test_parity import CASES
+
+JSON_KEYS = {
+    "passed": bool,
+    "dtype": str,
+    "tokens": int,
+    "max_abs_logit_diff": float,
+    "mean_abs_logit_diff": float,
+    "max_abs_logprob_diff": float,
+    "kl_mean": float,
+    "kl_max": float,
+    "top1_agreement": float,
+    "tolerances": dict,
+}
+
+
+def save_char_tokenizer(folder):
+    """A character-level tokenizer (96 ids) that fits the tiny models' 128-token vocab."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(string.printable[:95])}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("llama") / "src", "llama")
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    return make_hf_checkpoint(
+        tmp_path_factory.mktemp("mistral") / "src", "mistral", sliding_window=8
+    )
+
+
+# ---- correct conversions pass ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_correct_conversion_passes(tmp_path, case):
+    family, overrides, save, _ = CASES[case]
+    src = make_hf_checkpoint(tmp_path / "src", family, **save, **overrides)
+    report = verify(src)
+    assert report.passed, report.summary()
+    assert report.first_divergence is None and report.failures == []
+    assert report.max_abs_logit_diff < 1e-4 and report.top1_agreement == 1.0
+    assert report.inputs == "random" and report.tokens == default_seq_len(load_hf_config(src))
+    # The default length crosses every small sliding window and llama3 original length.
+    assert report.not_exercised == []
+    assert all(r["exercised"] for r in report.regimes.values())
+    if "window" in case or "llama3" in case:
+        assert report.regimes
+
+
+@pytest.mark.parametrize("case", ["llama-bf16-source", "llama3-rope-past-original-len"])
+def test_bf16_compute_passes_with_the_bf16_tolerance(tmp_path, case):
+    family, overrides, save, _ = CASES[case]
+    src = make_hf_checkpoint(tmp_path / "src", family, **save, **overrides)
+    report = verify(src, dtype="bfloat16")
+    assert report.passed, report.summary()
+    assert report.tolerances == TOLERANCES["bfloat16"]
+    # Well inside the tolerance, not just under it.
+    assert report.max_abs_logit_diff < TOLERANCES["bfloat16"].max_abs_logit_diff / 4
+
+
+def test_rotary_frequencies_stay_fp32_when_the_model_is_cast(llama):
+    """The bug the bf16 gate found: `.to(bfloat16)` rounded the rotary frequencies."""
+    model = convert_in_memory(llama).to(torch.bfloat16)
+    assert model.rotary_inv_freq.dtype == torch.float32
+    cos, _ = model.rotary(64, torch.bfloat16)
+    exact = torch.outer(torch.arange(64.0), convert_in_memory(llama).rotary_inv_freq).cos()
+    assert (cos[:, : exact.shape[1]].float() - exact).abs().max() < 1e-2
+
+
+# ---- broken conversions fail, and the report names where ----------------------------------
+
+EXPORT_MUTATIONS = {
+    "swap-kv-heads-layer-1": (M.swap_kv_heads(layer=1), 1, "k"),
+    "grouping-h-mod-n_kv-layer-1": (M.grouping_modulo(layer=1), 1, "q"),
+    "grouping-h-mod-n_kv-all-layers": (M.grouping_modulo(layer=None), 0, "q"),
+    "rope-theta-500k": (M.wrong_rope_theta(5e5), 0, "rot_q"),
+    "rope-theta-1-percent": (M.wrong_rope_theta(10_100.0), 0, "rot_q"),
+    "ln1-ones-layer-1": (M.norm_to_ones("blocks.1.ln1.w"), 1, "ln1"),
+    "ln2-ones-layer-2": (M.norm_to_ones("blocks.2.ln2.w"), 2, "ln2"),
+    "final-norm-ones": (M.norm_to_ones("ln_final.w"), 3, "ln_final"),
+    "w_o-transposed-layer-1": (M.w_o_transposed(layer=1), 1, "attn_out"),
+}
+
+
+@pytest.mark.parametrize("name", EXPORT_MUTATIONS)
+def test_a_broken_export_fails_and_names_the_layer(tmp_path, llama, name):
+    mutation, layer, component = EXPORT_MUTATIONS[name]
+    out = M.mutate_export(convert(llama, tmp_path / "out"), mutation)
+    report = verify(llama, out, seq_len=64)
+    assert not report.passed
+    assert report.first_divergence == {"layer": layer, "component": component}
+    assert report.max_abs_logit_diff > 10 * report.tolerances.max_abs_logit_diff
+    if component not in ("ln_final",):
+        # Every block before the broken one matched; the broken one did not.
+        assert all(e <= report.tolerances.activation_rtol for e in report.layer_rel_err[:layer])
+        assert report.layer_rel_err[layer] > report.tolerances.activation_rtol
+        order = list(report.components)
+        assert all(report.components[c] < 1e-4 for c in order[: order.index(component)])
+
+
+def test_sliding_window_ignored_fails_past_the_window(tmp_path, mistral):
+    out = M.mutate_export(convert(mistral, tmp_path / "out"), M.sliding_window_ignored())
+    report = verify(mistral, out, seq_len=64)
+    assert not report.passed
+    assert report.first_divergence == {"layer": 0, "component": "attn_out"}
+    assert report.regimes["sliding_window"] == {"size": 8, "exercised": True}
+
+
+def test_sliding_window_ignored_is_invisible_inside_the_window_and_the_report_says_so(mistral):
+    model = M.mutated_model(mistral, M.sliding_window_ignored())
+    report = verify(mistral, model=model, seq_len=6)
+    assert report.passed  # nothing to see within 6 tokens of an 8-token window
+    assert report.regimes["sliding_window"] == {"size": 8, "exercised": False}
+    assert len(report.not_exercised) == 1 and "sliding_window" in report.not_exercised[0]
+
+
+def test_grouping_in_weights_equals_the_grouping_bug_in_the_model(llama):
+    """The weight simulation of `h % n_kv` is the behaviour bug itself (same logits)."""
+    tokens = random_tokens(24)
+    with torch.no_grad():
+        by_weights = M.mutated_model(llama, M.grouping_modulo(layer=1))(tokens)
+        by_model = M.grouping_modulo_behaviour(convert_in_memory(llama), layer=1)(tokens)
+        correct = convert_in_memory(llama)(tokens)
+    torch.testing.assert_close(by_weights, by_model, atol=1e-5, rtol=0)
+    assert (by_weights - correct).abs().max() > 0.1
+    report = verify(llama, model=M.grouping_modulo_behaviour(convert_in_memory(llama)), seq_len=64)
+    # As a model bug, q / k / v match and the attention output is where it breaks.
+    assert report.first_divergence == {"layer": 1, "component": "attn_out"}
+
+
+def test_kv_swap_is_caught_in_bf16_too(llama):
+    report = verify(llama, model=M.mutated_model(llama, M.swap_kv_heads()), dtype="bfloat16")
+    assert not report.passed and report.first_divergence == {"layer": 1, "component": "k"}
+
+
+# ---- inputs and options ------------------------------------------------------------------
+
+
+def test_default_length_covers_small_windows_and_reports_large_ones():
+    hf = {
+        "architectures": ["MistralForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 2,
+        "intermediate_size": 96,
+        "vocab_size": 128,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+    }
+    small = from_hf({**hf, "sliding_window": 200})
+    assert default_seq_len(small) == 264
+    assert regimes(small, 264)[1] == []
+    large = from_hf({**hf, "sliding_window": 4096})
+    assert default_seq_len(large) == 1024
+    found, missed = regimes(large, 1024)
+    assert found["sliding_window"]["exercised"] is False and "--seq-len 4160" in missed[0]
+    llama3 = replace(
+        from_hf({**hf, "architectures": ["LlamaForCausalLM"]}),
+        rope=replace(small.rope, type="llama3", original_max_position_embeddings=8192),
+    )
+    assert "llama3_original_max_position_embeddings" in regimes(llama3, 1024)[1][0]
+
+
+def test_text_inputs_from_the_tokenizer_with_extra_prompts(tmp_path):
+    src = save_char_tokenizer(make_hf_checkpoint(tmp_path / "src", "llama"))
+    report = verify(src, prompts=["Hello, world!", "x" * 100], seq_len=40)
+    assert report.passed and report.inputs == "tokenizer"
+    assert report.sequences == 3 and report.tokens == 40 + 13 + 40  # prompts cut to seq_len
+
+
+def test_prompts_need_a_tokenizer(llama):
+    with pytest.raises(UsageError, match="no tokenizer"):
+        verify(llama, prompts=["hello"])
+
+
+def test_an_unembedding_bug_is_named_after_the_last_block(llama):
+    def scale_unembed(cfg, state):
+        state["unembed.W_U"] = state["unembed.W_U"] * 1.01
+        return cfg, state
+
+    report = verify(llama, model=M.mutated_model(llama, scale_unembed), seq_len=32)
+    assert not report.passed and report.first_divergence == {"layer": 3, "component": "unembed"}
+    assert max(report.layer_rel_err) < 1e-4 and report.ln_final_rel_err < 1e-4
+
+
+def test_tolerances_can_be_overridden(llama):
+    model = M.mutated_model(llama, M.wrong_rope_theta(10_100.0))
+    assert not verify(llama, model=model, seq_len=32).passed
+    loose = {"max_abs_logit_diff": 1.0, "kl_max": 1.0, "activation_rtol": 1.0}
+    report = verify(llama, model=model, seq_len=32, tolerances=loose)
+    assert report.passed and report.tolerances.max_abs_logit_diff == 1.0
+    assert report.tolerances.min_top1_agreement == TOLERANCES["float32"].min_top1_agreement
+    with pytest.raises(UsageError, match="unknown tolerance"):
+        verify(llama, tolerances={"atol": 1.0})
+
+
+def test_api_convert_gate(tmp_path, llama, theta_bug):
+    out = convert(llama, tmp_path / "out", verify=True, verify_options={"seq_len": 32})
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["verification"]["status"] == "passed"
+    assert manifest["verification"]["report"]["tokens"] == 32
+    src = theta_500k(tmp_path / "src")
+    with pytest.raises(ParityFailure) as caught:
+        convert(src, tmp_path / "out2", verify=True, verify_options={"seq_len": 32})
+    assert isinstance(caught.value, ParityError) and caught.value.report.passed is False
+    assert "layer 0, rot_q" in str(caught.value)
+    assert not (tmp_path / "out2").exists()
+
+
+# ---- the command line -------------------------------------------------------------------
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_verify_json_shape(llama):
+    result = run_cli("verify", llama, "--json", "--seq-len", 32)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key, kind in JSON_KEYS.items():
+        assert isinstance(report[key], kind), key
+    assert report["passed"] is True and report["first_divergence"] is None
+    assert report["dtype"] == "float32" and report["tokens"] == 32
+    assert set(report["tolerances"]) >= {"max_abs_logit_diff", "kl_max"}
+
+
+def test_cli_verify_a_broken_export_exits_5(tmp_path, llama):
+    out = M.mutate_export(convert(llama, tmp_path / "out"), M.swap_kv_heads())
+    result = run_cli("verify", llama, out, "--json", "--seq-len", 32)
+    assert result.exit_code == ParityError.exit_code == 5
+    report = json.loads(result.stdout)
+    assert report["passed"] is False
+    assert report["first_divergence"] == {"layer": 1, "component": "k"}
+    table = run_cli("verify", llama, out, "--seq-len", 32)
+    assert table.exit_code == 5
+    assert "first divergence: layer 1, k" in table.output and "FAILED" in table.output
+
+
+def test_cli_verify_prompts(tmp_path):
+    src = save_char_tokenizer(make_hf_checkpoint(tmp_path / "src", "llama"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n")
+    result = run_cli(
+        "verify", src, "--json", "--seq-len", 32, "--prompt", "third", "--prompts-file", prompts
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["inputs"] == "tokenizer" and report["sequences"] == 4
+
+
+@pytest.fixture
+def theta_bug(monkeypatch):
+    """A converter that reads rope theta as 10000 whatever config.json says."""
+    import gqa_convert.mapping as mapping
+
+    def buggy(hf):
+        cfg = from_hf(hf)
+        return replace(cfg, rope=replace(cfg.rope, theta=10_000.0))
+
+    monkeypatch.setattr(mapping, "from_hf", buggy)
+
+
+def theta_500k(folder):
+    params = {"rope_type": "default", "rope_theta": 5e5}
+    return make_hf_checkpoint(folder, "llama", rope_parameters=params)
+
+
+def test_cli_convert_verifies_and_saves_the_report(tmp_path, llama):
+    out = tmp_path / "out"
+    result = run_cli("convert", llama, out, "--seq-len", 32)
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output
+    verification = json.loads((out / MANIFEST_NAME).read_text())["verification"]
+    assert verification["status"] == "passed" and verification["report"]["passed"] is True
+
+
+def test_cli_convert_refuses_a_failing_conversion_and_writes_nothing(tmp_path, theta_bug):
+    src, out = theta_500k(tmp_path / "src"), tmp_path / "out"
+    result = run_cli("convert", src, out, "--seq-len", 32)
+    assert result.exit_code == 5
+    assert (
+        "first divergence: layer 0, rot_q" in result.output and "nothing written" in result.output
+    )
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_cli_convert_force_writes_and_records_the_failure(tmp_path, theta_bug):
+    src, out = theta_500k(tmp_path / "src"), tmp_path / "out"
+    result = run_cli("convert", src, out, "--seq-len", 32, "--force")
+    assert result.exit_code == 0, result.output
+    verification = json.loads((out / MANIFEST_NAME).read_text())["verification"]
+    assert verification["status"] == "failed-forced"
+    assert verification["report"]["first_divergence"] == {"layer": 0, "component": "rot_q"}
+
+
+def test_cli_convert_no_verify_skips_and_records_it(tmp_path, theta_bug):
+    src, out = theta_500k(tmp_path / "src"), tmp_path / "out"
+    result = run_cli("convert", src, out, "--no-verify")
+    assert result.exit_code == 0, result.output
+    verification = json.loads((out / MANIFEST_NAME).read_text())["verification"]
+    assert verification == {"status": "skipped", "report": None}
+
+
+def test_cli_verify_subprocess_exit_code_and_json(tmp_path, llama):
+    out = M.mutate_export(convert(llama, tmp_path / "out"), M.w_o_transposed())
+    result = subprocess.run(
+        [sys.executable, "-m", "gqa_convert.cli", "verify", str(llama), str(out), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 5, result.stderr
+    report = json.loads(result.stdout)
+    assert report["first_divergence"] == {"layer": 1, "component": "attn_out"}
+    assert "parity failed" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- SmolLM2-135M -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2_dir):
+    return load_reference(smollm2_dir, "float32")
+
+
+@pytest.mark.slow
+def test_smollm2_correct_conversion_passes(smollm2_dir, smollm2_reference):
+    report = verify(smollm2_dir, seq_len=192, reference=smollm2_reference)
+    assert report.passed, report.summary()
+    assert report.inputs == "tokenizer" and report.top1_agreement == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mutation", "where"),
+    [
+        (M.swap_kv_heads(layer=1), {"layer": 1, "component": "k"}),
+        (M.wrong_rope_theta(10_000.0), {"layer": 0, "component": "rot_q"}),
+    ],
+    ids=["swap-kv-heads-layer-1", "rope-theta-1e4"],
+)
+def test_smollm2_mutations_fail_at_the_right_layer(smollm2_dir, smollm2_reference, mutation, where):
+    model = M.mutated_model(smollm2_dir, mutation)
+    report = verify(smollm2_dir, model=model, seq_len=96, reference=smollm2_reference)
+    assert not report.passed
+    assert report.first_divergence == where
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_compute_passes(smollm2_dir):
+    report = verify(smollm2_dir, dtype="bfloat16", seq_len=128)
+    assert report.passed, report.summary()
