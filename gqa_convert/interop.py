@@ -1,0 +1,230 @@
+"""An export as a TransformerLens `HookedTransformer`, for codebases built on transformer-lens 3.x.
+
+transformer-lens 3.9 is the last release with `HookedTransformer` (4.0 keeps only
+`TransformerBridge`); it is an optional extra: `pip install -e '.[tl]'`. Our export already
+has HookedTransformer's names and shapes (`_W_K` / `_W_V` unexpanded, as in TL's
+`GroupedQueryAttention`), so the tensors load as they are, after one strict check:
+
+- every export tensor must be a HookedTransformer parameter of the same shape;
+- every HookedTransformer parameter must come from the export, except biases that no source
+  of ours has (`mlp.b_in`, `mlp.b_out`, `unembed.b_U`, and `b_Q/_b_K/_b_V` / `b_O` when
+  config.json says so), which are zero, exactly what the export leaves out;
+- buffers TL derives from its config (`rotary_sin/cos`, `mask`, `IGNORE`) keep TL's values.
+
+No weight processing happens unless asked (`fold_ln`, ...): the model computes what the HF
+checkpoint computes. The config maps one to one: RMSNorm, gated SiLU MLP, rotate-half rotary
+(`rotary_adjacent_pairs=False`) at the checkpoint's theta, llama3 rope as TL's NTK-by-parts
+(the same formula as HF's), sliding-window layers as TL's `"local"` attention (TL keeps keys
+with `q - k < window_size`, HF's rule).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from importlib import import_module, metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gqa_convert.config import ModelConfig, RopeConfig
+from gqa_convert.errors import BadInputError, UnsupportedModelError, listing
+from gqa_convert.export import load_export
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install -e '.[tl]'"
+
+# Our rope type -> the HookedTransformerConfig fields that reproduce HF's inv_freq.
+ROPE_FIELDS: dict[str, Callable[[RopeConfig], dict[str, Any]]] = {
+    "default": lambda rope: {},
+    "llama3": lambda rope: {
+        "use_NTK_by_parts_rope": True,
+        "NTK_by_parts_factor": rope.factor,
+        "NTK_by_parts_low_freq_factor": rope.low_freq_factor,
+        "NTK_by_parts_high_freq_factor": rope.high_freq_factor,
+        "NTK_original_ctx_len": rope.original_max_position_embeddings,
+    },
+}
+
+# TL's own `from_pretrained` default for string inputs (loading_from_pretrained.py);
+# every other architecture prepends BOS. Only matters with a tokenizer.
+PREPEND_BOS = {"Qwen2ForCausalLM": False}
+
+# HookedTransformer parameters that no source of ours has, so no export holds them.
+ALWAYS_ZERO = ("b_in", "b_out", "b_U")
+
+
+def _transformer_lens() -> Any:
+    """The transformer_lens module, or an ImportError that says how to install it."""
+    try:
+        tl = import_module("transformer_lens")
+    except ImportError as e:
+        raise ImportError(
+            f"to_hooked_transformer needs transformer-lens 3.x: {INSTALL_HINT}"
+        ) from e
+    if not hasattr(tl, "HookedTransformer"):
+        try:
+            version = metadata.version("transformer-lens")
+        except metadata.PackageNotFoundError:
+            version = "?"
+        raise ImportError(
+            f"the installed transformer-lens ({version}) has no HookedTransformer "
+            f"(4.0 removed it); install 3.9: {INSTALL_HINT}"
+        )
+    return tl
+
+
+def hooked_transformer_config(
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    default_prepend_bos: bool | None = None,
+) -> HookedTransformerConfig:
+    """The HookedTransformerConfig of our config; UnsupportedModelError for what TL lacks."""
+    tl = _transformer_lens()
+    if cfg.rope.type not in ROPE_FIELDS:
+        raise UnsupportedModelError(
+            f"config.json: rope.type = {cfg.rope.type!r} has no exact HookedTransformer "
+            f"equivalent (supported: {', '.join(ROPE_FIELDS)})"
+        )
+    if cfg.act_fn != "silu":
+        raise UnsupportedModelError(f"config.json: act_fn = {cfg.act_fn!r} is not supported")
+    local = "local" in cfg.attn_types
+    if default_prepend_bos is None:
+        default_prepend_bos = PREPEND_BOS.get(cfg.architecture, True)
+    return tl.HookedTransformerConfig(
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        n_heads=cfg.n_heads,
+        n_key_value_heads=cfg.n_key_value_heads,  # always: our K/V are stored unexpanded
+        d_mlp=cfg.d_mlp,
+        n_layers=cfg.n_layers,
+        n_ctx=cfg.n_ctx,
+        d_vocab=cfg.d_vocab,
+        eps=cfg.eps,
+        act_fn=cfg.act_fn,
+        normalization_type="RMS",
+        final_rms=True,
+        gated_mlp=True,
+        positional_embedding_type="rotary",
+        rotary_dim=cfg.d_head,
+        rotary_base=cfg.rope.theta,
+        rotary_adjacent_pairs=False,  # HF's rotate-half: pairs (i, i + d_head / 2)
+        **ROPE_FIELDS[cfg.rope.type](cfg.rope),
+        use_attn_scale=True,  # scores / sqrt(d_head)
+        scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
+        use_local_attn=local,
+        window_size=cfg.sliding_window if local else None,
+        attn_types=list(cfg.attn_types) if local else None,
+        original_architecture=cfg.architecture,
+        default_prepend_bos=default_prepend_bos,
+        init_weights=False,  # every parameter is loaded (or zero) below
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _zero_by_construction(cfg: ModelConfig, name: str) -> bool:
+    """A bias the source does not have: zero in TL, never written to the export."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("b_Q", "_b_K", "_b_V"):
+        return not cfg.qkv_bias
+    if leaf == "b_O":
+        return not cfg.o_bias
+    return leaf in ALWAYS_ZERO
+
+
+def to_hooked_transformer(
+    converted_dir: str | Path,
+    *,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    default_prepend_bos: bool | None = None,
+) -> HookedTransformer:
+    """A transformer-lens 3.x `HookedTransformer` holding the export at `converted_dir`.
+
+    Loaded without processing by default; the four flags are TL's `from_pretrained` ones and
+    run TL's own processing after the strict load. `center_writing_weights` does nothing on
+    these RMSNorm models (TL skips it: centering is exact only under LayerNorm).
+    `center_unembed` shifts each position's logits by a constant (log-probs are unchanged).
+    `tokenizer` (e.g. `AutoTokenizer.from_pretrained(converted_dir)`) enables TL's string
+    inputs; `default_prepend_bos=None` takes TL's default for the architecture.
+    """
+    tl = _transformer_lens()
+    folder = Path(converted_dir)
+    cfg, state = load_export(folder)
+    tl_cfg = hooked_transformer_config(
+        cfg, dtype=dtype, device=device, default_prepend_bos=default_prepend_bos
+    )
+    with warnings.catch_warnings():
+        # 3.x warns that HookedTransformer goes away in 4.0: we target 3.x on purpose.
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        model = tl.HookedTransformer(tl_cfg, tokenizer=tokenizer)
+    params = dict(model.named_parameters())
+    full = _full_state_dict(folder, cfg, state, params, model.state_dict(), dtype, device)
+    # assign: the parameters become the export's tensors (TL's were allocated, never touched).
+    model.load_state_dict(full, strict=True, assign=True)
+    model.eval()
+    if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
+        if center_writing_weights:
+            log.warning("center_writing_weights: skipped by TransformerLens for RMSNorm models")
+        model.load_and_process_state_dict(
+            model.state_dict(),
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+        )
+    return model
+
+
+def _full_state_dict(
+    folder: Path,
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    params: dict[str, torch.nn.Parameter],
+    tl_state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: str,
+) -> dict[str, torch.Tensor]:
+    """Exactly TL's state-dict keys: export tensors, zero biases, TL's derived buffers.
+
+    Every offender (a missing parameter, an unknown tensor, a wrong shape) is listed in one
+    BadInputError.
+    """
+    problems = [
+        f"{name}: in the export, not a HookedTransformer parameter"
+        for name in sorted(set(state) - set(params))
+    ]
+    full: dict[str, torch.Tensor] = {}
+    for name, value in tl_state.items():
+        if name not in params:  # rotary_sin/cos, mask, IGNORE: computed from the config
+            full[name] = value
+        elif name in state:
+            tensor = state[name]
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                problems.append(
+                    f"{name}: shape {list(tensor.shape)} in the export, "
+                    f"HookedTransformer wants {list(params[name].shape)}"
+                )
+            full[name] = tensor.to(device=device, dtype=dtype)
+        elif _zero_by_construction(cfg, name):
+            full[name] = torch.zeros_like(params[name])
+        else:
+            problems.append(f"{name}: missing from the export")
+    if problems:
+        raise BadInputError(listing(f"{folder}: does not fit a HookedTransformer", problems))
+    return full
