@@ -10,16 +10,25 @@ since no layout change here needs arithmetic.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import struct
-from collections.abc import Iterable, Mapping
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gqa_convert.errors import BadInputError, OutputError
+from gqa_convert.errors import BadInputError, OutputError, UnsupportedModelError, listing
+
+if TYPE_CHECKING:
+    import torch
 
 # safetensors dtype code -> (numpy storage dtype, torch dtype name)
 DTYPES: dict[str, tuple[np.dtype, str]] = {
@@ -37,12 +46,18 @@ DTYPES: dict[str, tuple[np.dtype, str]] = {
 CODE_OF_TORCH_NAME = {torch_name: code for code, (_, torch_name) in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# PyTorch pickles, read only when a folder has no safetensors, and only with weights_only.
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_NAME = "pytorch_model.bin"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes are: absolute [start, end) offsets in `path`."""
+    """Where one tensor's bytes are: absolute [start, end) offsets in `path`.
+
+    For a `.bin` (a torch pickle) the offsets are [0, nbytes) of the tensor itself.
+    """
 
     name: str
     path: Path
@@ -65,9 +80,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(head) < 8:
                 raise BadInputError(f"{path}: truncated safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER_BYTES, size - 8):
+            if n > MAX_HEADER_BYTES:
                 raise BadInputError(
                     f"{path}: corrupt safetensors header (header length {n}, file {size} bytes)"
+                )
+            if n > size - 8:
+                raise BadInputError(
+                    f"{path}: truncated safetensors file (header of {n} bytes, file {size} bytes)"
                 )
             raw = f.read(n)
     except OSError as e:
@@ -87,10 +106,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 tuple(entry["shape"]),
                 entry["data_offsets"],
             )
-            np_dtype = DTYPES[dtype][0]
+            numbers = (*shape, begin, end)
+            if not isinstance(dtype, str) or not all(_is_count(x) for x in numbers):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise BadInputError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        if end - begin != np_dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or begin < 0:
+        if dtype not in DTYPES:
+            raise UnsupportedModelError(
+                f"{path}: tensor {name!r} has dtype {dtype}, which gqa-convert does not read "
+                f"(it reads {', '.join(DTYPES)})"
+            )
+        np_dtype = DTYPES[dtype][0]
+        if end - begin != np_dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
             raise BadInputError(f"{path}: tensor {name!r}: byte range does not match its shape")
         if base + end > size:
             raise BadInputError(
@@ -100,11 +127,28 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, metadata
 
 
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def find_index(src: Path) -> Path | None:
+    """The index of a sharded checkpoint folder, if any: safetensors', else pytorch_model.bin's
+    when the folder holds no safetensors."""
+    if (src / INDEX_NAME).exists():
+        return src / INDEX_NAME
+    if (src / BIN_INDEX_NAME).exists() and not any(src.glob("*.safetensors")):
+        return src / BIN_INDEX_NAME
+    return None
+
+
 def weight_files(src: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder: the index's shards, or the single file."""
-    index_path = src / INDEX_NAME
-    if index_path.exists():
-        return sorted({src / shard for shard in _index_map(index_path).values()})
+    """The weight files of a checkpoint folder: the index's shards, or the single file.
+
+    Safetensors win; `pytorch_model.bin` (sharded or not) is read only when there are none.
+    """
+    index = find_index(src)
+    if index is not None:
+        return sorted({src / shard for shard in _index_map(index).values()})
     if (src / SINGLE_NAME).exists():
         return [src / SINGLE_NAME]
     found = sorted(src.glob("*.safetensors"))
@@ -112,7 +156,11 @@ def weight_files(src: Path) -> list[Path]:
         return found
     if found:
         raise BadInputError(f"{src}: several .safetensors files and no {INDEX_NAME}")
-    raise BadInputError(f"{src}: no model.safetensors or {INDEX_NAME} in the folder")
+    if (src / BIN_NAME).exists():
+        return [src / BIN_NAME]
+    raise BadInputError(
+        f"{src}: no weights: none of {SINGLE_NAME}, {INDEX_NAME}, {BIN_NAME}, {BIN_INDEX_NAME}"
+    )
 
 
 def _index_map(index_path: Path) -> dict[str, str]:
@@ -122,49 +170,169 @@ def _index_map(index_path: Path) -> dict[str, str]:
             raise TypeError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise BadInputError(f"{index_path}: not a valid index (no weight_map object)") from None
+    for name, shard in weight_map.items():
+        # Shards live in the checkpoint folder: a stranger's index may not point elsewhere.
+        if not isinstance(shard, str) or Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise BadInputError(
+                f"{index_path}: tensor {name!r} names shard {shard!r}, not a file in the folder"
+            )
     return weight_map
 
 
 def read_weights(src: Path) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint folder, from headers only, cross-checked with the index."""
     src = Path(src)
-    index_path = src / INDEX_NAME
-    expected = _index_map(index_path) if index_path.exists() else None
+    index = find_index(src)
+    expected = _index_map(index) if index is not None else None
+    index_name = index.name if index is not None else INDEX_NAME
     infos: dict[str, TensorInfo] = {}
     problems = []
     for path in weight_files(src):
-        if not path.exists():
+        if not path.is_file():
             users = sum(1 for shard in (expected or {}).values() if src / shard == path)
-            problems.append(f"{path}: shard named by {INDEX_NAME} ({users} tensors) is missing")
+            problems.append(f"{path}: shard named by {index_name} ({users} tensors) is missing")
             continue
-        infos.update(read_header(path)[0])
+        for name, info in read_tensor_infos(path).items():
+            if name in infos:
+                problems.append(f"tensor {name!r} is in both {infos[name].path} and {path}")
+            infos[name] = info
     for name, shard in (expected or {}).items():
         info = infos.get(name)
-        if info is None and (src / shard).exists():
-            problems.append(f"{src / shard}: tensor {name!r} listed in {INDEX_NAME} is not in it")
+        if info is None and (src / shard).is_file():
+            problems.append(f"{src / shard}: tensor {name!r} listed in {index_name} is not in it")
         elif info is not None and info.path != src / shard:
             problems.append(
-                f"{INDEX_NAME}: {name!r} is listed in {shard}, found in {info.path.name}"
+                f"{src / index_name}: {name!r} is listed in {shard}, found in {info.path.name}"
             )
     if problems:
-        raise BadInputError("\n".join(problems))
+        raise BadInputError(listing(f"{src}: inconsistent weight files", problems))
     return infos
+
+
+def read_tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of one weight file, by the reader its suffix names in `READERS`."""
+    return READERS[path.suffix][0](path)
 
 
 def read_array(info: TensorInfo) -> np.ndarray:
     """One tensor's bytes as a numpy array in its storage dtype (bfloat16 as uint16)."""
-    buf = bytearray(info.nbytes)
+    return READERS[info.path.suffix][1](info)
+
+
+def _read_safetensors_array(info: TensorInfo) -> np.ndarray:
+    # np.empty, not bytearray: a bytearray is zero-filled first, 40% of the read's CPU time.
+    # The buffered reader loops until full (a raw read stops at 2 GiB on Linux).
+    array = np.empty(info.shape, dtype=DTYPES[info.dtype][0])
     try:
         with open(info.path, "rb") as f:
             f.seek(info.start)
-            got = f.readinto(buf)
+            got = f.readinto(array.reshape(-1).view(np.uint8))
     except OSError as e:
         raise BadInputError(
             f"{info.path}: cannot read tensor {info.name!r} ({e.strerror})"
         ) from None
     if got != info.nbytes:
         raise BadInputError(f"{info.path}: truncated while reading tensor {info.name!r}")
-    return np.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(info.shape)
+    return array
+
+
+def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin's tensors, memory-mapped, cached while the file is unchanged."""
+    stat = path.stat()
+    return _load_torch(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _load_torch(path: str, size: int, mtime_ns: int) -> dict[str, torch.Tensor]:
+    # weights_only=True: the unpickler builds tensors and plain containers only, and refuses
+    # any other global, so a pickle carrying code (a __reduce__ calling os.system) never runs.
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the refusal says enough
+            warnings.simplefilter("ignore")
+            data = torch.load(
+                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+            )
+    except pickle.UnpicklingError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        why = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+        reason = (why or lines or [type(e).__name__])[0].strip()
+        raise BadInputError(
+            f"{path}: refused: not a plain PyTorch state dict, loading it would run code or "
+            f"build objects (weights_only=True refused it: {reason})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: holds a {type(data).__name__}, not a state dict")
+    for name, value in data.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise BadInputError(f"{path}: entry {name!r} is {type(value).__name__!r}, not a tensor")
+    return data
+
+
+def _read_torch_infos(path: Path) -> dict[str, TensorInfo]:
+    infos = {}
+    for name, tensor in _torch_state_dict(path).items():
+        code = CODE_OF_TORCH_NAME.get(str(tensor.dtype).removeprefix("torch."))
+        if code is None:
+            raise UnsupportedModelError(
+                f"{path}: tensor {name!r} has dtype {tensor.dtype}, which gqa-convert does not read"
+            )
+        shape = tuple(tensor.shape)
+        nbytes = DTYPES[code][0].itemsize * int(np.prod(shape, dtype=np.int64))
+        infos[name] = TensorInfo(name, path, code, shape, 0, nbytes)
+    return infos
+
+
+def _read_torch_array(info: TensorInfo) -> np.ndarray:
+    import torch
+
+    tensor = _torch_state_dict(info.path)[info.name].contiguous().reshape(-1)
+    raw = tensor.view(torch.uint8).numpy()  # storage bytes, whatever the dtype
+    return raw.view(DTYPES[info.dtype][0]).reshape(info.shape)
+
+
+# weight file suffix -> (its tensors' TensorInfos, one tensor's array)
+READERS: dict[str, tuple[Callable[[Path], dict[str, TensorInfo]], Callable[..., np.ndarray]]] = {
+    ".safetensors": (lambda path: read_header(path)[0], _read_safetensors_array),
+    ".bin": (_read_torch_infos, _read_torch_array),
+}
+
+
+def count_nonfinite(array: np.ndarray, code: str, chunk: int = 1 << 22) -> int:
+    """How many NaN or Inf values `array` (storage dtype `code`) holds; 0 for non-floats.
+
+    `chunk` elements at a time, so no temporary is larger than a chunk. The 16-bit floats
+    (bfloat16 is stored as uint16) are checked on their bits, faster than numpy's float16:
+    NaN and Inf are the values whose exponent bits are all ones.
+    """
+    if code not in ("F64", "F32", "F16", "BF16"):
+        return 0
+    flat = np.ascontiguousarray(array).reshape(-1)
+    exponent = np.uint16({"BF16": 0x7F80, "F16": 0x7C00}.get(code, 0))
+    if exponent:
+        flat = flat.view(np.uint16)
+    bad = 0
+    for i in range(0, flat.size, chunk):
+        part = flat[i : i + chunk]
+        if exponent:
+            bad += int(np.count_nonzero((part & exponent) == exponent))
+        else:
+            bad += part.size - int(np.count_nonzero(np.isfinite(part)))
+    return bad
+
+
+def check_finite(info: TensorInfo, array: np.ndarray) -> None:
+    """Raise BadInputError if `array`, the tensor `info` describes, holds NaN or Inf."""
+    bad = count_nonfinite(array, info.dtype)
+    if bad:
+        raise BadInputError(
+            f"{info.path}: tensor {info.name!r} has {bad} NaN/Inf value(s) of {array.size}; "
+            "convert with --allow-nonfinite (allow_nonfinite=True) to keep them"
+        )
 
 
 @dataclass(frozen=True)
@@ -200,6 +368,7 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.path, self._pending = path, list(reversed(specs))
+        self.sha256 = hashlib.sha256(struct.pack("<Q", len(raw)) + raw)
         try:
             self._file = open(path, "wb")  # noqa: SIM115 (closed in close())
             self._file.write(struct.pack("<Q", len(raw)) + raw)
@@ -212,8 +381,10 @@ class SafetensorsWriter:
             raise ValueError(
                 f"{self.path}: got {name} {array.shape} {array.dtype}, expected {spec}"
             )
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        self.sha256.update(data)
         try:
-            self._file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            self._file.write(data)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
 
@@ -245,3 +416,44 @@ def shard_names(n: int) -> list[str]:
     if n == 1:
         return [SINGLE_NAME]
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_sharded(
+    folder: Path,
+    specs: list[TensorSpec],
+    arrays: Iterator[tuple[str, np.ndarray]],
+    shard_bytes: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, str]:
+    """Write `arrays` (in `specs` order) as HF-named shards + index; return {file: sha256}."""
+    shards = shard_specs(specs, shard_bytes)
+    names = shard_names(len(shards))
+    hashes = {}
+    for file_name, shard in zip(names, shards, strict=True):
+        writer = SafetensorsWriter(folder / file_name, shard)
+        for spec in shard:
+            name, array = next(arrays)
+            writer.write(name, array)
+            if progress:
+                progress(spec.nbytes)
+        writer.close()
+        hashes[file_name] = writer.sha256.hexdigest()
+    if len(shards) > 1:
+        weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+        raw = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        try:
+            (folder / INDEX_NAME).write_text(raw, encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"{folder / INDEX_NAME}: cannot write ({e.strerror})") from None
+        hashes[INDEX_NAME] = hashlib.sha256(raw.encode()).hexdigest()
+    return hashes
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """The sha256 of a file, read in chunks (hashlib releases the GIL on large updates)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

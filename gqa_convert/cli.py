@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
+import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
 from gqa_convert import __version__
-from gqa_convert.errors import GQAConvertError, UsageError
+from gqa_convert.errors import GQAConvertError, ParityError, UsageError
+
+if TYPE_CHECKING:
+    from gqa_convert.verify import VerifyReport
 
 app = typer.Typer(
     help="Convert HF Llama-family checkpoints to a TransformerLens-layout GQA model.",
@@ -63,21 +69,173 @@ def parse_size(text: str) -> int:
     return size
 
 
+# Options shared by `verify` and the gate of `convert`.
+PromptOpt = Annotated[
+    list[str] | None,
+    typer.Option("--prompt", help="Extra text to compare on (repeatable; needs a tokenizer)."),
+]
+PromptsFileOpt = Annotated[
+    Path | None, typer.Option(help="A file of extra prompts, one per non-empty line.")
+]
+SeqLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Tokens per input (default: 128, or 64 past a small sliding window / llama3 "
+        "original_max_position_embeddings; at most 1024)."
+    ),
+]
+MaxLogitOpt = Annotated[float | None, typer.Option(help="Tolerance: max |logit diff|.")]
+MaxKlOpt = Annotated[float | None, typer.Option(help="Tolerance: max KL(HF || ours).")]
+MinTop1Opt = Annotated[float | None, typer.Option(help="Tolerance: min top-1 agreement.")]
+ActRtolOpt = Annotated[
+    float | None, typer.Option(help="Tolerance: relative error of each compared activation.")
+]
+
+
+def _verify_kwargs(
+    prompt: list[str] | None,
+    prompts_file: Path | None,
+    seq_len: int | None,
+    tolerances: dict[str, float | None],
+) -> dict:
+    """The keyword arguments of `verify.verify` that the shared options set."""
+    from gqa_convert.verify import read_prompts_file
+
+    prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
+    return {"prompts": prompts or None, "seq_len": seq_len, "tolerances": tolerances}
+
+
+def _show_report(report: VerifyReport) -> None:
+    """The parity report as rich tables on stderr."""
+    from rich.table import Table
+
+    limits = report.tolerances
+    act = max([report.embed_rel_err, *report.layer_rel_err, report.ln_final_rel_err])
+    title = f"parity with HF ({report.dtype}, {report.tokens} tokens, {report.inputs} inputs)"
+    table = Table("check", "value", "tolerance", title=title, title_justify="left")
+    rows = [
+        ("max |logit diff|", report.max_abs_logit_diff, f"<= {limits.max_abs_logit_diff:.3g}"),
+        ("mean |logit diff|", report.mean_abs_logit_diff, ""),
+        ("max |log-prob diff|", report.max_abs_logprob_diff, ""),
+        ("KL(HF || ours) mean", report.kl_mean, ""),
+        ("KL(HF || ours) max", report.kl_max, f"<= {limits.kl_max:.3g}"),
+        ("top-1 agreement", report.top1_agreement, f">= {limits.min_top1_agreement:.3g}"),
+        ("top-5 overlap", report.top5_overlap, ""),
+        ("max activation rel err", act, f"<= {limits.activation_rtol:.3g}"),
+    ]
+    for name, value, limit in rows:
+        table.add_row(name, f"{value:.3g}", limit)
+    worst = report.worst_position
+    table.add_row(
+        "worst position",
+        f"seq {worst['sequence']} pos {worst['position']} (token {worst['token_id']})",
+        "",
+    )
+    err.print(table)
+    if report.first_divergence is not None:
+        where = report.first_divergence
+        blocks = Table("block", "residual rel err", title="residual stream", title_justify="left")
+        for i, e in enumerate(report.layer_rel_err):
+            mark = "[red]" if not e <= limits.activation_rtol else ""
+            blocks.add_row(str(i), f"{mark}{e:.3g}")
+        err.print(blocks)
+        if report.components:
+            parts = Table("component", "rel err", title=f"inside block {where['layer']}")
+            for name, e in report.components.items():
+                parts.add_row(name, f"{'[red]' if name == where['component'] else ''}{e:.3g}")
+            err.print(parts)
+        err.print(f"first divergence: layer {where['layer']}, {where['component']}")
+    for line in report.not_exercised:
+        err.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
+    verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
+    err.print(f"parity {verdict}", highlight=False)
+
+
+def _parity_exit(report: VerifyReport, what: str) -> None:
+    err.print(f"[red]error:[/red] {escape(report.summary())}; {what}", highlight=False)
+    raise typer.Exit(ParityError.exit_code)
+
+
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(help="Hub token (default: HF_TOKEN, else the `hf auth login` one). Never shown."),
+]
+
+
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="HF checkpoint folder (config.json + safetensors).")],
+    src: Annotated[Path, typer.Argument(help="HF checkpoint folder, or a Hub repo id (org/name).")],
     out: Annotated[Path, typer.Argument(help="Output folder; must not exist unless --overwrite.")],
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     shard_size: Annotated[
         str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")
     ] = "5GB",
+    allow_nonfinite: Annotated[
+        bool, typer.Option(help="Convert weights holding NaN or Inf instead of refusing.")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Check logit parity with the HF model before writing.")
+    ] = True,
+    force: Annotated[
+        bool, typer.Option(help="Write OUT even if parity fails (recorded in the manifest).")
+    ] = False,
+    verify_dtype: Annotated[
+        str, typer.Option(help="Compute dtype of the check: float32, bfloat16, float16.")
+    ] = "float32",
+    prompt: PromptOpt = None,
+    prompts_file: PromptsFileOpt = None,
+    seq_len: SeqLenOpt = None,
+    max_logit_diff: MaxLogitOpt = None,
+    max_kl: MaxKlOpt = None,
+    min_top1: MinTop1Opt = None,
+    activation_rtol: ActRtolOpt = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch, tag or commit of a Hub SRC (default: main).")
+    ] = None,
+    token: TokenOpt = None,
+    push_to: Annotated[
+        str | None,
+        typer.Option(help="Then push OUT to this Hub repo (org/name), if verification passed."),
+    ] = None,
 ) -> None:
-    """Convert SRC into OUT: TransformerLens-layout safetensors + config.json."""
+    """Convert SRC into OUT: TransformerLens-layout safetensors + config.json.
+
+    Verifies logit parity with the HF model first; on failure writes nothing and exits 5.
+    """
     from gqa_convert.export import write_export
+    from gqa_convert.hub import is_repo_id, push_export, resolve_source
     from gqa_convert.mapping import plan_conversion
 
     shard_bytes = parse_size(shard_size)
-    plan = plan_conversion(src)
+    if push_to is not None and not verify:
+        raise UsageError("--push-to pushes a verified export only; drop --no-verify")
+    if push_to is not None and not is_repo_id(push_to):
+        raise UsageError(f"--push-to: {push_to!r} is not a Hub repo id (org/name)")
+    source = resolve_source(src, revision=revision, token=token)
+    plan = plan_conversion(source.path)
+    report = None
+    if verify:
+        from gqa_convert.export import check_output
+
+        check_output(out, overwrite)  # before minutes of verification, not after
+        from gqa_convert.verify import verify_plan  # torch + transformers: seconds
+
+        tolerances = {
+            "max_abs_logit_diff": max_logit_diff,
+            "kl_max": max_kl,
+            "min_top1_agreement": min_top1,
+            "activation_rtol": activation_rtol,
+        }
+        options = _verify_kwargs(prompt, prompts_file, seq_len, tolerances)
+        with err.status("verifying parity with the HF model"):
+            report = verify_plan(
+                plan, dtype=verify_dtype, allow_nonfinite=allow_nonfinite, **options
+            )
+        _show_report(report)
+        if not report.passed and not force:
+            _parity_exit(report, f"nothing written to {out} (--force writes it anyway)")
+        if not report.passed:
+            err.print("[yellow]warning:[/yellow] parity failed; writing anyway (--force)")
     total = sum(plan.sources[t.source].nbytes for t in plan.tasks)
     with Progress(
         "[progress.description]{task.description}",
@@ -86,6 +244,7 @@ def convert(
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,  # off a terminal the bar would only leave blank lines
     ) as bar:
         task = bar.add_task("converting", total=total)
         write_export(
@@ -94,35 +253,181 @@ def convert(
             overwrite=overwrite,
             shard_bytes=shard_bytes,
             progress=lambda n: bar.advance(task, n),
+            allow_nonfinite=allow_nonfinite,
+            verification=report.to_dict() if report else None,
+            source_id=source.repo_id,
+            source_revision=source.revision,
         )
     cfg = plan.config
     err.print(
         f"wrote {out}: {cfg.architecture}, {cfg.n_layers} layers, {cfg.n_heads} heads / "
         f"{cfg.n_key_value_heads} KV heads, {len(plan.tasks)} tensors"
     )
+    if push_to is not None:
+        _show_push(push_export(out, push_to, token=token))
+
+
+@app.command("verify")
+def verify_command(
+    src: Annotated[Path, typer.Argument(help="HF checkpoint folder: the reference.")],
+    converted: Annotated[
+        Path | None, typer.Argument(help="An export of ours (default: convert SRC in memory).")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")
+    ] = "float32",
+    prompt: PromptOpt = None,
+    prompts_file: PromptsFileOpt = None,
+    seq_len: SeqLenOpt = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")
+    ] = False,
+    max_logit_diff: MaxLogitOpt = None,
+    max_kl: MaxKlOpt = None,
+    min_top1: MinTop1Opt = None,
+    activation_rtol: ActRtolOpt = None,
+) -> None:
+    """Compare logits (and activations) of our model with the HF model's; exit 5 on failure."""
+    import json
+
+    from gqa_convert.verify import verify
+
+    tolerances = {
+        "max_abs_logit_diff": max_logit_diff,
+        "kl_max": max_kl,
+        "min_top1_agreement": min_top1,
+        "activation_rtol": activation_rtol,
+    }
+    options = _verify_kwargs(prompt, prompts_file, seq_len, tolerances)
+    with err.status("comparing with the HF model"):
+        report = verify(src, converted, dtype=dtype, **options)
+    if json_output:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _show_report(report)
+    if not report.passed:
+        _parity_exit(report, "the conversion does not match the HF model")
+
+
+@app.command()
+def push(
+    out: Annotated[Path, typer.Argument(help="An export folder written by `convert`.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub model repo (org/name); created if missing.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch to push to, created if new (default: main).")
+    ] = None,
+    create_pr: Annotated[
+        bool, typer.Option(help="Open a pull request (against --revision) instead.")
+    ] = False,
+    commit_message: Annotated[str | None, typer.Option(help="The commit's title.")] = None,
+    token: TokenOpt = None,
+    force: Annotated[
+        bool, typer.Option(help="Push even if verification failed or was skipped.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="List what would be uploaded (files, sizes, card); send nothing.")
+    ] = False,
+) -> None:
+    """Push OUT to the Hub in one commit, its README.md as the model card."""
+    from gqa_convert.hub import push_export
+
+    result = push_export(
+        out,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        token=token,
+        force=force,
+        dry_run=dry_run,
+    )
+    _show_push(result)
+
+
+def _show_push(result) -> None:
+    """A dry run's files and card on stdout; a push's summary on stderr, its URL on stdout."""
+    from rich.table import Table
+
+    if result.dry_run:
+        out = Console(highlight=False, soft_wrap=True)
+        title = f"dry run: would push to {result.repo_id}@{result.revision} (nothing sent)"
+        table = Table("file", "bytes", title=title, title_justify="left")
+        for name, size in result.files:
+            table.add_row(name, f"{size:,}")
+        table.add_row("total", f"{result.total_bytes:,}")
+        out.print(table)
+        out.print("README.md (the model card):", markup=False)
+        out.print(result.card, markup=False)
+        out.print("A push also removes .safetensors files of an earlier export from the branch.")
+        return
+    where = f"{result.repo_id}@{result.revision}"
+    err.print(f"pushed {len(result.files)} files ({result.total_bytes:,} bytes) to {escape(where)}")
+    if result.deleted:
+        err.print(f"removed stale files: {escape(', '.join(result.deleted))}")
+    print(result.pr_url or result.commit_url)
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM, raised where the program is, so cleanup (the temporary folder) runs.
+
+    Our own type rather than KeyboardInterrupt, which typer turns into a silent exit code.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _catch_signals() -> None:
+    """Ctrl-C and SIGTERM raise Interrupted, unless the caller chose to ignore them (nohup)."""
+    for signum, default in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, signal.SIG_DFL),
+    ):
+        if signal.getsignal(signum) is default:
+            signal.signal(signum, _on_signal)
+
+
+def _fail(message: str, code: int) -> None:
+    """Print `error: message` (and, with --debug, the traceback first); exit with `code`."""
+    if state["debug"]:
+        traceback.print_exc()
+    err.print("[red]error:[/red]", escape(message), highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 def main() -> None:
-    """Console entry point: run the app, turning our errors into one line and an exit code."""
-    try:
-        app(standalone_mode=False)
-    except GQAConvertError as e:
-        if state["debug"]:
-            raise
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+    """Console entry point: run the app, turning our errors into one line and an exit code.
 
-        if isinstance(e, click.ClickException):
+    The codes are `GQAConvertError.exit_code` of each error type (table in the README),
+    2 for command-line mistakes, 130 for Ctrl-C, 143 for SIGTERM, 1 for a bug.
+    """
+    _catch_signals()
+    try:
+        code = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as a value
+    except GQAConvertError as e:
+        _fail(str(e), e.exit_code)
+    except Interrupted as e:
+        name = "Ctrl-C" if e.signum == signal.SIGINT else signal.Signals(e.signum).name
+        _fail(f"interrupted ({name})", 128 + e.signum)
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    except typer.TyperException as e:  # usage errors: unknown option, missing argument
+        if hasattr(e, "show"):
             e.show()
-            sys.exit(UsageError.exit_code)
-        raise
+        else:
+            err.print(f"Error: {e}", markup=False)
+        sys.exit(UsageError.exit_code)
+    except Exception as e:
+        hint = "" if state["debug"] else " (--debug shows the traceback)"
+        _fail(f"internal error, please report it: {type(e).__name__}: {e}{hint}", 1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import einops
 import numpy as np
 
 from gqa_convert.architectures import Family, families
-from gqa_convert.checkpoint import TensorInfo, read_array, read_weights
+from gqa_convert.checkpoint import TensorInfo, check_finite, read_array, read_weights
 from gqa_convert.config import ModelConfig, from_hf, read_json
-from gqa_convert.errors import BadInputError
+from gqa_convert.errors import BadInputError, listing
 
 log = logging.getLogger(__name__)
 
@@ -78,47 +78,55 @@ def _family(cfg: ModelConfig) -> Family:
     return next(f for f in families() if f.name == cfg.family)
 
 
-def plan_tasks(
-    hf_config: dict[str, Any], source_shapes: Mapping[str, tuple[int, ...]]
-) -> tuple[ModelConfig, list[TensorTask], list[str]]:
-    """Match the family's rows to the available source tensors; raise listing all problems."""
-    cfg = from_hf(hf_config)
+def expected_tasks(cfg: ModelConfig) -> tuple[list[TensorTask], list[str]]:
+    """Every target tensor the family's map yields for `cfg`, and the droppable sources."""
     flags = {
         "qkv_bias": cfg.qkv_bias,
         "o_bias": cfg.o_bias,
         "tied": cfg.tie_word_embeddings,
         "untied": not cfg.tie_word_embeddings,
     }
-    tasks, dropped, used, problems = [], [], set(), []
+    tasks, droppable = [], []
     for row in _family(cfg).rows:
         if row.when and not flags[row.when]:
             continue
         for layer in range(cfg.n_layers) if row.per_layer else [None]:
             source = row.source.replace("{l}", str(layer))
             if row.drop:
-                if source in source_shapes:
-                    dropped.append(source)
-                    used.add(source)
+                droppable.append(source)
                 continue
             target = row.target.replace("{l}", str(layer))
             src_shape, dst_shape = layout_shapes(row.layout, cfg)
-            if source not in source_shapes:
-                problems.append(f"missing tensor {source} (needed for {target})")
-                continue
-            used.add(source)
-            if tuple(source_shapes[source]) != src_shape:
-                problems.append(
-                    f"tensor {source} has shape {list(source_shapes[source])}, config.json implies "
-                    f"{list(src_shape)} (layout {row.layout})"
-                )
-                continue
             tasks.append(TensorTask(target, source, row.layout, src_shape, dst_shape))
+    return tasks, droppable
+
+
+def plan_tasks(
+    hf_config: dict[str, Any], source_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[ModelConfig, list[TensorTask], list[str]]:
+    """Match the family's rows to the available source tensors; raise listing all problems."""
+    cfg = from_hf(hf_config)
+    expected, droppable = expected_tasks(cfg)
+    dropped = [name for name in droppable if name in source_shapes]
+    tasks, used, problems = [], set(dropped), []
+    for task in expected:
+        source = task.source
+        if source not in source_shapes:
+            problems.append(f"missing tensor {source} (needed for {task.target})")
+            continue
+        used.add(source)
+        if tuple(source_shapes[source]) != task.source_shape:
+            problems.append(
+                f"tensor {source} has shape {list(source_shapes[source])}, config.json implies "
+                f"{list(task.source_shape)} (layout {task.layout})"
+            )
+            continue
+        tasks.append(task)
     for name in sorted(set(source_shapes) - used):
         problems.append(f"unexpected tensor {name} (not in the {cfg.family} weight map)")
     if problems:
-        raise TensorAccountingError(
-            f"{len(problems)} tensor problem(s) for {cfg.architecture}:\n  " + "\n  ".join(problems)
-        )
+        what = f"the weights do not match config.json and the {cfg.family} weight map"
+        raise TensorAccountingError(listing(what, problems))
     return cfg, tasks, dropped
 
 
@@ -126,7 +134,14 @@ def plan_conversion(src: str | Path) -> ConversionPlan:
     """Read config.json and safetensors headers of an HF checkpoint folder; read no tensor."""
     src = Path(src)
     if not src.is_dir():
-        raise BadInputError(f"{src}: not a folder")
+        missing = "no such folder" if not src.exists() else "not a folder"
+        raise BadInputError(f"{src}: {missing} (expected an HF checkpoint folder)")
+    try:
+        empty = not any(src.iterdir())
+    except OSError as e:
+        raise BadInputError(f"{src}: cannot list the folder ({e.strerror})") from None
+    if empty:
+        raise BadInputError(f"{src}: empty folder (expected config.json and model.safetensors)")
     hf_config = read_json(src / "config.json")
     cfg = from_hf(hf_config)  # unsupported architectures fail before the weights are looked at
     sources = read_weights(src)
@@ -137,7 +152,7 @@ def plan_conversion(src: str | Path) -> ConversionPlan:
         if sources[t.source].dtype not in ("F32", "F16", "BF16")
     ]
     if problems:
-        raise BadInputError("non-float weights:\n  " + "\n  ".join(problems))
+        raise BadInputError(listing("weights must be F32, F16 or BF16", problems))
     log.info("planned %d tensors from %s (%d dropped)", len(tasks), src, len(dropped))
     return ConversionPlan(src, hf_config, cfg, tuple(tasks), tuple(dropped), sources)
 
@@ -152,8 +167,35 @@ def apply_layout(task: TensorTask, tensor: Any, cfg: ModelConfig) -> Any:
     return einops.rearrange(tensor, task.layout, **axis_sizes(task.layout, cfg))
 
 
-def iter_arrays(plan: ConversionPlan) -> Iterator[tuple[TensorTask, np.ndarray]]:
-    """Each target tensor as a C-contiguous numpy array in its storage dtype, one at a time."""
+COPY_BLOCK = 16  # last-axis elements per block of `contiguous` (fastest measured, BENCHMARKS.md)
+
+
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """`array` as a C-contiguous array; a strided last axis is copied COPY_BLOCK at a time.
+
+    A transposed view copied in one go (`np.ascontiguousarray`) reads the source with a
+    large stride for every element and runs 4-5x slower than memory allows; a few
+    columns at a time keep the source rows being read in cache.
+    """
+    if array.ndim < 2 or array.flags.c_contiguous or array.strides[-1] == array.itemsize:
+        return np.ascontiguousarray(array)
+    out = np.empty(array.shape, array.dtype)
+    for start in range(0, array.shape[-1], COPY_BLOCK):
+        out[..., start : start + COPY_BLOCK] = array[..., start : start + COPY_BLOCK]
+    return out
+
+
+def iter_arrays(
+    plan: ConversionPlan, *, allow_nonfinite: bool = False
+) -> Iterator[tuple[TensorTask, np.ndarray]]:
+    """Each target tensor as a C-contiguous numpy array in its storage dtype, one at a time.
+
+    A source tensor holding NaN or Inf raises BadInputError unless `allow_nonfinite`.
+    """
     for task in plan.tasks:
-        array = apply_layout(task, read_array(plan.sources[task.source]), plan.config)
-        yield task, np.ascontiguousarray(array)
+        info = plan.sources[task.source]
+        source = read_array(info)
+        if not allow_nonfinite:
+            check_finite(info, source)
+        array = apply_layout(task, source, plan.config)
+        yield task, contiguous(array)

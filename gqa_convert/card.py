@@ -1,0 +1,107 @@
+"""The model card (README.md) of an export: front matter, layout, how to load, parity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gqa_convert.config import ModelConfig
+
+
+def _front_matter(cfg: ModelConfig, manifest: dict[str, Any]) -> str:
+    source = manifest["source"]["id"]
+    lines = ["---", "library_name: gqa-convert"]
+    if _is_hub_id(source):
+        lines.append(f"base_model: {source}")
+    lines += [
+        "tags:",
+        "- gqa-convert",
+        "- transformer-lens",
+        "- grouped-query-attention",
+        f"- {cfg.family}",
+        "---",
+    ]
+    return "\n".join(lines)
+
+
+def _is_hub_id(source: str) -> bool:
+    """`org/name` with no path look (local sources are recorded as absolute paths)."""
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
+
+
+def _parity(manifest: dict[str, Any]) -> str:
+    verification = manifest["verification"]
+    report = verification.get("report")
+    if verification["status"] == "skipped" or not report:
+        return "Verification was **skipped** (`--no-verify`): logits were not compared with HF's."
+    head = "Logits of this export were compared with the HF model's before it was written" + (
+        " and **failed**; it was exported with `--force`."
+        if verification["status"] != "passed"
+        else "."
+    )
+    rows = [
+        ("passed", report.get("passed")),
+        ("compute dtype", report.get("dtype")),
+        ("tokens", report.get("tokens")),
+        ("max abs logit diff", report.get("max_abs_logit_diff")),
+        ("mean abs logit diff", report.get("mean_abs_logit_diff")),
+        ("max abs log-prob diff", report.get("max_abs_logprob_diff")),
+        ("KL(HF || ours) max", report.get("kl_max")),
+        ("top-1 agreement", report.get("top1_agreement")),
+    ]
+    table = "\n".join(f"| {name} | {_fmt(value)} |" for name, value in rows if value is not None)
+    return f"{head}\n\n| figure | value |\n| --- | --- |\n{table}"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def render_model_card(cfg: ModelConfig, manifest: dict[str, Any]) -> str:
+    """The README.md text for an export described by `manifest` (see export.build_manifest)."""
+    source = manifest["source"]["id"]
+    tool = manifest["tool"]
+    h, kv = cfg.d_head, cfg.n_key_value_heads
+    return f"""{_front_matter(cfg, manifest)}
+
+# {source.rstrip("/").split("/")[-1]} in grouped-query-attention form
+
+`{source}` ({cfg.architecture}) converted by gqa-convert {tool["version"]} into the
+TransformerLens layout: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} query heads
+sharing {cfg.n_key_value_heads} key/value heads (groups of {cfg.group_size}), d_head {cfg.d_head},
+dtype {manifest["output"]["dtype"]}.
+
+## Layout
+
+| tensor | shape |
+| --- | --- |
+| `blocks.{{l}}.attn.W_Q` | `[n_heads, d_model, d_head]`: `{[cfg.n_heads, cfg.d_model, h]}` |
+| `blocks.{{l}}.attn._W_K`, `._W_V` | `[n_kv_heads, d_model, d_head]`: `{[kv, cfg.d_model, h]}` |
+| `blocks.{{l}}.attn.W_O` | `[n_heads, d_head, d_model]` |
+| `blocks.{{l}}.mlp.W_gate`, `.W_in` / `.W_out` | `[d_model, d_mlp]` / `[d_mlp, d_model]` |
+| `embed.W_E` / `unembed.W_U` | `[d_vocab, d_model]` / `[d_model, d_vocab]` |
+
+Query head `h` reads key/value head `h // {cfg.group_size}`. `conversion.json` records the
+sha256 of every source file read and every file written here.
+
+## Load it
+
+```python
+from gqa_convert import GQATransformer
+model = GQATransformer.from_pretrained("path/to/this/folder")
+logits = model(tokens)  # LongTensor[batch, pos] -> [batch, pos, d_vocab]
+```
+
+With TransformerLens (`pip install 'gqa-convert[tl]'`):
+
+```python
+from gqa_convert.interop import to_hooked_transformer
+model = to_hooked_transformer("path/to/this/folder")
+```
+
+Back to an HF checkpoint: `gqa-convert to-hf path/to/this/folder hf-out`.
+
+## Parity with the source
+
+{_parity(manifest)}
+"""

@@ -1,0 +1,147 @@
+"""The export folder: manifest hashes, model card, dtype casts, tokenizer files, round trip."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from gqa_convert import GQATransformer, convert
+from gqa_convert.checkpoint import read_weights
+from gqa_convert.export import MANIFEST_NAME
+from gqa_convert.to_hf import export_to_hf
+from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
+from tests.test_parity import CASES
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hf_tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "llama-gqa4",
+        "llama-tied",
+        "llama-bf16-source",
+        "llama-sharded",
+        "llama-attention_bias",
+        "mistral-window-8",
+        "qwen2-biases",
+        "llama-mqa",
+        "llama-head_dim-12",
+    ],
+)
+def test_round_trip_is_bit_identical(tmp_path, case):
+    family, overrides, save, _ = CASES[case]
+    src = make_hf_checkpoint(tmp_path / "src", family, **save, **overrides)
+    out = convert(src, tmp_path / "ours")
+    back = export_to_hf(out, tmp_path / "back", shard_bytes=50_000)
+    original, returned = hf_tensors(src), hf_tensors(back)
+    assert set(returned) == set(original)
+    for name, tensor in original.items():
+        assert returned[name].dtype == tensor.dtype, name
+        assert torch.equal(returned[name], tensor), name
+    assert json.loads((back / "config.json").read_text()) == json.loads(
+        (src / "config.json").read_text()
+    )
+    tokens = random_tokens(16)
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)(tokens).logits
+        assert torch.equal(reloaded, load_hf(src)(tokens).logits)
+
+
+def test_an_edit_in_gqa_layout_reaches_hf(tmp_path):
+    """Ablate one query head in our layout; the HF model of the round trip sees it."""
+    src = make_hf_checkpoint(tmp_path / "src", "llama")
+    out = convert(src, tmp_path / "ours")
+    model = GQATransformer.from_pretrained(out)
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    shard = out / "model.safetensors"
+    arrays = load_np(shard)
+    arrays["blocks.1.attn.W_O"][3] = 0  # head 3 of layer 1 writes nothing
+    save_np(arrays, shard, metadata={"format": "pt"})
+    back = export_to_hf(out, tmp_path / "back")
+    o_proj = load_file(back / "model.safetensors")["model.layers.1.self_attn.o_proj.weight"]
+    d_head = model.cfg.d_head
+    assert torch.all(o_proj[:, 3 * d_head : 4 * d_head] == 0)
+    assert torch.all(o_proj[:, 2 * d_head : 3 * d_head] != 0)
+
+
+def test_manifest_hashes_match_the_files(tmp_path):
+    src = make_hf_checkpoint(tmp_path / "src", "qwen2", max_shard_size="60KB")
+    (src / "tokenizer.json").write_text('{"fake": "tokenizer"}')
+    out = convert(src, tmp_path / "out", shard_bytes=80_000)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    files = manifest["output"]["files"]
+    on_disk = {p.name for p in out.iterdir()} - {MANIFEST_NAME}
+    assert set(files) == on_disk
+    assert "tokenizer.json" in files and "model.safetensors.index.json" in files
+    for name, entry in files.items():
+        assert entry["sha256"] == sha256(out / name), name
+        assert entry["bytes"] == (out / name).stat().st_size
+    read = manifest["source"]["files"]
+    assert set(read) == {p.name for p in src.iterdir()}  # config, index, shards, tokenizer...
+    assert {"tokenizer.json", "generation_config.json"} <= set(files)
+    for name, entry in read.items():
+        assert entry["sha256"] == sha256(src / name), name
+    assert manifest["verification"]["status"] == "skipped"
+    assert manifest["tool"]["name"] == "gqa-convert" and manifest["created"]
+    assert manifest["output"]["dtype"] == "float32"
+
+
+def test_model_card_front_matter_and_body(tmp_path):
+    src = make_hf_checkpoint(tmp_path / "src", "mistral", sliding_window=8)
+    out = convert(src, tmp_path / "out")
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: gqa-convert" in front and "- mistral" in front
+    assert "base_model" not in front  # a local path is not a Hub id
+    assert "GQATransformer.from_pretrained" in card and "to_hooked_transformer" in card
+    assert "skipped" in card
+    from gqa_convert.card import _is_hub_id
+
+    assert _is_hub_id("HuggingFaceTB/SmolLM2-135M") and not _is_hub_id("/tmp/x/y")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_dtype_cast_matches_torch(tmp_path, dtype):
+    src = make_hf_checkpoint(tmp_path / "src", "llama", dtype=torch.bfloat16)
+    out = convert(src, tmp_path / "out", dtype=dtype)
+    ours = GQATransformer.from_pretrained(out)
+    reference = GQATransformer.from_pretrained(convert(src, tmp_path / "same"))
+    target = getattr(torch, dtype)
+    for name, param in ours.state_dict().items():
+        assert param.dtype == target, name
+        assert torch.equal(param, reference.state_dict()[name].to(target)), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["hf_config"]["dtype"] == dtype
+
+
+def test_overwrite_replaces_and_refusal_keeps(tmp_path):
+    src = make_hf_checkpoint(tmp_path / "src", "llama")
+    out = convert(src, tmp_path / "out")
+    before = sha256(out / "model.safetensors")
+    other = make_hf_checkpoint(tmp_path / "src2", "llama", seed=5)
+    from gqa_convert.errors import OutputError
+
+    with pytest.raises(OutputError, match="already exists"):
+        convert(other, out)
+    assert sha256(out / "model.safetensors") == before
+    convert(other, out, overwrite=True)
+    assert sha256(out / "model.safetensors") != before
+    assert set(read_weights(out)) == set(read_weights(tmp_path / "out"))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

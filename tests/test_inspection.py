@@ -1,0 +1,56 @@
+"""`inspect` reads config.json and safetensors headers only, never tensor bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+import gqa_convert.checkpoint
+from gqa_convert.inspection import inspect_checkpoint
+from tests.hf_models import make_hf_checkpoint
+
+
+def scramble_tensor_bytes(folder) -> None:
+    """Overwrite every byte after each shard's header: headers intact, data garbage."""
+    for path in folder.glob("*.safetensors"):
+        data = bytearray(path.read_bytes())
+        (n,) = struct.unpack("<Q", data[:8])
+        data[8 + n :] = bytes(range(256)) * (len(data[8 + n :]) // 256) + b"\xff" * (
+            len(data[8 + n :]) % 256
+        )
+        path.write_bytes(bytes(data))
+
+
+def test_inspect_sharded_checkpoint_reads_no_tensor_data(tmp_path, monkeypatch):
+    src = make_hf_checkpoint(
+        tmp_path / "src", "mistral", max_shard_size="60KB", sliding_window=8, num_key_value_heads=2
+    )
+    before = inspect_checkpoint(src)
+    scramble_tensor_bytes(src)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("inspect read tensor data")
+
+    monkeypatch.setattr(gqa_convert.checkpoint, "read_array", no_reads)
+    after = inspect_checkpoint(src)
+    assert after == before
+    assert len(after["files"]) > 1
+    assert after["architecture"] == "MistralForCausalLM"
+    assert after["n_heads"] == 8 and after["n_key_value_heads"] == 2 and after["group_size"] == 4
+    assert after["head_to_kv_head"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert after["sliding_window"] == 8 and after["local_attention_layers"] == [0, 1, 2]
+    assert after["dtypes"] == {"float32": sum(f["tensors"] for f in after["files"].values())}
+    tensors = 9 * 3 + 3  # 9 per layer, embed, final norm, lm_head
+    assert sum(f["tensors"] for f in after["files"].values()) == tensors
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_matches_hf(tmp_path, tied):
+    from tests.hf_models import make_hf_model
+
+    model = make_hf_model("qwen2", tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path / "src")
+    info = inspect_checkpoint(tmp_path / "src")
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["tied_embeddings"] is tied and info["qkv_bias"] is True
