@@ -10,7 +10,7 @@ from gqa_convert.config import ModelConfig
 def _front_matter(cfg: ModelConfig, manifest: dict[str, Any]) -> str:
     source = manifest["source"]["id"]
     lines = ["---", "library_name: gqa-convert"]
-    if _is_hub_id(source):
+    if manifest["source"].get("hub") and _is_hub_id(source):
         lines.append(f"base_model: {source}")
     lines += [
         "tags:",

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import struct
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -450,10 +451,14 @@ def write_sharded(
     return hashes
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    """The sha256 of a file, read in chunks (hashlib releases the GIL on large updates)."""
+def sha256_file(path: Path, chunk: int = 8 << 20, stop: threading.Event | None = None) -> str:
+    """The sha256 of a file, read in chunks (hashlib releases the GIL on large updates).
+
+    Setting `stop` abandons the work (the result is then meaningless): a cancelled
+    conversion need not wait for the hash of a 10 GB shard.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while (block := f.read(chunk)) and not (stop and stop.is_set()):
             digest.update(block)
     return digest.hexdigest()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,11 +17,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+from rich.table import Table
 
 from gqa_convert import __version__
 from gqa_convert.errors import GQAConvertError, ParityError, UsageError
 
 if TYPE_CHECKING:
+    from gqa_convert.mapping import ConversionPlan
     from gqa_convert.verify import VerifyReport
 
 app = typer.Typer(
@@ -197,6 +202,18 @@ def convert(
         str | None,
         typer.Option(help="Then push OUT to this Hub repo (org/name), if verification passed."),
     ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Dtype of the written tensors: auto (the source's), float32, float16, bfloat16."
+        ),
+    ] = "auto",
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="Print the plan (every tensor, shape, dtype, source, shard); write nothing."
+        ),
+    ] = False,
 ) -> None:
     """Convert SRC into OUT: TransformerLens-layout safetensors + config.json.
 
@@ -207,17 +224,23 @@ def convert(
     from gqa_convert.mapping import plan_conversion
 
     shard_bytes = parse_size(shard_size)
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise UsageError(f"--dtype: {dtype!r} is not auto, float32, float16 or bfloat16")
+    out_dtype = None if dtype == "auto" else dtype
     if push_to is not None and not verify:
         raise UsageError("--push-to pushes a verified export only; drop --no-verify")
     if push_to is not None and not is_repo_id(push_to):
         raise UsageError(f"--push-to: {push_to!r} is not a Hub repo id (org/name)")
     source = resolve_source(src, revision=revision, token=token)
     plan = plan_conversion(source.path)
+    if dry_run:
+        print_plan(plan, out_dtype)
+        return
     report = None
     if verify:
         from gqa_convert.export import check_output
 
-        check_output(out, overwrite)  # before minutes of verification, not after
+        check_output(out, overwrite, (plan.src,))  # before minutes of verification, not after
         from gqa_convert.verify import verify_plan  # torch + transformers: seconds
 
         tolerances = {
@@ -237,22 +260,14 @@ def convert(
         if not report.passed:
             err.print("[yellow]warning:[/yellow] parity failed; writing anyway (--force)")
     total = sum(plan.sources[t.source].nbytes for t in plan.tasks)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,  # off a terminal the bar would only leave blank lines
-    ) as bar:
-        task = bar.add_task("converting", total=total)
+    with progress_bar("converting", total) as advance:
         write_export(
             plan,
             out,
             overwrite=overwrite,
             shard_bytes=shard_bytes,
-            progress=lambda n: bar.advance(task, n),
+            dtype=out_dtype,
+            progress=advance,
             allow_nonfinite=allow_nonfinite,
             verification=report.to_dict() if report else None,
             source_id=source.repo_id,
@@ -264,6 +279,8 @@ def convert(
         f"{cfg.n_key_value_heads} KV heads, {len(plan.tasks)} tensors"
     )
     if push_to is not None:
+        if not report.passed:
+            _parity_exit(report, f"{out} was written (--force) but not pushed to {push_to}")
         _show_push(push_export(out, push_to, token=token))
 
 
@@ -367,6 +384,92 @@ def _show_push(result) -> None:
     if result.deleted:
         err.print(f"removed stale files: {escape(', '.join(result.deleted))}")
     print(result.pr_url or result.commit_url)
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A transient rich bar over bytes on stderr; yields the `advance(nbytes)` callback."""
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,  # off a terminal the bar would only leave blank lines
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@app.command("to-hf")
+def to_hf(
+    converted: Annotated[Path, typer.Argument(help="An export of `gqa-convert convert`.")],
+    out: Annotated[Path, typer.Argument(help="Output HF checkpoint folder.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    shard_size: Annotated[
+        str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")
+    ] = "5GB",
+) -> None:
+    """Write CONVERTED back as an HF checkpoint (HF names, same dtype) that transformers loads."""
+    from gqa_convert.checkpoint import read_weights
+    from gqa_convert.to_hf import export_to_hf
+
+    total = sum(info.nbytes for info in read_weights(converted).values())
+    with progress_bar("writing HF checkpoint", total) as advance:
+        export_to_hf(
+            converted,
+            out,
+            overwrite=overwrite,
+            shard_bytes=parse_size(shard_size),
+            progress=advance,
+        )
+    err.print(f"wrote {out}")
+
+
+@app.command("inspect")
+def inspect_command(
+    src: Annotated[Path, typer.Argument(help="HF checkpoint folder.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Describe SRC from config.json and safetensors headers only (no tensor data is read)."""
+    from gqa_convert.inspection import inspect_checkpoint
+
+    info = inspect_checkpoint(src)
+    if json_output:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title=str(src), title_justify="left", show_header=False)
+    for key, value in info.items():
+        if key == "files":
+            value = "\n".join(
+                f"{n}: {_gb(f['bytes'])}, {f['tensors']} tensors" for n, f in value.items()
+            )
+        elif key == "estimated_peak_memory_bytes":
+            value = ", ".join(f"{k} {_gb(v)}" for k, v in value.items())
+        elif key == "tensor_bytes":
+            value = _gb(value)
+        elif key == "parameters":
+            value = f"{value:,}"
+        table.add_row(key, escape(str(value)))
+    Console(highlight=False, soft_wrap=True).print(table)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def print_plan(plan: ConversionPlan, dtype: str | None) -> None:
+    """`convert --dry-run`: every target tensor, its shape, dtype, source and shard."""
+    from gqa_convert.inspection import plan_table
+
+    rows = plan_table(plan, dtype)
+    print(f"# plan for {plan.src}: {len(rows)} tensors; nothing written")
+    width = max(len(r["target"]) for r in rows)
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        source = f"{r['source']} [{r['shard']}]"
+        print(f"{r['target']:<{width}}  {shape:<16} {r['dtype']:<9} <- {source}")
 
 
 class Interrupted(BaseException):

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -51,12 +52,25 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # HF's default max_shard_size, "5GB"
 WORK_FOLDER = re.compile(r"\.(?P<out>.+)\.(?:tmp|old)-(?P<pid>\d+)")
 
 
-def check_output(out: Path, overwrite: bool = False) -> None:
+def check_output(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> None:
     """Raise OutputError if `out` cannot be written: it exists (and not `overwrite`), or a
-    file stands where a parent folder must be. Cheap: run it before long work (verification)."""
+    file stands where a parent folder must be. Cheap: run it before long work (verification).
+
+    `--overwrite` replaces only what we could have written (a folder with a config.json, or
+    an empty one), never one of `inputs` or a folder holding them.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.exists():
+        for source in inputs:
+            if Path(source).resolve().is_relative_to(out.resolve()):
+                raise OutputError(f"{out}: is or holds the input {source}; refusing to replace it")
+        if not out.is_dir() or not ((out / "config.json").is_file() or not any(out.iterdir())):
+            raise OutputError(
+                f"{out}: exists and is not a checkpoint folder (no config.json); "
+                "refusing to replace it even with --overwrite"
+            )
     blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise OutputError(f"{blocker}: is a file, so it cannot hold the output folder {out}")
@@ -65,7 +79,7 @@ def check_output(out: Path, overwrite: bool = False) -> None:
 
 
 @contextmanager
-def atomic_folder(out: Path, overwrite: bool = False):
+def atomic_folder(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()):
     """Yield a temporary folder beside `out`; on success it replaces `out` in one rename.
 
     The rename is the commit point: killed before it, `out` is untouched (a `.tmp-PID`
@@ -73,7 +87,7 @@ def atomic_folder(out: Path, overwrite: bool = False):
     dead); any exception, Ctrl-C included, removes the temporary folder.
     """
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +169,8 @@ def write_export(
 
     `dtype` (float32 / float16 / bfloat16; None keeps the source's) casts on the way.
     `verification` is the parity report to record (None: verification was skipped).
-    `source_id` names the source in the manifest and card (a Hub repo id; default the path).
+    `source_id` is the Hub repo id of the source, if it came from the Hub; a local source is
+    recorded by its folder name only (a pushed card must not publish local paths).
     """
     out = Path(out)
     out_code = CODES[dtype] if dtype else None
@@ -166,9 +181,16 @@ def write_export(
         for task, array in iter_arrays(plan, allow_nonfinite=allow_nonfinite)
     )
     read_files = source_files(plan)
-    with ThreadPoolExecutor(max_workers=1) as pool, atomic_folder(out, overwrite) as tmp:
+    stop_hashing = threading.Event()  # set on failure, so Ctrl-C does not wait for the hashes
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        _set_on_exit(stop_hashing),
+        atomic_folder(out, overwrite, (plan.src,)) as tmp,
+    ):
         # The source's hashes are computed beside the conversion, on the other core.
-        source_hashes = pool.submit(lambda: {p.name: sha256_file(p) for p in read_files})
+        source_hashes = pool.submit(
+            lambda: {p.name: sha256_file(p, stop=stop_hashing) for p in read_files}
+        )
         hashes = write_sharded(tmp, specs, arrays, shard_bytes, progress)
         config = {**plan.config.to_dict(), "hf_config": dict(plan.hf_config)}
         if out_code:
@@ -181,7 +203,7 @@ def write_export(
         hashes.update({p.name: source_hashes[p.name] for p in copied})
         manifest = build_manifest(
             plan,
-            source_id=source_id or str(plan.src.resolve()),
+            source_id=source_id,
             source_revision=source_revision,
             source_hashes=source_hashes,
             written={name: file_entry(tmp / name, sha) for name, sha in hashes.items()},
@@ -193,6 +215,14 @@ def write_export(
         write_json(tmp / MANIFEST_NAME, manifest)
     log.info("wrote %s (%d tensors)", out, len(specs))
     return out
+
+
+@contextmanager
+def _set_on_exit(event: threading.Event):
+    try:
+        yield
+    finally:
+        event.set()
 
 
 def source_files(plan: ConversionPlan) -> list[Path]:
@@ -218,7 +248,7 @@ def file_entry(path: Path, sha256: str) -> dict[str, Any]:
 def build_manifest(
     plan: ConversionPlan,
     *,
-    source_id: str,
+    source_id: str | None,
     source_revision: str | None,
     source_hashes: dict[str, str],
     written: dict[str, dict[str, Any]],
@@ -236,7 +266,8 @@ def build_manifest(
         "tool": {"name": "gqa-convert", "version": __version__},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": {
-            "id": source_id,
+            "id": source_id or src.name,
+            "hub": source_id is not None,
             "revision": source_revision,
             "architecture": plan.config.architecture,
             "files": {

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gqa_convert.checkpoint import DTYPES
-from gqa_convert.mapping import plan_conversion
+from gqa_convert.mapping import ConversionPlan, plan_conversion
 
 # Rough fixed costs of the processes, measured on this project's machines (see README).
 CONVERT_BASE_BYTES = 150 * 2**20  # python + numpy + our code, no torch
@@ -69,9 +69,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def plan_table(src: str | Path, dtype: str | None = None) -> list[dict[str, Any]]:
+def plan_table(plan: ConversionPlan, dtype: str | None = None) -> list[dict[str, Any]]:
     """The conversion plan, one row per target tensor: what `convert --dry-run` prints."""
-    plan = plan_conversion(src)
     rows = []
     for task in plan.tasks:
         info = plan.sources[task.source]

@@ -62,7 +62,7 @@ def export_to_hf(
             array = read_array(ours[task.target])
             yield task.source, einops.rearrange(array, layout, **axis_sizes(layout, cfg))
 
-    with atomic_folder(Path(out), overwrite) as tmp:
+    with atomic_folder(Path(out), overwrite, (converted,)) as tmp:
         write_sharded(tmp, specs, arrays(), shard_bytes, progress)
         write_json(tmp / "config.json", hf_config)
         for name in PASSTHROUGH:

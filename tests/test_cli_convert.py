@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from gqa_convert import GQATransformer
 from gqa_convert.checkpoint import read_weights
 from gqa_convert.cli import app
+from tests.cli_subprocess import run_cli
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
 
 
@@ -47,3 +49,51 @@ def test_convert_refuses_an_existing_out_and_keeps_it(tmp_path):
     assert "already exists" in result.stderr and "--overwrite" in result.stderr
     assert "Traceback" not in result.stderr
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_dry_run_prints_every_tensor_and_writes_nothing(tmp_path):
+    src = make_hf_checkpoint(tmp_path / "src", "qwen2", max_shard_size="60KB")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["convert", str(src), str(out), "--dry-run", "--dtype", "bfloat16"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "<-" in line]
+    assert len(lines) == 3 * 12 + 3  # 12 per Qwen2 layer (9 + 3 biases), embed, norm, lm_head
+    q = next(line for line in lines if line.startswith("blocks.1.attn.W_Q "))
+    assert "8x64x8" in q and "bfloat16" in q and "model.layers.1.self_attn.q_proj.weight" in q
+    assert "model-0000" in q  # the shard it comes from
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_inspect_json_and_to_hf_through_the_cli(tmp_path):
+    src = make_hf_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=True)
+    result = CliRunner().invoke(app, ["inspect", str(src), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["tied_embeddings"] is True and info["group_size"] == 4
+
+    out, back = tmp_path / "out", tmp_path / "back"
+    assert CliRunner().invoke(app, ["convert", str(src), str(out), "--no-verify"]).exit_code == 0
+    result = CliRunner().invoke(app, ["to-hf", str(out), str(back)])
+    assert result.exit_code == 0, result.output
+    original = load_file(src / "model.safetensors")
+    returned = load_file(back / "model.safetensors")
+    assert original.keys() == returned.keys()
+    assert all(torch.equal(original[k], returned[k]) for k in original)
+
+
+def test_overwrite_replaces_only_checkpoint_folders(tmp_path):
+    src = make_hf_checkpoint(tmp_path / "src", "llama")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    for out in (notes, tmp_path, src):  # not a checkpoint; holds SRC; is SRC
+        run = run_cli("convert", src, out, "--overwrite", "--no-verify")
+        assert run.code == 6, run.stderr
+        assert str(out) in run.message
+    assert (notes / "thesis.tex").exists() and (src / "model.safetensors").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("convert", src, empty, "--overwrite").code == 0
+    assert (empty / "conversion.json").exists()
