@@ -1,8 +1,10 @@
 """gqa-convert: HF Llama-family checkpoints -> TransformerLens-layout GQA decoder.
 
-The pipeline, one module a stage: `checkpoint` (safetensors I/O) -> `config` +
-`architectures` (config.json and the per-family tables in configs/) -> `convert` (plan and
-stream) -> `model` (GroupedQueryAttention, GQATransformer) -> `export` (write, load).
+The pipeline, one module a stage: `hub` (resolve a repo id) -> `checkpoint` (safetensors
+I/O) -> `config` + `architectures` (config.json and the per-family tables in configs/) ->
+`mapping` (plan and stream) -> `model` (GroupedQueryAttention, GQATransformer) -> `verify`
+(HF vs ours) -> `export` (write, manifest, `card`) -> `hub` (push). Beside it: `inspection`,
+`to_hf` (the round trip), `interop` (TransformerLens), `api` (what the CLI calls).
 
 Heavy imports (torch) happen on first use, so the byte-moving conversion path stays light.
 """
@@ -21,6 +23,10 @@ _LAZY = {
     "load_export": "gqa_convert.export",
     "convert": "gqa_convert.api",
     "convert_in_memory": "gqa_convert.api",
+    "verify": "gqa_convert.verify",
+    "export_to_hf": "gqa_convert.to_hf",
+    "inspect_checkpoint": "gqa_convert.inspection",
+    "push_export": "gqa_convert.hub",
 }
 
 __all__ = [*_LAZY, "__version__"]
