@@ -47,7 +47,7 @@ def convert(
         from gqa_convert.export import check_output
         from gqa_convert.verify import ParityFailure, verify_plan
 
-        check_output(Path(out), overwrite)
+        check_output(Path(out), overwrite, (plan.src,))
         report = verify_plan(plan, allow_nonfinite=allow_nonfinite, **(verify_options or {}))
         if not report.passed and not force:
             raise ParityFailure(report)

@@ -101,12 +101,22 @@ def _verify_kwargs(
     prompt: list[str] | None,
     prompts_file: Path | None,
     seq_len: int | None,
-    tolerances: dict[str, float | None],
+    max_logit_diff: float | None,
+    max_kl: float | None,
+    min_top1: float | None,
+    activation_rtol: float | None,
 ) -> dict:
-    """The keyword arguments of `verify.verify` that the shared options set."""
+    """The keyword arguments of `verify.verify` that the options shared by `verify` and
+    `convert` set (unset tolerances: the compute dtype's defaults)."""
     from gqa_convert.verify import read_prompts_file
 
     prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
+    tolerances = {
+        "max_abs_logit_diff": max_logit_diff,
+        "kl_max": max_kl,
+        "min_top1_agreement": min_top1,
+        "activation_rtol": activation_rtol,
+    }
     return {"prompts": prompts or None, "seq_len": seq_len, "tolerances": tolerances}
 
 
@@ -243,13 +253,9 @@ def convert(
         check_output(out, overwrite, (plan.src,))  # before minutes of verification, not after
         from gqa_convert.verify import verify_plan  # torch + transformers: seconds
 
-        tolerances = {
-            "max_abs_logit_diff": max_logit_diff,
-            "kl_max": max_kl,
-            "min_top1_agreement": min_top1,
-            "activation_rtol": activation_rtol,
-        }
-        options = _verify_kwargs(prompt, prompts_file, seq_len, tolerances)
+        options = _verify_kwargs(
+            prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
+        )
         with err.status("verifying parity with the HF model"):
             report = verify_plan(
                 plan, dtype=verify_dtype, allow_nonfinite=allow_nonfinite, **options
@@ -309,13 +315,9 @@ def verify_command(
 
     from gqa_convert.verify import verify
 
-    tolerances = {
-        "max_abs_logit_diff": max_logit_diff,
-        "kl_max": max_kl,
-        "min_top1_agreement": min_top1,
-        "activation_rtol": activation_rtol,
-    }
-    options = _verify_kwargs(prompt, prompts_file, seq_len, tolerances)
+    options = _verify_kwargs(
+        prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
+    )
     with err.status("comparing with the HF model"):
         report = verify(src, converted, dtype=dtype, **options)
     if json_output:
