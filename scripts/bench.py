@@ -1,0 +1,714 @@
+"""Benchmarks for issue 7: conversion time and memory, verification memory, attention speed.
+
+Every figure is compared with a baseline measured in the same run on the same machine,
+interleaved with ours; each side is the median of `--runs` runs, and a wall-time ratio is
+the median of the per-pair ratios (the two runs of a pair see about the same load on a
+shared box). Peak RSS is the child process's own (`os.wait4` in a tiny launcher), never
+this process's. The table is printed and written into BENCHMARKS.md between the
+`bench:begin` / `bench:end` markers (`--no-write` to skip); the rest of that file is prose.
+
+    1. `gqa-convert convert SRC OUT --no-verify` wall time  vs  `cp -r SRC OUT`
+    2. its peak RSS  vs  0.25 x checkpoint bytes + 400 MB, and flat in depth (L/2 -> L layers)
+    3. `gqa-convert convert SRC OUT` (verifies) peak RSS  vs  HF alone (`from_pretrained` +
+       one forward on the same tokens, same dtype)
+    4. GroupedQueryAttention.forward (SDPA fast path)  vs  HF LlamaAttention (SDPA), fp32 CPU
+
+The source is a Llama-style bf16 checkpoint of random weights (d_model 2048, 16 heads / 4 KV
+heads, d_head 128, d_mlp 5632, vocab 32000, untied; 16 layers = 1.71 GB in 4 shards), written
+shard by shard without building a model, cached in $GQA_CONVERT_CACHE/bench-llama-<L>L
+(default ~/.cache/gqa-convert; 16 + 8 layers = 2.7 GB). Outputs go to
+$GQA_CONVERT_CACHE/bench-scratch and are removed after each run.
+
+Usage: python scripts/bench.py [--only 1,2,3,4] [--runs N] [--layers 16] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gqa_convert.checkpoint import (  # noqa: E402
+    INDEX_NAME,
+    SafetensorsWriter,
+    TensorSpec,
+    shard_names,
+    shard_specs,
+)
+
+MB = 10**6
+RECIPE = 1  # bump to regenerate cached checkpoints when the recipe below changes
+SHAPE = dict(d_model=2048, n_heads=16, n_kv=4, d_head=128, d_mlp=5632, vocab=32000)
+SHARD_BYTES = 500 * MB
+MARKER = ".bench-complete"
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def cache_dir() -> Path:
+    cache = os.environ.get("GQA_CONVERT_CACHE") or Path.home() / ".cache" / "gqa-convert"
+    return Path(cache).expanduser()
+
+
+def hf_config(layers: int) -> dict:
+    s = SHAPE
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": s["d_model"],
+        "intermediate_size": s["d_mlp"],
+        "num_hidden_layers": layers,
+        "num_attention_heads": s["n_heads"],
+        "num_key_value_heads": s["n_kv"],
+        "head_dim": s["d_head"],
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "dtype": "bfloat16",
+    }
+
+
+def hf_specs(layers: int) -> list[TensorSpec]:
+    """HF names and shapes, in the order save_pretrained writes a Llama."""
+    m, f, v = SHAPE["d_model"], SHAPE["d_mlp"], SHAPE["vocab"]
+    q, kv = SHAPE["n_heads"] * SHAPE["d_head"], SHAPE["n_kv"] * SHAPE["d_head"]
+    specs = [TensorSpec("model.embed_tokens.weight", "BF16", (v, m))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [
+            TensorSpec(p + "self_attn.q_proj.weight", "BF16", (q, m)),
+            TensorSpec(p + "self_attn.k_proj.weight", "BF16", (kv, m)),
+            TensorSpec(p + "self_attn.v_proj.weight", "BF16", (kv, m)),
+            TensorSpec(p + "self_attn.o_proj.weight", "BF16", (m, q)),
+            TensorSpec(p + "mlp.gate_proj.weight", "BF16", (f, m)),
+            TensorSpec(p + "mlp.up_proj.weight", "BF16", (f, m)),
+            TensorSpec(p + "mlp.down_proj.weight", "BF16", (m, f)),
+            TensorSpec(p + "input_layernorm.weight", "BF16", (m,)),
+            TensorSpec(p + "post_attention_layernorm.weight", "BF16", (m,)),
+        ]
+    specs += [
+        TensorSpec("model.norm.weight", "BF16", (m,)),
+        TensorSpec("lm_head.weight", "BF16", (v, m)),
+    ]
+    return specs
+
+
+def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """bf16 bit patterns (as uint16) of +-[2^-8, 2^-4): random sign, exponent and mantissa."""
+    r = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    exponent = ((r >> 7) & 3) + np.uint16(127 - 8)
+    return (r & np.uint16(0x807F)) | (exponent << np.uint16(7))
+
+
+def checkpoint(layers: int) -> Path:
+    """The cached checkpoint folder, generated on first use (shard by shard, no model)."""
+    folder = cache_dir() / f"bench-llama-{layers}L"
+    if (folder / MARKER).exists() and (folder / MARKER).read_text().strip() == str(RECIPE):
+        return folder
+    print(f"generating {folder} ...", file=sys.stderr, flush=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(layers)
+    specs = hf_specs(layers)
+    shards = shard_specs(specs, SHARD_BYTES)
+    names = shard_names(len(shards))
+    for name, shard in zip(names, shards, strict=True):
+        writer = SafetensorsWriter(tmp / name, shard)
+        for spec in shard:
+            if spec.name.endswith("norm.weight"):
+                array = np.full(spec.shape, 0x3F80, dtype=np.uint16)  # 1.0
+            else:
+                array = random_bf16(rng, spec.shape)
+            writer.write(spec.name, array)
+        writer.close()
+    weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
+    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config(layers), indent=2))
+    (tmp / MARKER).write_text(f"{RECIPE}\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def warm(folder: Path) -> None:
+    """Read every file once so all runs start from a warm page cache."""
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+# --------------------------------------------------------------------------- children
+
+
+@dataclass
+class Child:
+    wall_s: float
+    rss_bytes: int
+    cpu_s: float  # user + system
+
+
+# The child's peak RSS starts at its parent's: fork/vfork share the parent's pages and exec
+# folds their high-water mark into the child's ru_maxrss. So the child is spawned by a tiny
+# launcher (`python -S`, ~10 MB) rather than by this process (numpy, maybe torch: 100+ MB).
+LAUNCHER = """
+import os, sys, time
+result, argv = sys.argv[1], sys.argv[2:]
+quiet = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+start = time.perf_counter()
+pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=quiet)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+with open(result, "w") as f:
+    cpu = usage.ru_utime + usage.ru_stime
+    f.write(f"{wall} {usage.ru_maxrss * 1024} {cpu} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
+def run_child(argv: list[str]) -> Child:
+    """Run `argv`: its wall time, its own peak RSS (ru_maxrss from wait4) and CPU time."""
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "stderr", "w+b") as err:
+        result = Path(tmp) / "result"
+        launcher = [sys.executable, "-S", "-c", LAUNCHER, str(result), *argv]
+        subprocess.run(launcher, stdout=subprocess.DEVNULL, stderr=err, check=True)
+        wall, rss, cpu, code = result.read_text().split()
+        if int(code) != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"{' '.join(argv)} exited {code}:\n{tail}")
+    return Child(float(wall), int(rss), float(cpu))
+
+
+def python_child(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code), *args]
+
+
+def cli() -> list[str]:
+    exe = shutil.which("gqa-convert")
+    return [exe] if exe else [sys.executable, "-m", "gqa_convert.cli"]
+
+
+def cli_help(*command: str) -> str:
+    return subprocess.run([*cli(), *command, "--help"], capture_output=True, text=True).stdout
+
+
+def scratch() -> Path:
+    path = cache_dir() / "bench-scratch"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+# --------------------------------------------------------------------------- table
+
+
+@dataclass
+class Row:
+    figure: str
+    ours: str
+    baseline: str
+    ratio: str
+    target: str
+    ok: bool | None  # None: informational
+
+    def cells(self) -> list[str]:
+        verdict = {True: "pass", False: "**fail**", None: "-"}[self.ok]
+        return [self.figure, self.ours, self.baseline, self.ratio, self.target, verdict]
+
+
+def fmt_s(x: float) -> str:
+    return f"{x:.2f} s"
+
+
+def fmt_mb(x: float) -> str:
+    return f"{x / MB:,.0f} MB"
+
+
+def table(rows: list[Row]) -> str:
+    head = ["figure", "ours", "baseline", "ratio", "target", "result"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> str:
+    return f"{min(xs):.2f}-{max(xs):.2f}"
+
+
+# --------------------------------------------------------------------------- 1 and 2
+
+IMPORT_PROBE = """
+import sys
+from gqa_convert.cli import main
+sys.argv = ["gqa-convert", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    if e.code:
+        raise
+heavy = [m for m in ("torch", "transformers", "safetensors") if m in sys.modules]
+print("imported:", ",".join(heavy) or "none", file=sys.stderr)
+"""
+
+
+# Where the conversion's CPU goes: api.convert under cProfile on the main thread's CPU clock,
+# then the source hashing that export runs on a second thread, timed alone.
+BREAKDOWN = """
+import cProfile, json, pstats, shutil, sys, time
+from pathlib import Path
+from gqa_convert import checkpoint
+from gqa_convert.api import convert
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+profile = cProfile.Profile(time.thread_time)
+profile.runcall(convert, src, out)
+shutil.rmtree(out)
+stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, _)}
+def cpu(name, cumulative=False):
+    return sum(v[3 if cumulative else 2] for k, v in stats.items() if k[2] == name)
+stages = {
+    "read": cpu("_read_safetensors_array", True),
+    "NaN/Inf check": cpu("check_finite", True),
+    "rearrange (copy)": cpu("contiguous", True),
+    "sha256 of output": cpu("<method 'update' of '_hashlib.HASH' objects>"),
+    "write": cpu("<method 'write' of '_io.BufferedWriter' objects>"),
+    "fsync (waiting)": cpu("<built-in method posix.fsync>"),
+}
+stages["other"] = cpu("convert", True) - sum(stages.values())
+start = time.thread_time()
+for path in sorted(src.glob("*.safetensors")):
+    checkpoint.sha256_file(path)
+stages["sha256 of source (2nd thread)"] = time.thread_time() - start
+print(json.dumps(stages))
+"""
+
+
+def breakdown(src: Path) -> str:
+    """CPU seconds per stage of one in-process conversion, as one line."""
+    work = scratch()
+    probe = python_child(BREAKDOWN, str(src), str(work / "out"))
+    result = subprocess.run(probe, capture_output=True, text=True)
+    shutil.rmtree(work)
+    if result.returncode:
+        return f"breakdown failed: {result.stderr[-300:]}"
+    stages = json.loads(result.stdout.strip().splitlines()[-1])
+    return ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items())
+
+
+def convert_argv(src: Path, out: Path) -> tuple[list[str], str]:
+    """The CLI's conversion without verification, and a note saying which form it took."""
+    convert_help = cli_help("convert")
+    argv = [*cli(), "convert", str(src), str(out)]
+    if "--no-verify" in convert_help:
+        return [*argv, "--no-verify"], ""
+    if "verif" not in convert_help.lower():
+        return argv, "`convert` has no `--no-verify` yet and does not verify: measured as is."
+    code = "import sys; from gqa_convert.api import convert; convert(sys.argv[1], sys.argv[2])"
+    note = "`convert --no-verify` not in the CLI yet: measured `api.convert` instead."
+    return [sys.executable, "-c", code, str(src), str(out)], note
+
+
+def bench_convert(
+    src: Path, runs: int, notes: list[str], baseline: bool = True
+) -> tuple[list[Child], list[Child]]:
+    """Interleaved runs of `cp -r` and the conversion, each into a fresh folder."""
+    work = scratch()
+    warm(src)
+    ours, cps = [], []
+    argv, note = convert_argv(src, work / "out")
+    if note and note not in notes:
+        notes.append(note)
+    copy = ["cp", "-r", str(src), str(work / "cp")]
+    for i in range(runs):
+        if baseline and i % 2 == 0:  # cp first on even runs, second on odd ones
+            cps.append(run_child(copy))
+            shutil.rmtree(work / "cp")
+        ours.append(run_child(argv))
+        shutil.rmtree(work / "out")
+        if baseline and i % 2 == 1:
+            cps.append(run_child(copy))
+            shutil.rmtree(work / "cp")
+    shutil.rmtree(work)
+    return ours, cps
+
+
+def import_probe(src: Path) -> str:
+    """Which heavy modules the CLI's conversion imports."""
+    work = scratch()
+    argv, _ = convert_argv(src, work / "out")
+    if argv[:2] == [sys.executable, "-c"]:  # the API stand-in
+        argv = [*cli(), "convert", str(src), str(work / "out")]
+    probe = python_child(IMPORT_PROBE, *argv[len(cli()) :])
+    result = subprocess.run(probe, capture_output=True, text=True)
+    shutil.rmtree(work)
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("imported:")]
+    return lines[-1].split(":", 1)[1].strip() if lines else f"probe failed: {result.stderr[-300:]}"
+
+
+def targets_1_2(layers: int, runs: int, notes: list[str]) -> list[Row]:
+    src, half = checkpoint(layers), checkpoint(layers // 2)
+    size = folder_bytes(src)
+    ours, cps = bench_convert(src, runs, notes)
+    half_ours, _ = bench_convert(half, runs, notes, baseline=False)
+    startup = [run_child([*cli(), "--version"]) for _ in range(runs)]
+    bare = [run_child([sys.executable, "-c", "pass"]) for _ in range(runs)]
+    imported = import_probe(half)
+    stages = breakdown(src)
+
+    t_ours, t_cp = median([c.wall_s for c in ours]), median([c.wall_s for c in cps])
+    ratio = median([o.wall_s / c.wall_s for o, c in zip(ours, cps, strict=True)])
+    cpu_ours, cpu_cp = median([c.cpu_s for c in ours]), median([c.cpu_s for c in cps])
+    rss, rss_half = median([c.rss_bytes for c in ours]), median([c.rss_bytes for c in half_ours])
+    budget = 0.25 * size + 400 * MB
+    notes.append(
+        f"Target 1 runs (s): ours {spread([c.wall_s for c in ours])}, "
+        f"cp -r {spread([c.wall_s for c in cps])}; the ratio is the median of per-pair ratios."
+    )
+    notes.append(f"Target 1, CPU seconds by stage (main thread unless said): {stages}.")
+    return [
+        Row(
+            f"1. convert --no-verify wall, {layers}L, {size / 1e9:.2f} GB bf16",
+            fmt_s(t_ours),
+            f"`cp -r` {fmt_s(t_cp)}",
+            f"{ratio:.2f}x",
+            "<= 4x (stretch 2.5x)",
+            ratio <= 4,
+        ),
+        Row(
+            "1. same runs, CPU time (user + sys)",
+            fmt_s(cpu_ours),
+            f"`cp -r` {fmt_s(cpu_cp)}",
+            f"{cpu_ours / cpu_cp:.2f}x",
+            "-",
+            None,
+        ),
+        Row(
+            "1. CLI start-up, `gqa-convert --version`",
+            fmt_s(median([c.wall_s for c in startup])),
+            f"`python -c pass` {fmt_s(median([c.wall_s for c in bare]))}",
+            "-",
+            "-",
+            None,
+        ),
+        Row(
+            "1. heavy modules imported by convert --no-verify",
+            imported,
+            "-",
+            "-",
+            "no torch",
+            "torch" not in imported,
+        ),
+        Row(
+            f"2. convert --no-verify peak RSS, {layers}L",
+            fmt_mb(rss),
+            f"0.25 x {fmt_mb(size)} + 400 MB = {fmt_mb(budget)}",
+            f"{rss / budget:.2f}x",
+            "<= 1x",
+            rss <= budget,
+        ),
+        Row(
+            f"2. peak RSS, {layers}L vs {layers // 2}L",
+            fmt_mb(rss),
+            f"{layers // 2}L {fmt_mb(rss_half)}",
+            f"{rss / rss_half:.2f}x",
+            "< 1.10x",
+            rss < 1.10 * rss_half,
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------- 3
+
+# verify's inputs for a checkpoint without a tokenizer: 128 random ids, seed 0, float32.
+TOKENS = """
+import torch
+tokens = torch.randint(0, 32000, (1, 128), generator=torch.Generator().manual_seed(0))
+"""
+
+HF_ALONE = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+{TOKENS}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(input_ids=tokens, use_cache=False).logits
+print(float(logits.abs().mean()))
+"""
+
+BOTH_IN_MEMORY = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+from gqa_convert.api import convert_in_memory
+{TOKENS}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+ours = convert_in_memory(sys.argv[1]).float()
+with torch.no_grad():
+    theirs = model(input_ids=tokens, use_cache=False).logits
+    mine = ours(tokens)
+print(float((mine - theirs).abs().max()))
+"""
+
+
+def verify_argv(src: Path, out: Path) -> tuple[list[str], str]:
+    """The CLI's conversion with verification, else the in-memory stand-in."""
+    if "--no-verify" in cli_help("convert"):
+        return [*cli(), "convert", str(src), str(out)], "`gqa-convert convert SRC OUT`"
+    return python_child(BOTH_IN_MEMORY, str(src)), "HF + `convert_in_memory` + both forwards"
+
+
+def target_3(layers: int, runs: int, notes: list[str]) -> list[Row]:
+    src = checkpoint(layers)
+    size = folder_bytes(src)
+    warm(src)
+    work = scratch()
+    argv, what = verify_argv(src, work / "out")
+    has_verify = "verify" in cli_help()
+    hf, ours, alone = [], [], []
+    for _ in range(runs):
+        hf.append(run_child(python_child(HF_ALONE, str(src))))
+        ours.append(run_child(argv))
+        shutil.rmtree(work / "out", ignore_errors=True)
+        if has_verify:
+            alone.append(run_child([*cli(), "verify", str(src)]))
+    shutil.rmtree(work)
+    r_hf = median([c.rss_bytes for c in hf])
+    rows = []
+    for label, children in ((what, ours), ("`gqa-convert verify SRC`", alone)):
+        if not children:
+            continue
+        rss = median([c.rss_bytes for c in children])
+        rows.append(
+            Row(
+                f"3. {label} peak RSS, {layers}L",
+                fmt_mb(rss),
+                f"HF alone {fmt_mb(r_hf)}",
+                f"{rss / r_hf:.2f}x",
+                "<= 1.25x",
+                rss <= 1.25 * r_hf,
+            )
+        )
+        notes.append(
+            f"Target 3, {label}: wall {fmt_s(median([c.wall_s for c in children]))}, "
+            f"HF alone {fmt_s(median([c.wall_s for c in hf]))}."
+        )
+    notes.append(
+        f"Target 3: float32 (verify's default) on 128 random ids (verify's input without a "
+        f"tokenizer); the checkpoint is {fmt_mb(size)} bf16, so {fmt_mb(2 * size)} in float32."
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------- 4
+
+
+def target_4(runs: int, threads: int, notes: list[str]) -> list[Row]:
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    from gqa_convert.config import from_hf
+    from gqa_convert.model.attention import GroupedQueryAttention
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    n, k, h, pos = 32, 8, 128, 512
+    m = n * h
+    hf_cfg = LlamaConfig(
+        hidden_size=m,
+        intermediate_size=4 * m,
+        num_hidden_layers=1,
+        num_attention_heads=n,
+        num_key_value_heads=k,
+        head_dim=h,
+        vocab_size=128,
+        max_position_embeddings=pos,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    theirs = LlamaAttention(hf_cfg, layer_idx=0).eval()
+    rotary = LlamaRotaryEmbedding(hf_cfg)
+    cfg_dict = {**hf_cfg.to_dict(), "architectures": ["LlamaForCausalLM"], "dtype": "float32"}
+    cfg = from_hf(cfg_dict)
+    ours = GroupedQueryAttention(cfg, "global", 0).eval()
+    with torch.no_grad():  # the layouts of configs/llama.toml
+        a = theirs
+        ours.W_Q.copy_(a.q_proj.weight.view(n, h, m).permute(0, 2, 1))  # (n h) m -> n m h
+        ours._W_K.copy_(a.k_proj.weight.view(k, h, m).permute(0, 2, 1))  # (k h) m -> k m h
+        ours._W_V.copy_(a.v_proj.weight.view(k, h, m).permute(0, 2, 1))
+        ours.W_O.copy_(a.o_proj.weight.view(m, n, h).permute(1, 2, 0))  # m (n h) -> n h m
+
+    def run_ours(x, cos, sin):
+        return ours(x, cos[0], sin[0])
+
+    def run_theirs(x, cos, sin):
+        return theirs(x, (cos, sin), None)[0]
+
+    def timed(run, *args) -> float:
+        start = time.perf_counter()
+        run(*args)
+        return time.perf_counter() - start
+
+    # K/V at n_kv heads on the fast path: watch what reaches SDPA and whether anything expands.
+    seen, expanded = [], []
+    real_sdpa, real_ri = F.scaled_dot_product_attention, torch.repeat_interleave
+
+    def spy_sdpa(q, key, value, *args, **kw):
+        seen.append((key.shape[1], value.shape[1], bool(kw.get("enable_gqa"))))
+        return real_sdpa(q, key, value, *args, **kw)
+
+    def spy_ri(*args, **kw):
+        expanded.append(args[0].shape if args else None)
+        return real_ri(*args, **kw)
+
+    rows = []
+    pairs = 2 * max(runs, 3)
+    for batch in (1, 4):
+        x = torch.randn(batch, pos, m)
+        position_ids = torch.arange(pos)[None].expand(batch, pos)
+        cos, sin = rotary(x, position_ids)
+        runs_of = (run_ours, run_theirs)
+        with torch.no_grad():
+            F.scaled_dot_product_attention, torch.repeat_interleave = spy_sdpa, spy_ri
+            try:
+                got = run_ours(x, cos, sin)  # also the warm-up
+            finally:
+                F.scaled_dot_product_attention, torch.repeat_interleave = real_sdpa, real_ri
+            err = float((got - run_theirs(x, cos, sin)).abs().max())
+            times: tuple[list[float], list[float]] = ([], [])
+            for i in range(pairs):  # interleaved, the order alternating
+                for side in (0, 1) if i % 2 == 0 else (1, 0):
+                    times[side].append(timed(runs_of[side], x, cos, sin))
+        t_ours, t_theirs = times
+        ratio = median([o / t for o, t in zip(t_ours, t_theirs, strict=True)])
+        rows.append(
+            Row(
+                f"4. attention forward, batch {batch}, {pos} pos, {n}/{k} heads, d_head {h}",
+                f"{median(t_ours) * 1e3:.0f} ms",
+                f"HF LlamaAttention (sdpa) {median(t_theirs) * 1e3:.0f} ms",
+                f"{ratio:.2f}x",
+                "<= 1.2x",
+                ratio <= 1.2,
+            )
+        )
+        notes.append(
+            f"Target 4, batch {batch}: max |ours - HF| = {err:.1e}; {pairs} pairs, ms: ours "
+            f"{spread([t * 1e3 for t in t_ours])}, HF {spread([t * 1e3 for t in t_theirs])}."
+        )
+    ok = bool(seen) and all(s == (k, k, True) for s in seen) and not expanded
+    rows.append(
+        Row(
+            "4. fast path: (K heads, V heads, enable_gqa) at SDPA; repeat_interleave calls",
+            f"{sorted(set(seen))}; {len(expanded)}",
+            "-",
+            "-",
+            f"[({k}, {k}, True)]; 0",
+            ok,
+        )
+    )
+    notes.append(f"Target 4: fp32, torch.set_num_threads({threads}), torch {torch.__version__}.")
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = f", load average {os.getloadavg()[0]:.1f} at the start"
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem / 2**30:.0f} GiB RAM{load}, "
+        f"Python {platform.python_version()}, numpy {np.__version__}"
+    )
+
+
+def write_report(section: str) -> Path:
+    """Put `section` between the markers of BENCHMARKS.md, keeping the prose around it."""
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = f"{text.rstrip()}\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{section}\n{END}{tail}")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="1,2,3,4", help="targets to run, e.g. 1,4")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--layers", type=int, default=16, help="layers of the main checkpoint")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    args = parser.parse_args()
+    only = {int(t) for t in args.only.split(",")}
+    rows: list[Row] = []
+    notes: list[str] = []
+    started, when, where = time.perf_counter(), datetime.datetime.now(), machine()
+    if only & {1, 2}:
+        rows += [r for r in targets_1_2(args.layers, args.runs, notes) if int(r.figure[0]) in only]
+    if 3 in only:
+        rows += target_3(args.layers, args.runs, notes)
+    if 4 in only:
+        rows += target_4(args.runs, args.threads, notes)
+    command = " ".join(["python scripts/bench.py", *sys.argv[1:]])
+    section = "\n".join(
+        [
+            f"`{command}` on {when:%Y-%m-%d %H:%M}, {where}; "
+            f"took {time.perf_counter() - started:.0f} s.",
+            "",
+            table(rows),
+            "",
+            *[f"- {n}" for n in notes],
+        ]
+    )
+    print(section)
+    if not args.no_write:
+        print(f"written to {write_report(section)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
