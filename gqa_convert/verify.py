@@ -506,15 +506,15 @@ def verify(
         raise UsageError(f"--seq-len must be positive, got {seq_len}")
     inputs, kind = make_inputs(src, source_cfg, prompts, seq_len)
 
+    hf = reference if reference is not None else load_reference(src, dtype)
     if model is None:
         if converted is not None:
             model = GQATransformer.from_pretrained(converted)
         else:
-            from gqa_convert.api import convert_in_memory
+            from gqa_convert.mapping import plan_conversion
 
-            model = convert_in_memory(src)
+            model = model_from_reference(plan_conversion(src), hf)
     model = model.to(COMPUTE_DTYPES[dtype]).eval()
-    hf = reference if reference is not None else load_reference(src, dtype)
 
     stats, stream = _LogitStats(), {}
     for i, tokens in enumerate(inputs):
@@ -596,10 +596,39 @@ def verify(
 def verify_plan(
     plan: ConversionPlan, *, allow_nonfinite: bool = False, **kwargs: Any
 ) -> VerifyReport:
-    """`verify` of the in-memory conversion of `plan`: the tensors `write_export(plan)` writes."""
-    from gqa_convert.export import load_state_dict
+    """`verify` of `plan`'s mapping, on our model built from views of the HF model's tensors
+    (one copy of the weights in memory, not two)."""
+    reference = kwargs.pop("reference", None)
+    if reference is None:
+        reference = load_reference(plan.src, kwargs.get("dtype", "float32"))
+    model = model_from_reference(plan, reference, allow_nonfinite=allow_nonfinite)
+    return verify(plan.src, model=model, reference=reference, **kwargs)
+
+
+def model_from_reference(
+    plan: ConversionPlan, hf: nn.Module, *, allow_nonfinite: bool = False
+) -> GQATransformer:
+    """Our model whose weights are views of `hf`'s: each row of the plan's weight map applied
+    to the HF tensor in torch (a reshape / permute is a view, not a copy).
+
+    The layouts are the ones `write_export` applies to the file bytes with numpy; the round
+    trip and parity tests check that both paths agree.
+    """
+    from gqa_convert.mapping import apply_layout
     from gqa_convert.model.decoder import GQATransformer
 
-    state = load_state_dict(plan, allow_nonfinite=allow_nonfinite)
-    model = GQATransformer.from_state_dict(plan.config, state)
-    return verify(plan.src, model=model, **kwargs)
+    hf_state = hf.state_dict()
+    missing = sorted({t.source for t in plan.tasks} - set(hf_state))
+    if missing:
+        raise BadInputError(f"{plan.src}: the HF model has no {missing[:5]}")
+    state = {}
+    for task in plan.tasks:
+        tensor = hf_state[task.source]
+        if not allow_nonfinite and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BadInputError(
+                f"{plan.sources[task.source].path}: tensor {task.source!r} has {bad} NaN/Inf "
+                f"value(s) of {tensor.numel()}; convert with --allow-nonfinite to keep them"
+            )
+        state[task.target] = apply_layout(task, tensor.detach(), plan.config)
+    return GQATransformer.from_state_dict(plan.config, state)
