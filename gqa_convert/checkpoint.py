@@ -18,7 +18,9 @@ import struct
 import threading
 import warnings
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -347,6 +349,29 @@ class TensorSpec:
         return DTYPES[self.dtype][0].itemsize * int(np.prod(self.shape, dtype=np.int64))
 
 
+class BackgroundSha256:
+    """sha256 fed on another thread (hashlib releases the GIL), so hashing what is written
+    overlaps the next tensor's read and rearrangement. At most `depth` chunks wait, so
+    memory stays bounded; `hexdigest` waits for the rest."""
+
+    def __init__(self, initial: bytes = b"", depth: int = 2):
+        self._digest = hashlib.sha256(initial)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._waiting: deque[Future] = deque()
+        self._depth = depth
+
+    def update(self, data: np.ndarray | bytes) -> None:
+        self._waiting.append(self._pool.submit(self._digest.update, data))
+        while len(self._waiting) > self._depth:
+            self._waiting.popleft().result()
+
+    def hexdigest(self) -> str:
+        while self._waiting:
+            self._waiting.popleft().result()
+        self._pool.shutdown()
+        return self._digest.hexdigest()
+
+
 class SafetensorsWriter:
     """Writes one safetensors file whose header is known up front, tensor by tensor.
 
@@ -369,7 +394,7 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.path, self._pending = path, list(reversed(specs))
-        self.sha256 = hashlib.sha256(struct.pack("<Q", len(raw)) + raw)
+        self.sha256 = BackgroundSha256(struct.pack("<Q", len(raw)) + raw)
         try:
             self._file = open(path, "wb")  # noqa: SIM115 (closed in close())
             self._file.write(struct.pack("<Q", len(raw)) + raw)
@@ -382,7 +407,7 @@ class SafetensorsWriter:
             raise ValueError(
                 f"{self.path}: got {name} {array.shape} {array.dtype}, expected {spec}"
             )
-        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # zero-size too
         self.sha256.update(data)
         try:
             self._file.write(data)
@@ -458,7 +483,8 @@ def sha256_file(path: Path, chunk: int = 8 << 20, stop: threading.Event | None =
     conversion need not wait for the hash of a 10 GB shard.
     """
     digest = hashlib.sha256()
+    buf = memoryview(bytearray(chunk))  # one buffer, reused: no 8 MB allocation per read
     with open(path, "rb") as f:
-        while (block := f.read(chunk)) and not (stop and stop.is_set()):
-            digest.update(block)
+        while (n := f.readinto(buf)) and not (stop and stop.is_set()):
+            digest.update(buf[:n])
     return digest.hexdigest()
