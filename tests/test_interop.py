@@ -21,6 +21,7 @@ from gqa_convert.errors import BadInputError, UnsupportedModelError
 from gqa_convert.export import load_export
 from gqa_convert.interop import INSTALL_HINT, to_hooked_transformer
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
+from tests.test_parity import LLAMA3_ROPE
 
 # In CI these tests run (and fail with the install hint) rather than skip.
 needs_tl = pytest.mark.skipif(
@@ -28,14 +29,6 @@ needs_tl = pytest.mark.skipif(
     reason=f"transformer-lens not installed: {INSTALL_HINT}",
 )
 
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500_000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
 
 # (family, overrides, prompt length)
 CASES = {
@@ -175,25 +168,6 @@ def test_without_hooked_transformer_the_error_says_how_to_install(tmp_path, monk
         to_hooked_transformer(out)
 
 
-@pytest.fixture(scope="module")
-def smollm2_src(request) -> Path:
-    """The shared `smollm2_dir` fixture when conftest has it, else the build script itself."""
-    try:
-        return request.getfixturevalue("smollm2_dir")
-    except pytest.FixtureLookupError:
-        pass
-    script = Path(__file__).parents[1] / "scripts" / "build_smollm2.py"
-    spec = importlib.util.spec_from_file_location("build_smollm2", script)
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
-    try:
-        return builder.build_smollm2(builder.default_smollm2_dir())
-    except builder.SmolLM2NotInstalled as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
-
-
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Grouped-query attention shares each key "
     "and value head among several query heads, which makes the KV cache smaller."
@@ -202,14 +176,14 @@ TEXT = (
 
 @needs_tl
 @pytest.mark.slow
-def test_smollm2_logits_equal_hf(tmp_path, smollm2_src):
+def test_smollm2_logits_equal_hf(tmp_path, smollm2_dir):
     from transformers import AutoTokenizer
 
-    out = convert(smollm2_src, tmp_path / "out")
+    out = convert(smollm2_dir, tmp_path / "out")
     tokenizer = AutoTokenizer.from_pretrained(out)  # the export carries the tokenizer
     model = to_hooked_transformer(out, tokenizer=tokenizer)
     tokens = model.to_tokens(TEXT, prepend_bos=False)
     assert tokens[0].tolist() == tokenizer(TEXT).input_ids
     # 7.8e-5 here: 1e-4 is near fp32's floor for this 30-layer model (|logits| ~ 33; HF's own
     # eager and sdpa paths differ by 5.6e-5 on this prompt, by ~1e-3 at 1024 tokens).
-    assert_logits_match(tl_logits(model, tokens), hf_logits(smollm2_src, tokens))
+    assert_logits_match(tl_logits(model, tokens), hf_logits(smollm2_dir, tokens))
