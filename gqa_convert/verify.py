@@ -240,7 +240,8 @@ def make_inputs(
         return [torch.randint(0, cfg.d_vocab, (1, seq_len), generator=generator)], "random"
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+    with _loading(src, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
     first = tokenizer(" ".join(DEFAULT_SENTENCES)).input_ids
     more = tokenizer(" " + " ".join(DEFAULT_SENTENCES), add_special_tokens=False).input_ids
     ids = list(first)
@@ -258,6 +259,17 @@ def make_inputs(
     return [torch.tensor([seq]) for seq in sequences], "tokenizer"
 
 
+@contextmanager
+def _loading(src: str | Path, what: str):
+    """transformers' own failures to read `src` become a BadInputError naming it (exit 3)."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BadInputError(
+            f"{src}: transformers cannot load the reference {what} ({type(e).__name__}: {e})"
+        ) from e
+
+
 def load_reference(src: str | Path, dtype: str = "float32") -> nn.Module:
     """The HF model of `src` in `dtype`, by transformers' stock code (never remote code)."""
     from transformers import AutoModelForCausalLM
@@ -267,9 +279,10 @@ def load_reference(src: str | Path, dtype: str = "float32") -> nn.Module:
     if bars:
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=COMPUTE_DTYPES[dtype], trust_remote_code=False
-        )
+        with _loading(src, "model"):
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=COMPUTE_DTYPES[dtype], trust_remote_code=False
+            )
     finally:
         if bars:
             hf_logging.enable_progress_bar()

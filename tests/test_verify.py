@@ -389,3 +389,14 @@ def test_smollm2_mutations_fail_at_the_right_layer(smollm2_dir, smollm2_referenc
 def test_smollm2_bf16_compute_passes(smollm2_dir):
     report = verify(smollm2_dir, dtype="bfloat16", seq_len=128)
     assert report.passed, report.summary()
+
+
+def test_a_tokenizer_transformers_cannot_read_is_bad_input(tmp_path):
+    from tests.cli_subprocess import run_cli
+
+    src = make_hf_checkpoint(tmp_path / "src", "llama")
+    (src / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    run = run_cli("verify", src)
+    assert run.code == 3, run.stderr
+    assert str(src) in run.message and "tokenizer" in run.message
+    assert "Traceback" not in run.stderr
