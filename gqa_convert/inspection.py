@@ -30,7 +30,8 @@ def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str
         entry = files.setdefault(info.path.name, {"bytes": info.path.stat().st_size, "tensors": 0})
         entry["tensors"] += 1
     largest = max(i.nbytes for i in infos)
-    # Convert: one source tensor and its rearranged copy at a time (+ an fp32 temporary to cast).
+    # Convert, an upper bound: one source tensor and its rearranged copy at a time, up to two
+    # written tensors waiting for the background sha256, or an fp32 temporary to cast.
     convert_peak = CONVERT_BASE_BYTES + 2 * largest + 2 * largest
     # Verify: the HF model in fp32, ours built from views of the same weights, activations
     # dominated by a few [tokens, d_vocab] fp32 logit tensors on each side.
