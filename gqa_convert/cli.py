@@ -167,7 +167,11 @@ def _show_report(report: VerifyReport) -> None:
 
 
 def _parity_exit(report: VerifyReport, what: str) -> None:
-    err.print(f"[red]error:[/red] {escape(report.summary())}; {what}", highlight=False)
+    err.print(
+        f"[red]error:[/red] {escape(report.summary())}; {escape(what)}",
+        highlight=False,
+        soft_wrap=True,  # one line, as every error
+    )
     raise typer.Exit(ParityError.exit_code)
 
 

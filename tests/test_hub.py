@@ -316,3 +316,26 @@ def test_dry_run_lists_files_and_card_and_sends_nothing(hub, tmp_path):
     assert run.returncode == 2 and "--push-to" in run.stderr
     assert hub.requests[sent:] == []
     assert_secret_absent(HUB_TOKEN, run.stdout, run.stderr)
+
+
+def test_push_to_after_a_forced_failed_verification_writes_but_does_not_push(hub, tmp_path):
+    publish(hub, tmp_path)
+    out = tmp_path / "out"
+    sent = len(hub.requests)
+    # No conversion reaches top-1 agreement 1.01: a verification that must fail.
+    run = gqa(
+        "convert",
+        "org/src",
+        out,
+        "--force",
+        "--min-top1",
+        "1.01",
+        "--push-to",
+        "org/dst",
+        token=HUB_TOKEN,
+    )
+    assert run.returncode == 5, run.stderr
+    assert "not pushed" in run.stderr
+    assert manifest(out)["verification"]["status"] == "failed-forced"
+    assert [r for r in hub.requests[sent:] if "dst" in r.path] == []
+    assert hub.repo("org/dst") is None
