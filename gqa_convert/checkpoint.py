@@ -74,8 +74,11 @@ class TensorInfo:
         return self.end - self.start
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The tensors listed in one safetensors file, checked against the file's size."""
+def read_header(
+    path: Path, check_size: bool = True
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors listed in one safetensors file, checked against the file's size (unless
+    not `check_size`: `inspect` describes a truncated file and reports it)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -122,7 +125,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         np_dtype = DTYPES[dtype][0]
         if end - begin != np_dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
             raise BadInputError(f"{path}: tensor {name!r}: byte range does not match its shape")
-        if base + end > size:
+        if check_size and base + end > size:
             raise BadInputError(
                 f"{path}: truncated: tensor {name!r} ends at byte {base + end}, file has {size}"
             )
@@ -182,7 +185,7 @@ def _index_map(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
-def read_weights(src: Path) -> dict[str, TensorInfo]:
+def read_weights(src: Path, check_sizes: bool = True) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint folder, from headers only, cross-checked with the index."""
     src = Path(src)
     index = find_index(src)
@@ -195,7 +198,7 @@ def read_weights(src: Path) -> dict[str, TensorInfo]:
             users = sum(1 for shard in (expected or {}).values() if src / shard == path)
             problems.append(f"{path}: shard named by {index_name} ({users} tensors) is missing")
             continue
-        for name, info in read_tensor_infos(path).items():
+        for name, info in read_tensor_infos(path, check_sizes).items():
             if name in infos:
                 problems.append(f"tensor {name!r} is in both {infos[name].path} and {path}")
             infos[name] = info
@@ -212,9 +215,9 @@ def read_weights(src: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def read_tensor_infos(path: Path) -> dict[str, TensorInfo]:
+def read_tensor_infos(path: Path, check_size: bool = True) -> dict[str, TensorInfo]:
     """The tensors of one weight file, by the reader its suffix names in `READERS`."""
-    return READERS[path.suffix][0](path)
+    return READERS[path.suffix][0](path, check_size)
 
 
 def read_array(info: TensorInfo) -> np.ndarray:
@@ -276,7 +279,8 @@ def _load_torch(path: str, size: int, mtime_ns: int) -> dict[str, torch.Tensor]:
     return data
 
 
-def _read_torch_infos(path: Path) -> dict[str, TensorInfo]:
+def _read_torch_infos(path: Path, check_size: bool = True) -> dict[str, TensorInfo]:
+    # A .bin is unpickled whole, so a truncated one fails whatever `check_size` says.
     infos = {}
     for name, tensor in _torch_state_dict(path).items():
         code = CODE_OF_TORCH_NAME.get(str(tensor.dtype).removeprefix("torch."))
@@ -300,7 +304,7 @@ def _read_torch_array(info: TensorInfo) -> np.ndarray:
 
 # weight file suffix -> (its tensors' TensorInfos, one tensor's array)
 READERS: dict[str, tuple[Callable[[Path], dict[str, TensorInfo]], Callable[..., np.ndarray]]] = {
-    ".safetensors": (lambda path: read_header(path)[0], _read_safetensors_array),
+    ".safetensors": (lambda path, check: read_header(path, check)[0], _read_safetensors_array),
     ".bin": (_read_torch_infos, _read_torch_array),
 }
 

@@ -459,6 +459,12 @@ def inspect_command(
             value = f"{value:,}"
         table.add_row(key, escape(str(value)))
     Console(highlight=False, soft_wrap=True).print(table)
+    for name, sizes in info["truncated_files"].items():
+        err.print(
+            f"[yellow]warning:[/yellow] {escape(name)} is truncated: {sizes['bytes']:,} bytes, "
+            f"its header says {sizes['header_says']:,}; convert will refuse it",
+            highlight=False,
+        )
 
 
 def _gb(n: int) -> str:

@@ -20,15 +20,22 @@ VERIFY_BASE_BYTES = 700 * 2**20  # python + torch + transformers
 
 def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str, Any]:
     """A JSON-ready description of the HF checkpoint folder `src`."""
-    plan = plan_conversion(src)
+    plan = plan_conversion(src, check_sizes=False)
     cfg = plan.config
     infos = list(plan.sources.values())
     n_params = sum(_numel(i.shape) for i in infos)
     total_bytes = sum(i.nbytes for i in infos)
     files: dict[str, dict[str, Any]] = {}
+    ends: dict[Path, int] = {}
     for info in infos:
         entry = files.setdefault(info.path.name, {"bytes": info.path.stat().st_size, "tensors": 0})
         entry["tensors"] += 1
+        ends[info.path] = max(ends.get(info.path, 0), info.end)
+    truncated = {
+        path.name: {"bytes": path.stat().st_size, "header_says": end}
+        for path, end in ends.items()
+        if path.stat().st_size < end
+    }
     largest = max(i.nbytes for i in infos)
     # Convert, an upper bound: one source tensor and its rearranged copy at a time, up to two
     # written tensors waiting for the background sha256, or an fp32 temporary to cast.
@@ -59,6 +66,7 @@ def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str
         "tensor_bytes": total_bytes,
         "files": files,
         "dropped_tensors": list(plan.dropped),
+        "truncated_files": truncated,  # shorter than their headers say: convert refuses them
         "estimated_peak_memory_bytes": {"convert": convert_peak, "verify": verify_peak},
     }
 

@@ -130,8 +130,11 @@ def plan_tasks(
     return cfg, tasks, dropped
 
 
-def plan_conversion(src: str | Path) -> ConversionPlan:
-    """Read config.json and safetensors headers of an HF checkpoint folder; read no tensor."""
+def plan_conversion(src: str | Path, check_sizes: bool = True) -> ConversionPlan:
+    """Read config.json and safetensors headers of an HF checkpoint folder; read no tensor.
+
+    `check_sizes=False` accepts files shorter than their headers say (for `inspect` only).
+    """
     src = Path(src)
     if not src.is_dir():
         missing = "no such folder" if not src.exists() else "not a folder"
@@ -144,7 +147,7 @@ def plan_conversion(src: str | Path) -> ConversionPlan:
         raise BadInputError(f"{src}: empty folder (expected config.json and model.safetensors)")
     hf_config = read_json(src / "config.json")
     cfg = from_hf(hf_config)  # unsupported architectures fail before the weights are looked at
-    sources = read_weights(src)
+    sources = read_weights(src, check_sizes)
     cfg, tasks, dropped = plan_tasks(hf_config, {n: i.shape for n, i in sources.items()})
     problems = [
         f"{sources[t.source].path.name}: {t.source} has dtype {sources[t.source].dtype}"

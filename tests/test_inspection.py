@@ -45,6 +45,24 @@ def test_inspect_sharded_checkpoint_reads_no_tensor_data(tmp_path, monkeypatch):
     assert sum(f["tensors"] for f in after["files"].values()) == tensors
 
 
+def test_inspect_describes_a_truncated_checkpoint_that_convert_refuses(tmp_path):
+    from tests.cli_subprocess import run_cli
+
+    src = make_hf_checkpoint(tmp_path / "src", "llama", max_shard_size="60KB")
+    complete = inspect_checkpoint(src)
+    assert complete["truncated_files"] == {}
+    shard = sorted(src.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    shard.write_bytes(data[: 8 + n + 10])  # header intact, tensor bytes cut off
+    info = inspect_checkpoint(src)
+    assert info["truncated_files"] == {shard.name: {"bytes": 8 + n + 10, "header_says": len(data)}}
+    info["files"][shard.name]["bytes"] = complete["files"][shard.name]["bytes"]
+    assert {**info, "truncated_files": {}} == complete
+    run = run_cli("convert", src, tmp_path / "out")
+    assert run.code == 3 and shard.name in run.message and "truncated" in run.message
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_parameter_count_matches_hf(tmp_path, tied):
     from tests.hf_models import make_hf_model
