@@ -11,7 +11,10 @@ from gqa_convert.hub import resolve_source
 from gqa_convert.mapping import plan_conversion
 
 if TYPE_CHECKING:
+    from gqa_convert.hub import ResolvedSource
+    from gqa_convert.mapping import ConversionPlan
     from gqa_convert.model.decoder import GQATransformer
+    from gqa_convert.verify import VerifyReport
 
 
 def convert(
@@ -44,24 +47,61 @@ def convert(
     plan = plan_conversion(source.path)
     report = None
     if verify:
-        from gqa_convert.export import check_output
-        from gqa_convert.verify import ParityFailure, verify_plan
+        from gqa_convert.verify import ParityFailure
 
-        check_output(Path(out), overwrite, (plan.src,))
-        report = verify_plan(plan, allow_nonfinite=allow_nonfinite, **(verify_options or {}))
+        options = verify_options or {}
+        report = check_parity(
+            plan, out, overwrite=overwrite, allow_nonfinite=allow_nonfinite, **options
+        )
         if not report.passed and not force:
             raise ParityFailure(report)
-    return write_export(
+    return write_converted(
         plan,
+        source,
         out,
+        report,
         overwrite=overwrite,
         shard_bytes=shard_bytes,
         dtype=dtype,
         progress=progress,
         allow_nonfinite=allow_nonfinite,
+    )
+
+
+def check_parity(
+    plan: ConversionPlan,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    **verify_options: Any,
+) -> VerifyReport:
+    """The gate's check: that `out` can be written (seconds, so not after minutes of
+    verification), then `verify.verify_plan(plan, **verify_options)`."""
+    from gqa_convert.export import check_output
+
+    check_output(Path(out), overwrite, (plan.src,))
+    from gqa_convert.verify import verify_plan  # torch + transformers: seconds, so after
+
+    return verify_plan(plan, allow_nonfinite=allow_nonfinite, **verify_options)
+
+
+def write_converted(
+    plan: ConversionPlan,
+    source: ResolvedSource,
+    out: str | Path,
+    report: VerifyReport | None,
+    **export_options: Any,
+) -> Path:
+    """`write_export` of `plan` with its provenance: the source's Hub id and commit, and the
+    parity report (None: verification was skipped)."""
+    return write_export(
+        plan,
+        out,
         verification=report.to_dict() if report else None,
         source_id=source.repo_id,
         source_revision=source.revision,
+        **export_options,
     )
 
 

@@ -233,7 +233,7 @@ def convert(
 
     Verifies logit parity with the HF model first; on failure writes nothing and exits 5.
     """
-    from gqa_convert.export import write_export
+    from gqa_convert.api import check_parity, write_converted
     from gqa_convert.hub import is_repo_id, push_export, resolve_source
     from gqa_convert.mapping import plan_conversion
 
@@ -252,17 +252,17 @@ def convert(
         return
     report = None
     if verify:
-        from gqa_convert.export import check_output
-
-        check_output(out, overwrite, (plan.src,))  # before minutes of verification, not after
-        from gqa_convert.verify import verify_plan  # torch + transformers: seconds
-
         options = _verify_kwargs(
             prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
         )
         with err.status("verifying parity with the HF model"):
-            report = verify_plan(
-                plan, dtype=verify_dtype, allow_nonfinite=allow_nonfinite, **options
+            report = check_parity(
+                plan,
+                out,
+                overwrite=overwrite,
+                allow_nonfinite=allow_nonfinite,
+                dtype=verify_dtype,
+                **options,
             )
         _show_report(report)
         if not report.passed and not force:
@@ -271,17 +271,16 @@ def convert(
             err.print("[yellow]warning:[/yellow] parity failed; writing anyway (--force)")
     total = sum(plan.sources[t.source].nbytes for t in plan.tasks)
     with progress_bar("converting", total) as advance:
-        write_export(
+        write_converted(
             plan,
+            source,
             out,
+            report,
             overwrite=overwrite,
             shard_bytes=shard_bytes,
             dtype=out_dtype,
             progress=advance,
             allow_nonfinite=allow_nonfinite,
-            verification=report.to_dict() if report else None,
-            source_id=source.repo_id,
-            source_revision=source.revision,
         )
     cfg = plan.config
     err.print(
