@@ -405,6 +405,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data).encode(), headers)
 
     # --- repos, permissions ----------------------------------------------------------------
+    def _repo_for_commit(self, repo: str, type: str) -> tuple[Repo, bool]:
+        """The repo a preupload or commit targets, and whether it opens a PR: a PR needs only
+        read access (any signed-in user may open one), a direct commit needs write access."""
+        create_pr = self.query.get("create_pr") == "1"
+        found = self._repo(repo, type, write=not create_pr)
+        if create_pr and self.user is None:
+            raise HubHTTPError(401, "You must be authenticated to open a pull request")
+        return found, create_pr
+
     def _repo(self, repo: str, type: str | None, *, write: bool = False) -> Repo:
         kind = TYPES.get(type or "models", "model")
         found = self.hub.repo(repo, kind)
@@ -544,10 +553,7 @@ class _Handler(BaseHTTPRequestHandler):
         return 200
 
     def route_preupload(self, type: str, repo: str, rev: str) -> int:
-        create_pr = self.query.get("create_pr") == "1"
-        found = self._repo(repo, type, write=not create_pr)
-        if create_pr and self.user is None:
-            raise HubHTTPError(401, "You must be authenticated to open a pull request")
+        found, _ = self._repo_for_commit(repo, type)
         files = found.commit(self._rev(found, rev))["files"]
         patterns = found.lfs_patterns(files)
         answer = []
@@ -565,10 +571,7 @@ class _Handler(BaseHTTPRequestHandler):
         return 200
 
     def route_commit(self, type: str, repo: str, rev: str) -> int:
-        create_pr = self.query.get("create_pr") == "1"
-        found = self._repo(repo, type, write=not create_pr)
-        if create_pr and self.user is None:
-            raise HubHTTPError(401, "You must be authenticated to open a pull request")
+        found, create_pr = self._repo_for_commit(repo, type)
         target = unquote(rev)
         if SHA.fullmatch(target):
             raise HubHTTPError(400, "Cannot commit to a commit sha: name a branch")
