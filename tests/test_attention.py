@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gqa_convert.config import ModelConfig
-from gqa_convert.model.attention import GroupedQueryAttention, attention_mask
+from gqa_convert.model.attention import GroupedQueryAttention, causal_mask
 from gqa_convert.model.decoder import GQATransformer
 
 
@@ -59,8 +59,10 @@ def test_gqa_equals_mha_on_expanded_kv(n_kv, attn_type):
     x = torch.randn(2, 12, cfg.d_model)
     cos, sin = rotary_identity(12, cfg.d_head)
     for fast in (True, False):
-        expected = mha(x, cos, sin, fast)
-        torch.testing.assert_close(gqa(x, cos, sin, fast), expected, atol=1e-5, rtol=0)
+        expected = mha(x, x, x, rotary=(cos, sin), use_fast_path=fast)
+        torch.testing.assert_close(
+            gqa(x, x, x, rotary=(cos, sin), use_fast_path=fast), expected, atol=1e-5, rtol=0
+        )
 
 
 def test_head_h_reads_kv_head_h_floordiv_group():
@@ -107,7 +109,12 @@ def test_fast_path_equals_reference(n_kv, window):
     attn = random_attention(cfg, "global" if window is None else "local")
     x = torch.randn(3, 10, cfg.d_model)
     cos, sin = torch.cos(torch.randn(10, cfg.d_head)), torch.sin(torch.randn(10, cfg.d_head))
-    torch.testing.assert_close(attn(x, cos, sin, True), attn(x, cos, sin, False), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        attn(x, x, x, rotary=(cos, sin), use_fast_path=True),
+        attn(x, x, x, rotary=(cos, sin), use_fast_path=False),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_a_pattern_hook_switches_to_the_reference_path_and_can_patch():
@@ -118,7 +125,7 @@ def test_a_pattern_hook_switches_to_the_reference_path_and_can_patch():
     seen = []
     handle = attn.hook_pattern.register_forward_hook(lambda m, i, out: seen.append(out))
     assert attn.needs_pattern
-    attn(x, cos, sin)
+    attn(x, x, x, rotary=(cos, sin))
     handle.remove()
     assert seen and seen[0].shape == (1, 8, 6, 6)
     torch.testing.assert_close(seen[0].sum(-1), torch.ones(1, 8, 6))
@@ -128,14 +135,14 @@ def test_a_pattern_hook_switches_to_the_reference_path_and_can_patch():
     first[..., 0] = 1
     attn.hook_pattern.register_forward_hook(lambda m, i, out: first)
     z_expected = torch.einsum("bpkh->bpkh", attn.calculate_qkv_matrices(x, x, x)[2][:, :1])
-    out = attn(x, cos, sin)
+    out = attn(x, x, x, rotary=(cos, sin))
     v0 = z_expected.repeat_interleave(4, dim=2).expand(1, 6, 8, cfg.d_head)
     torch.testing.assert_close(out, torch.einsum("bqnh,nhm->bqm", v0, attn.W_O) + attn.b_O)
 
 
 def test_sliding_window_mask_matches_hf_rule():
     # HF keeps key j for query i when i - window < j <= i.
-    mask = attention_mask(6, 6, 3, torch.device("cpu"))
+    mask = causal_mask(6, 6, 3, torch.device("cpu"))
     for i in range(6):
         for j in range(6):
             assert bool(mask[i, j]) == (i - 3 < j <= i)
@@ -152,7 +159,10 @@ def test_layer_id_scaling():
     )
     x = torch.randn(1, 4, cfg.d_model)
     cos, sin = rotary_identity(4, 6)
-    torch.testing.assert_close(scaled(x, cos, sin, True), scaled(x, cos, sin, False))
+    torch.testing.assert_close(
+        scaled(x, x, x, rotary=(cos, sin), use_fast_path=True),
+        scaled(x, x, x, rotary=(cos, sin), use_fast_path=False),
+    )
 
 
 def test_bad_attn_type_and_local_without_window_are_refused():
