@@ -7,9 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from gqa_convert.config import ModelConfig
+from gqa_convert.config import ModelConfig, RopeConfig
+from gqa_convert.errors import UnsupportedModelError
 from gqa_convert.model.attention import GroupedQueryAttention, causal_mask
 from gqa_convert.model.decoder import GQATransformer
+from gqa_convert.model.kv_cache import KeyValueCacheEntry
 
 
 def tiny_cfg(n_heads=8, n_kv=2, window=None, **kw) -> ModelConfig:
@@ -189,7 +191,53 @@ def test_hook_points_have_transformer_lens_names():
         "blocks.1.attn.hook_attn_scores",
         "blocks.1.attn.hook_pattern",
         "blocks.1.attn.hook_z",
+        "blocks.1.attn.hook_result",
         "blocks.1.mlp.hook_pre",
         "blocks.1.mlp.hook_post",
     ):
         assert name in names
+
+
+@pytest.mark.parametrize("attn_type", ["global", "local"])
+def test_decoder_entry_equals_the_transformer_lens_entry(attn_type):
+    """The decoder passes cos / sin in; the TL-signature call computes them itself."""
+    cfg = tiny_cfg(window=3, rope=RopeConfig(theta=500.0))
+    attn = random_attention(cfg, attn_type)
+    x = torch.randn(2, 9, cfg.d_model)
+    rotary = GQATransformer(cfg).rotary(9, torch.float32)
+    for fast in (True, False):
+        expected = attn(x, x, x, rotary=rotary, use_fast_path=fast)
+        torch.testing.assert_close(attn(x, x, x, use_fast_path=fast), expected)
+
+
+@pytest.mark.parametrize("attn_type", ["global", "local"])
+def test_kv_cache_steps_equal_one_pass_and_stay_at_n_kv_heads(attn_type):
+    cfg = tiny_cfg(window=3)
+    attn = random_attention(cfg, attn_type)
+    x = torch.randn(2, 9, cfg.d_model)
+    entry = KeyValueCacheEntry.init_cache_entry(cfg, batch_size=2)
+    outs = [attn(s, s, s, past_kv_cache_entry=entry) for s in (x[:, :4], x[:, 4:8], x[:, 8:])]
+    assert entry.past_keys.shape == entry.past_values.shape == (2, 9, 2, cfg.d_head)
+    torch.testing.assert_close(torch.cat(outs, dim=1), attn(x, x, x), atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_row_equals_the_row_without_padding():
+    attn = random_attention(tiny_cfg())
+    x = torch.randn(2, 8, 32)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0  # row 0: three pads, then five tokens
+    for fast in (True, False):
+        out = attn(x, x, x, attention_mask=mask, use_fast_path=fast)
+        alone = attn(x[:1, 3:], x[:1, 3:], x[:1, 3:], use_fast_path=fast)
+        torch.testing.assert_close(out[0, 3:], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1], attn(x[1:], x[1:], x[1:])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[0, :3], attn.b_O.expand(3, 32))  # no key: z = 0
+
+
+def test_config_from_a_dict_with_transformer_lens_names():
+    cfg = {"n_heads": 8, "n_key_value_heads": 2, "d_model": 32, "d_head": 4}
+    attn = GroupedQueryAttention(cfg)
+    assert attn._W_K.shape == (2, 32, 4) and attn.W_K.shape == (8, 32, 4)
+    assert not hasattr(attn, "hook_rot_q")  # TL's default positional type: no rotary here
+    with pytest.raises(UnsupportedModelError, match="use_qk_norm"):
+        GroupedQueryAttention({**cfg, "use_qk_norm": True})

@@ -16,8 +16,11 @@ import warnings
 import pytest
 import torch
 
+from gqa_convert.config import ModelConfig, RopeConfig
 from gqa_convert.errors import UnsupportedModelError
+from gqa_convert.interop import hooked_transformer_config
 from gqa_convert.model.attention import GroupedQueryAttention
+from gqa_convert.model.decoder import GQATransformer
 from gqa_convert.model.kv_cache import KeyValueCacheEntry
 
 if importlib.util.find_spec("transformer_lens") is None and not os.environ.get("CI"):
@@ -306,3 +309,48 @@ def test_hook_q_sees_kv_heads_unexpanded_unless_ungrouped():
 def test_what_is_not_implemented_is_refused_by_name(overrides, attn_type, layer_id, error, field):
     with pytest.raises(error, match=field):
         GroupedQueryAttention({**BASE, **overrides}, attn_type, layer_id)
+
+
+@pytest.mark.parametrize("attn_type", ["global", "local"])
+@pytest.mark.parametrize("rope", ["default", "llama3"])
+def test_our_decoder_entry_and_tl_entry_are_one_module(attn_type, rope):
+    """Built from our ModelConfig, the module equals TL's built from the HookedTransformerConfig
+    `to_hooked_transformer` uses; the decoder's entry (cos / sin passed in) equals the TL one."""
+    rope_cfg = (
+        RopeConfig(theta=5e5)
+        if rope == "default"
+        else RopeConfig(5e5, "llama3", 8.0, 1.0, 4.0, original_max_position_embeddings=16)
+    )
+    cfg = ModelConfig(
+        architecture="LlamaForCausalLM",
+        family="llama",
+        d_model=32,
+        n_layers=2,
+        n_heads=8,
+        n_key_value_heads=2,
+        d_head=8,
+        d_mlp=48,
+        d_vocab=50,
+        n_ctx=64,
+        eps=1e-5,
+        rope=rope_cfg,
+        sliding_window=4,
+        attn_types=(attn_type, attn_type),
+    )
+    theirs = TLGroupedQueryAttention(hooked_transformer_config(cfg), attn_type, 1)
+    ours = GroupedQueryAttention(cfg, attn_type, 1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 12, 32)
+    expected = theirs(x, x, x)
+    decoder_rotary = GQATransformer(cfg).rotary(12, torch.float32)
+    for fast in (None, False):
+        close(ours(x, x, x, use_fast_path=fast), expected)
+        close(ours(x, x, x, rotary=decoder_rotary, use_fast_path=fast), expected)
+    entry = KeyValueCacheEntry.init_cache_entry(cfg, batch_size=2)
+    ours(x[:, :7], x[:, :7], x[:, :7], entry)
+    close(ours(x[:, 7:], x[:, 7:], x[:, 7:], entry), expected[:, 7:])
+    assert entry.past_keys.shape == (2, 12, 2, 8)
