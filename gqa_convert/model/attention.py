@@ -251,21 +251,22 @@ class GroupedQueryAttention(nn.Module):
         elif rotary is not None:
             raise ValueError("rotary given, but cfg.positional_embedding_type is not 'rotary'")
 
-        mask = causal_mask(q_len, k_len, self.window, q.device)  # [q, k]
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, :].bool()  # [batch, 1, q, k]
         if use_fast_path is None:
             use_fast_path = not self.needs_pattern
+        plain_causal = (  # SDPA's is_causal: no mask to build
+            use_fast_path
+            and attention_mask is None
+            and additive_attention_mask is None
+            and self.window is None
+            and q_len == k_len
+        )
+        mask = None
+        if not plain_causal:
+            mask = causal_mask(q_len, k_len, self.window, q.device)  # [q, k]
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, None, None, :].bool()  # [batch, 1, q, k]
         if use_fast_path:
-            plain_causal = (
-                attention_mask is None
-                and additive_attention_mask is None
-                and self.window is None
-                and q_len == k_len
-            )
-            z = self.hook_z(
-                self._sdpa(q, k, v, None if plain_causal else mask, additive_attention_mask)
-            )
+            z = self.hook_z(self._sdpa(q, k, v, mask, additive_attention_mask))
         else:
             scores = self.calculate_attention_scores(q, k).masked_fill(~mask, float("-inf"))
             if additive_attention_mask is not None:
