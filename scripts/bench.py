@@ -571,7 +571,7 @@ def target_4(runs: int, threads: int, notes: list[str]) -> list[Row]:
         ours.W_O.copy_(a.o_proj.weight.view(m, n, h).permute(1, 2, 0))  # m (n h) -> n h m
 
     def run_ours(x, cos, sin):
-        return ours(x, cos[0], sin[0])
+        return ours(x, x, x, rotary=(cos[0], sin[0]))
 
     def run_theirs(x, cos, sin):
         return theirs(x, (cos, sin), None)[0]

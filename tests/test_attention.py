@@ -7,9 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from gqa_convert.config import ModelConfig
-from gqa_convert.model.attention import GroupedQueryAttention, attention_mask
+from gqa_convert.config import ModelConfig, RopeConfig
+from gqa_convert.errors import UnsupportedModelError
+from gqa_convert.model.attention import GroupedQueryAttention, causal_mask
 from gqa_convert.model.decoder import GQATransformer
+from gqa_convert.model.kv_cache import KeyValueCacheEntry
 
 
 def tiny_cfg(n_heads=8, n_kv=2, window=None, **kw) -> ModelConfig:
@@ -59,8 +61,10 @@ def test_gqa_equals_mha_on_expanded_kv(n_kv, attn_type):
     x = torch.randn(2, 12, cfg.d_model)
     cos, sin = rotary_identity(12, cfg.d_head)
     for fast in (True, False):
-        expected = mha(x, cos, sin, fast)
-        torch.testing.assert_close(gqa(x, cos, sin, fast), expected, atol=1e-5, rtol=0)
+        expected = mha(x, x, x, rotary=(cos, sin), use_fast_path=fast)
+        torch.testing.assert_close(
+            gqa(x, x, x, rotary=(cos, sin), use_fast_path=fast), expected, atol=1e-5, rtol=0
+        )
 
 
 def test_head_h_reads_kv_head_h_floordiv_group():
@@ -107,7 +111,12 @@ def test_fast_path_equals_reference(n_kv, window):
     attn = random_attention(cfg, "global" if window is None else "local")
     x = torch.randn(3, 10, cfg.d_model)
     cos, sin = torch.cos(torch.randn(10, cfg.d_head)), torch.sin(torch.randn(10, cfg.d_head))
-    torch.testing.assert_close(attn(x, cos, sin, True), attn(x, cos, sin, False), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        attn(x, x, x, rotary=(cos, sin), use_fast_path=True),
+        attn(x, x, x, rotary=(cos, sin), use_fast_path=False),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_a_pattern_hook_switches_to_the_reference_path_and_can_patch():
@@ -118,7 +127,7 @@ def test_a_pattern_hook_switches_to_the_reference_path_and_can_patch():
     seen = []
     handle = attn.hook_pattern.register_forward_hook(lambda m, i, out: seen.append(out))
     assert attn.needs_pattern
-    attn(x, cos, sin)
+    attn(x, x, x, rotary=(cos, sin))
     handle.remove()
     assert seen and seen[0].shape == (1, 8, 6, 6)
     torch.testing.assert_close(seen[0].sum(-1), torch.ones(1, 8, 6))
@@ -128,14 +137,14 @@ def test_a_pattern_hook_switches_to_the_reference_path_and_can_patch():
     first[..., 0] = 1
     attn.hook_pattern.register_forward_hook(lambda m, i, out: first)
     z_expected = torch.einsum("bpkh->bpkh", attn.calculate_qkv_matrices(x, x, x)[2][:, :1])
-    out = attn(x, cos, sin)
+    out = attn(x, x, x, rotary=(cos, sin))
     v0 = z_expected.repeat_interleave(4, dim=2).expand(1, 6, 8, cfg.d_head)
     torch.testing.assert_close(out, torch.einsum("bqnh,nhm->bqm", v0, attn.W_O) + attn.b_O)
 
 
 def test_sliding_window_mask_matches_hf_rule():
     # HF keeps key j for query i when i - window < j <= i.
-    mask = attention_mask(6, 6, 3, torch.device("cpu"))
+    mask = causal_mask(6, 6, 3, torch.device("cpu"))
     for i in range(6):
         for j in range(6):
             assert bool(mask[i, j]) == (i - 3 < j <= i)
@@ -152,7 +161,10 @@ def test_layer_id_scaling():
     )
     x = torch.randn(1, 4, cfg.d_model)
     cos, sin = rotary_identity(4, 6)
-    torch.testing.assert_close(scaled(x, cos, sin, True), scaled(x, cos, sin, False))
+    torch.testing.assert_close(
+        scaled(x, x, x, rotary=(cos, sin), use_fast_path=True),
+        scaled(x, x, x, rotary=(cos, sin), use_fast_path=False),
+    )
 
 
 def test_bad_attn_type_and_local_without_window_are_refused():
@@ -179,7 +191,53 @@ def test_hook_points_have_transformer_lens_names():
         "blocks.1.attn.hook_attn_scores",
         "blocks.1.attn.hook_pattern",
         "blocks.1.attn.hook_z",
+        "blocks.1.attn.hook_result",
         "blocks.1.mlp.hook_pre",
         "blocks.1.mlp.hook_post",
     ):
         assert name in names
+
+
+@pytest.mark.parametrize("attn_type", ["global", "local"])
+def test_decoder_entry_equals_the_transformer_lens_entry(attn_type):
+    """The decoder passes cos / sin in; the TL-signature call computes them itself."""
+    cfg = tiny_cfg(window=3, rope=RopeConfig(theta=500.0))
+    attn = random_attention(cfg, attn_type)
+    x = torch.randn(2, 9, cfg.d_model)
+    rotary = GQATransformer(cfg).rotary(9, torch.float32)
+    for fast in (True, False):
+        expected = attn(x, x, x, rotary=rotary, use_fast_path=fast)
+        torch.testing.assert_close(attn(x, x, x, use_fast_path=fast), expected)
+
+
+@pytest.mark.parametrize("attn_type", ["global", "local"])
+def test_kv_cache_steps_equal_one_pass_and_stay_at_n_kv_heads(attn_type):
+    cfg = tiny_cfg(window=3)
+    attn = random_attention(cfg, attn_type)
+    x = torch.randn(2, 9, cfg.d_model)
+    entry = KeyValueCacheEntry.init_cache_entry(cfg, batch_size=2)
+    outs = [attn(s, s, s, past_kv_cache_entry=entry) for s in (x[:, :4], x[:, 4:8], x[:, 8:])]
+    assert entry.past_keys.shape == entry.past_values.shape == (2, 9, 2, cfg.d_head)
+    torch.testing.assert_close(torch.cat(outs, dim=1), attn(x, x, x), atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_row_equals_the_row_without_padding():
+    attn = random_attention(tiny_cfg())
+    x = torch.randn(2, 8, 32)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0  # row 0: three pads, then five tokens
+    for fast in (True, False):
+        out = attn(x, x, x, attention_mask=mask, use_fast_path=fast)
+        alone = attn(x[:1, 3:], x[:1, 3:], x[:1, 3:], use_fast_path=fast)
+        torch.testing.assert_close(out[0, 3:], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1], attn(x[1:], x[1:], x[1:])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[0, :3], attn.b_O.expand(3, 32))  # no key: z = 0
+
+
+def test_config_from_a_dict_with_transformer_lens_names():
+    cfg = {"n_heads": 8, "n_key_value_heads": 2, "d_model": 32, "d_head": 4}
+    attn = GroupedQueryAttention(cfg)
+    assert attn._W_K.shape == (2, 32, 4) and attn.W_K.shape == (8, 32, 4)
+    assert not hasattr(attn, "hook_rot_q")  # TL's default positional type: no rotary here
+    with pytest.raises(UnsupportedModelError, match="use_qk_norm"):
+        GroupedQueryAttention({**cfg, "use_qk_norm": True})

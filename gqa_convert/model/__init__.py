@@ -2,5 +2,6 @@
 
 from gqa_convert.model.attention import GroupedQueryAttention
 from gqa_convert.model.decoder import GQATransformer
+from gqa_convert.model.kv_cache import KeyValueCacheEntry
 
-__all__ = ["GQATransformer", "GroupedQueryAttention"]
+__all__ = ["GQATransformer", "GroupedQueryAttention", "KeyValueCacheEntry"]

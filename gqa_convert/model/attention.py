@@ -1,4 +1,4 @@
-"""Grouped-query attention with the TransformerLens `GroupedQueryAttention` API.
+"""Grouped-query attention, a drop-in for TransformerLens 3.9's `GroupedQueryAttention`.
 
     MHA  n_kv = n_heads      q0 q1 q2 q3      each query head has its own K/V head
                              k0 k1 k2 k3
@@ -8,99 +8,136 @@
                              k0 k0 k0 k0
 
 K/V weights are stored unexpanded (`_W_K`, `_W_V`: [n_kv, d_model, d_head]); `W_K` / `W_V`
-expand with `repeat_interleave` (the grouping of HF's `repeat_kv`). In the forward pass K/V
-stay at n_kv heads and are expanded only inside `calculate_attention_scores` /
-`calculate_z_scores`, or never, on the SDPA fast path.
+are copies expanded with `repeat_interleave` (the grouping of HF's `repeat_kv`). In the
+forward pass K/V stay at n_kv heads (also in a KV cache entry) and are expanded only inside
+`calculate_attention_scores` / `calculate_z_scores`, or never, on the SDPA fast path.
+
+TL's constructor (`cfg` a dict, a `HookedTransformerConfig` or our `ModelConfig`;
+`attn_type`; `layer_id`), forward signature and semantics (rotary offset by the cache, KV
+cache entry, left-padding `attention_mask`, `additive_attention_mask`), hook names and shapes;
+`tests/test_tl_conformance.py` checks them against TL on identical weights. Our decoder calls
+the same forward with two keyword-only extras: `rotary=(cos, sin)` computed once for all
+layers, and `use_fast_path`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from gqa_convert.config import ModelConfig
+from gqa_convert.model.attention_config import AttentionConfig, attention_config
 from gqa_convert.model.hooks import HookPoint
+from gqa_convert.model.rotary import apply_rotary, rotary_inv_freq, rotary_table
+
+# Buffers TL's attention holds and derives from its config; we derive them per call.
+TL_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
 
 
-def apply_rotary(
-    x: Float[Tensor, "batch pos head d_head"],
-    cos: Float[Tensor, "pos d_head"],
-    sin: Float[Tensor, "pos d_head"],
-) -> Float[Tensor, "batch pos head d_head"]:
-    """HF's rotate-half convention: pairs (i, i + d_head/2) rotate together."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-def attention_mask(
+def causal_mask(
     q_len: int, k_len: int, window: int | None, device: torch.device
-) -> torch.Tensor:
-    """Bool [q_len, k_len], True where query i may attend key j (causal, optional window)."""
+) -> Bool[Tensor, "q_len k_len"]:
+    """True where query i (the last q_len of k_len positions) may attend key j."""
     i = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     j = torch.arange(k_len, device=device)[None, :]
     allowed = j <= i
     if window is not None:
-        allowed &= j > i - window  # HF: keep keys with q_idx - kv_idx < sliding_window
+        allowed &= j > i - window  # HF and TL: keep keys with q_idx - kv_idx < window
     return allowed
 
 
 class GroupedQueryAttention(nn.Module):
     """Attention whose query heads share K/V heads in groups (see the module docstring).
 
-    `attn_type="local"` masks keys `cfg.sliding_window` or more positions back. With
-    `layer_id` set and `cfg.scale_attn_by_inverse_layer_idx`, scores are divided by
-    `layer_id + 1` (TransformerLens's documented option; off for every HF family here).
+    `cfg`: our `ModelConfig`, a dict with TL's field names or a TL `HookedTransformerConfig`
+    (see `attention_config` for the fields read and refused). `attn_type="local"` masks keys
+    `window_size` (ours: `sliding_window`) or more positions back. With
+    `scale_attn_by_inverse_layer_idx`, scores are also divided by `layer_id + 1`.
     """
 
-    def __init__(self, cfg: ModelConfig, attn_type: str = "global", layer_id: int | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig | dict[str, Any] | Any,
+        attn_type: str = "global",
+        layer_id: int | None = None,
+    ):
         super().__init__()
         if attn_type not in ("global", "local"):
             raise ValueError(f"attn_type must be 'global' or 'local', got {attn_type!r}")
-        if attn_type == "local" and not cfg.sliding_window:
-            raise ValueError("attn_type='local' needs cfg.sliding_window")
-        self.cfg, self.attn_type, self.layer_id = cfg, attn_type, layer_id
-        n, k, m, h = cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head
-        self.repeat_kv_heads = cfg.group_size
-        self.W_Q = nn.Parameter(torch.empty(n, m, h))
-        self._W_K = nn.Parameter(torch.empty(k, m, h))
-        self._W_V = nn.Parameter(torch.empty(k, m, h))
-        self.W_O = nn.Parameter(torch.empty(n, h, m))
-        # Biases are zero unless the checkpoint has them (cfg.qkv_bias / cfg.o_bias).
-        self.b_Q = nn.Parameter(torch.zeros(n, h))
-        self._b_K = nn.Parameter(torch.zeros(k, h))
-        self._b_V = nn.Parameter(torch.zeros(k, h))
-        self.b_O = nn.Parameter(torch.zeros(m))
-        self.attn_scale = h**0.5
-        if cfg.scale_attn_by_inverse_layer_idx and layer_id is not None:
+        acfg = attention_config(cfg, attn_type)
+        if attn_type == "local" and not isinstance(acfg.window_size, int):
+            field = "sliding_window" if isinstance(cfg, ModelConfig) else "window_size"
+            raise ValueError(f"attn_type='local' needs an int cfg.{field}")
+        self.cfg: AttentionConfig = acfg
+        self.attn_type, self.layer_id = attn_type, layer_id
+        self.window = acfg.window_size if attn_type == "local" else None
+        n, k, m, h = acfg.n_heads, acfg.n_key_value_heads, acfg.d_model, acfg.d_head
+        self.repeat_kv_heads = acfg.group_size
+        dt = acfg.dtype
+        self.W_Q = nn.Parameter(torch.empty(n, m, h, dtype=dt))
+        self._W_K = nn.Parameter(torch.empty(k, m, h, dtype=dt))
+        self._W_V = nn.Parameter(torch.empty(k, m, h, dtype=dt))
+        self.W_O = nn.Parameter(torch.empty(n, h, m, dtype=dt))
+        # Biases are zero unless the checkpoint has them (ModelConfig.qkv_bias / o_bias).
+        self.b_Q = nn.Parameter(torch.zeros(n, h, dtype=dt))
+        self._b_K = nn.Parameter(torch.zeros(k, h, dtype=dt))
+        self._b_V = nn.Parameter(torch.zeros(k, h, dtype=dt))
+        self.b_O = nn.Parameter(torch.zeros(m, dtype=dt))
+        self.attn_scale = acfg.attn_scale
+        if acfg.scale_attn_by_inverse_layer_idx:
+            if layer_id is None:
+                raise ValueError("cfg.scale_attn_by_inverse_layer_idx needs a layer_id")
             self.attn_scale *= layer_id + 1
 
+        # TL's hook points, in TL's order. K/V hooks are at n_kv heads, or n_heads under
+        # ungroup_grouped_query_attention.
+        self.hook_k = HookPoint()  # [batch, kv_pos, kv_head_index, d_head]
         self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
-        self.hook_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
-        self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head]
-        self.hook_rot_q = HookPoint()  # after rotary
-        self.hook_rot_k = HookPoint()  # after rotary
+        self.hook_v = HookPoint()  # [batch, kv_pos, kv_head_index, d_head]
+        self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_attn_scores = HookPoint()  # [batch, head_index, query_pos, key_pos]
         self.hook_pattern = HookPoint()  # [batch, head_index, query_pos, key_pos]
-        self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head_index, d_model], use_attn_result
+        if acfg.positional_embedding_type == "rotary":
+            self.hook_rot_k = HookPoint()  # after rotary, keys of every position so far
+            self.hook_rot_q = HookPoint()  # after rotary
 
     @property
     def W_K(self) -> Float[Tensor, "head_index d_model d_head"]:
+        """A copy of `_W_K` expanded to n_heads (writing to it changes nothing)."""
         return torch.repeat_interleave(self._W_K, self.repeat_kv_heads, dim=0)
+
+    @W_K.setter
+    def W_K(self, value: Tensor) -> None:  # TL's setter: stores the unexpanded weight
+        self._W_K = value
 
     @property
     def W_V(self) -> Float[Tensor, "head_index d_model d_head"]:
         return torch.repeat_interleave(self._W_V, self.repeat_kv_heads, dim=0)
 
+    @W_V.setter
+    def W_V(self, value: Tensor) -> None:
+        self._W_V = value
+
     @property
     def b_K(self) -> Float[Tensor, "head_index d_head"]:
         return torch.repeat_interleave(self._b_K, self.repeat_kv_heads, dim=0)
 
+    @b_K.setter
+    def b_K(self, value: Tensor) -> None:
+        self._b_K = value
+
     @property
     def b_V(self) -> Float[Tensor, "head_index d_head"]:
         return torch.repeat_interleave(self._b_V, self.repeat_kv_heads, dim=0)
+
+    @b_V.setter
+    def b_V(self, value: Tensor) -> None:
+        self._b_V = value
 
     @staticmethod
     def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
@@ -121,10 +158,15 @@ class GroupedQueryAttention(nn.Module):
         Float[Tensor, "batch pos kv_head_index d_head"],
         Float[Tensor, "batch pos kv_head_index d_head"],
     ]:
-        """Q at n_heads, K and V at n_kv heads, from the unexpanded `_W_K` / `_W_V`."""
+        """Q at n_heads, K and V at n_kv heads from the unexpanded `_W_K` / `_W_V` (at
+        n_heads under `ungroup_grouped_query_attention`). Inputs are shared ([batch, pos,
+        d_model]) or per head ([batch, pos, heads, d_model], TL's `use_split_qkv_input`)."""
+        ungroup = self.cfg.ungroup_grouped_query_attention
         q = self.hook_q(self._project(query_input, self.W_Q, self.b_Q))
-        k = self.hook_k(self._project(key_input, self._W_K, self._b_K))
-        v = self.hook_v(self._project(value_input, self._W_V, self._b_V))
+        W_K, b_K = (self.W_K, self.b_K) if ungroup else (self._W_K, self._b_K)
+        W_V, b_V = (self.W_V, self.b_V) if ungroup else (self._W_V, self._b_V)
+        k = self.hook_k(self._project(key_input, W_K, b_K))
+        v = self.hook_v(self._project(value_input, W_V, b_V))
         return q, k, v
 
     def calculate_attention_scores(
@@ -133,7 +175,8 @@ class GroupedQueryAttention(nn.Module):
         k: Float[Tensor, "batch key_pos kv_head_index d_head"],
     ) -> Float[Tensor, "batch head_index query_pos key_pos"]:
         """Scaled Q.K scores; K is expanded to n_heads here (repeat_interleave over heads)."""
-        k = torch.repeat_interleave(k, self.repeat_kv_heads, dim=2)
+        if not self.cfg.ungroup_grouped_query_attention:
+            k = torch.repeat_interleave(k, self.repeat_kv_heads, dim=2)
         return torch.einsum("bqnh,bknh->bnqk", q, k) * (1.0 / self.attn_scale)
 
     def calculate_z_scores(
@@ -141,45 +184,114 @@ class GroupedQueryAttention(nn.Module):
         v: Float[Tensor, "batch key_pos kv_head_index d_head"],
         pattern: Float[Tensor, "batch head_index query_pos key_pos"],
     ) -> Float[Tensor, "batch query_pos head_index d_head"]:
-        """Pattern-weighted values; V is expanded to n_heads here."""
-        v = torch.repeat_interleave(v, self.repeat_kv_heads, dim=2)
-        return torch.einsum("bknh,bnqk->bqnh", v, pattern)
+        """Pattern-weighted values through `hook_z` (as TL); V is expanded to n_heads here."""
+        if not self.cfg.ungroup_grouped_query_attention:
+            v = torch.repeat_interleave(v, self.repeat_kv_heads, dim=2)
+        return self.hook_z(torch.einsum("bknh,bnqk->bqnh", v, pattern))
 
     @property
     def needs_pattern(self) -> bool:
         """True when a hook reads scores or pattern, so the fast path cannot be used."""
         return self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
 
+    def rotary(
+        self,
+        k_len: int,
+        dtype: torch.dtype,
+        attention_mask: Int[Tensor, "batch k_len"] | None = None,
+        device: torch.device | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """cos, sin for keys 0..k_len-1: [k_len, rotary_dim], or with `attention_mask`
+        [batch, k_len, rotary_dim] with TL's positions (each row counts from its first
+        attended token; pads before it sit at 0)."""
+        if attention_mask is None:
+            positions = torch.arange(k_len, device=device)
+        else:
+            positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        inv_freq = rotary_inv_freq(self.cfg.rope, self.cfg.rotary_dim)
+        return rotary_table(inv_freq, positions, dtype, self.cfg.rotary_adjacent_pairs)
+
     def forward(
         self,
-        x: Float[Tensor, "batch pos d_model"],
-        cos: Float[Tensor, "pos d_head"],
-        sin: Float[Tensor, "pos d_head"],
+        query_input: Float[Tensor, "batch pos d_model"]
+        | Float[Tensor, "batch pos head_index d_model"],
+        key_input: Float[Tensor, "batch kv_pos d_model"]
+        | Float[Tensor, "batch kv_pos kv_head_index d_model"],
+        value_input: Float[Tensor, "batch kv_pos d_model"]
+        | Float[Tensor, "batch kv_pos kv_head_index d_model"],
+        past_kv_cache_entry: Any | None = None,
+        additive_attention_mask: Float[Tensor, "batch 1 1 kv_pos"] | None = None,
+        attention_mask: Int[Tensor, "batch offset_pos"] | None = None,
+        position_bias: Tensor | None = None,
+        *,
+        rotary: tuple[Tensor, Tensor] | None = None,
         use_fast_path: bool | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        q, k, v = self.calculate_qkv_matrices(x, x, x)
-        q = self.hook_rot_q(apply_rotary(q, cos, sin))
-        k = self.hook_rot_k(apply_rotary(k, cos, sin))
-        window = self.cfg.sliding_window if self.attn_type == "local" else None
+        """TL's forward. `past_kv_cache_entry` (ours, `KeyValueCacheEntry`, or TL's) gets the
+        new K/V appended (unrotated, at n_kv heads) and the queries' rotary positions start
+        after it; `attention_mask` [batch, cached + new positions] marks left padding (0);
+        `additive_attention_mask` is added to the masked scores. `position_bias` is ignored,
+        as TL ignores it outside relative positional bias.
+
+        Ours, keyword-only: `rotary=(cos, sin)` [kv_pos, rotary_dim] for the key positions
+        (our decoder computes them once for every layer); `use_fast_path`: None picks SDPA
+        unless a hook reads scores or pattern, False forces the reference path.
+        """
+        q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+        if past_kv_cache_entry is not None:
+            k, v = past_kv_cache_entry.append(k, v)
+        q_len, k_len = q.shape[1], k.shape[1]
+        if self.cfg.positional_embedding_type == "rotary":
+            if rotary is None:
+                rotary = self.rotary(k_len, q.dtype, attention_mask, q.device)
+            cos, sin = rotary
+            pairs = self.cfg.rotary_adjacent_pairs
+            q = self.hook_rot_q(apply_rotary(q, cos[..., -q_len:, :], sin[..., -q_len:, :], pairs))
+            k = self.hook_rot_k(apply_rotary(k, cos, sin, pairs))
+        elif rotary is not None:
+            raise ValueError("rotary given, but cfg.positional_embedding_type is not 'rotary'")
+
         if use_fast_path is None:
             use_fast_path = not self.needs_pattern
+        plain_causal = (  # SDPA's is_causal: no mask to build
+            use_fast_path
+            and attention_mask is None
+            and additive_attention_mask is None
+            and self.window is None
+            and q_len == k_len
+        )
+        mask = None
+        if not plain_causal:
+            mask = causal_mask(q_len, k_len, self.window, q.device)  # [q, k]
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, None, None, :].bool()  # [batch, 1, q, k]
         if use_fast_path:
-            z = self._sdpa(q, k, v, window)
+            z = self.hook_z(self._sdpa(q, k, v, mask, additive_attention_mask))
         else:
-            scores = self.calculate_attention_scores(q, k)
-            mask = attention_mask(q.shape[1], k.shape[1], window, q.device)
-            scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
-            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            scores = self.calculate_attention_scores(q, k).masked_fill(~mask, float("-inf"))
+            if additive_attention_mask is not None:
+                scores = scores + additive_attention_mask
+            scores = self.hook_attn_scores(scores)
+            pattern = F.softmax(scores, dim=-1, dtype=torch.float32)
+            pattern = torch.where(pattern.isnan(), 0.0, pattern).to(v.dtype)  # all keys masked
             z = self.calculate_z_scores(v, self.hook_pattern(pattern))
-        z = self.hook_z(z)
+        if self.cfg.use_attn_result:  # per-head outputs, as TL: [batch, pos, head, d_model]
+            result = self.hook_result(torch.einsum("bqnh,nhm->bqnm", z, self.W_O))
+            return result.sum(dim=2) + self.b_O
         # One matmul over (head, d_head) together, as HF's o_proj: einsum "bqnh,nhm->bqm"
         # sums per-head partial products, each rounded in bf16 (twice HF's error, measured).
         return z.flatten(2) @ self.W_O.flatten(0, 1) + self.b_O  # [b, q, n*h] @ [n*h, m]
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
-        """torch SDPA with enable_gqa: K/V are never materialised at n_heads."""
+    def _sdpa(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, additive: Tensor | None
+    ) -> Tensor:
+        """torch SDPA with enable_gqa: K/V are never materialised at n_heads. `mask` None
+        means plain causal; a query whose every key is masked gets z = 0, as in TL."""
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [batch, head, pos, d_head]
-        mask = None if window is None else attention_mask(q.shape[2], k.shape[2], window, q.device)
+        if additive is not None:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~mask, float("-inf")
+            ) + additive.to(q.dtype)
         z = F.scaled_dot_product_attention(
             q,
             k,
@@ -187,6 +299,14 @@ class GroupedQueryAttention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None,
             scale=1.0 / self.attn_scale,
-            enable_gqa=self.repeat_kv_heads > 1,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
+        if mask is not None:
+            z = torch.where(z.isnan(), 0.0, z)
         return z.transpose(1, 2)  # [batch, pos, head_index, d_head]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept TL's state dict as it is: its derived buffers are not state here."""
+        for name in TL_BUFFERS:
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

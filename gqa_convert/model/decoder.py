@@ -8,7 +8,6 @@ the compute dtype, softmax in fp32.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -16,24 +15,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from gqa_convert.config import ModelConfig, RopeConfig
+from gqa_convert.config import ModelConfig
 from gqa_convert.model.attention import GroupedQueryAttention
 from gqa_convert.model.hooks import HookPoint
-
-
-def rotary_inv_freq(rope: RopeConfig, d_head: int) -> Float[Tensor, " half_d_head"]:
-    """Inverse frequencies computed as HF does, in fp32 (llama3 smoothing included)."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, d_head, 2).float() / d_head))
-    if rope.type == "default":
-        return inv_freq
-    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
-    old_len = rope.original_max_position_embeddings
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
-    return torch.where(is_medium, smoothed, scaled)
+from gqa_convert.model.rotary import rotary_inv_freq, rotary_table
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +84,8 @@ class TransformerBlock(nn.Module):
         self, resid: Tensor, cos: Tensor, sin: Tensor, use_fast_path: bool | None = None
     ) -> Tensor:
         resid = self.hook_resid_pre(resid)
-        attn_out = self.attn(self.ln1(resid), cos, sin, use_fast_path)
+        x = self.ln1(resid)
+        attn_out = self.attn(x, x, x, rotary=(cos, sin), use_fast_path=use_fast_path)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
 
@@ -121,11 +107,8 @@ class GQATransformer(nn.Module):
 
     def rotary(self, n_pos: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin [n_pos, d_head] in HF's convention (frequencies repeated twice)."""
-        inv_freq = self.rotary_inv_freq.to(self.embed.W_E.device, torch.float32)
-        pos = torch.arange(n_pos, device=inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq)  # [pos, d_head / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        pos = torch.arange(n_pos, device=self.embed.W_E.device)
+        return rotary_table(self.rotary_inv_freq, pos, dtype)
 
     def forward(
         self, tokens: Int[Tensor, "batch pos"], use_fast_path: bool | None = None

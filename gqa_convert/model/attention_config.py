@@ -1,0 +1,161 @@
+"""What `GroupedQueryAttention` reads from its config, in TransformerLens's field names.
+
+The module takes our `ModelConfig`, a dict with TL's field names, or a TL
+`HookedTransformerConfig`; the last two are read by duck typing (no transformer_lens import).
+TL options this module does not implement are refused with an error naming the field,
+never ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gqa_convert.config import ModelConfig, RopeConfig
+from gqa_convert.errors import UnsupportedModelError
+
+# TL fields whose non-default value changes attention in ways we do not implement:
+# field -> the predicate that says "set".
+NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
+    "use_qk_norm": bool,
+    "clip_qkv": lambda v: v is not None,
+    "use_logn_attn": bool,
+    "use_dynamic_ntk_rope": bool,
+    "use_yarn_rope": bool,
+    "load_in_4bit": bool,
+    "use_attention_sinks": bool,
+    "attn_scores_soft_cap": lambda v: v is not None and v > 0,
+    "rotary_scaling_factor": lambda v: v is not None and v != 1.0,
+    "attention_dir": lambda v: v not in (None, "causal"),
+    "original_architecture": lambda v: (
+        v in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+    ),
+}
+POSITIONAL_TYPES = ("rotary", "standard")  # "standard": no rotary inside attention
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The resolved attention settings (TL names; `rope` carries the base and any llama3
+    scaling). `attn_scale` is what scores are divided by before any layer-index scaling."""
+
+    n_heads: int
+    n_key_value_heads: int
+    d_model: int
+    d_head: int
+    attn_scale: float
+    window_size: int | None = None
+    scale_attn_by_inverse_layer_idx: bool = False
+    positional_embedding_type: str = "rotary"
+    rotary_dim: int | None = None
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    rotary_adjacent_pairs: bool = False
+    use_split_qkv_input: bool = False
+    ungroup_grouped_query_attention: bool = False
+    use_attn_result: bool = False
+    dtype: torch.dtype | None = None  # None: torch's default dtype
+
+    @property
+    def rotary_base(self) -> float:
+        return self.rope.theta
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head: head h reads KV head h // group_size."""
+        return self.n_heads // self.n_key_value_heads
+
+
+def attention_config(cfg: ModelConfig | Mapping[str, Any] | Any, attn_type: str) -> AttentionConfig:
+    """Our `AttentionConfig` from a ModelConfig, a TL-style dict or a TL config object."""
+    if isinstance(cfg, AttentionConfig):
+        return cfg
+    if isinstance(cfg, ModelConfig):
+        return AttentionConfig(
+            n_heads=cfg.n_heads,
+            n_key_value_heads=cfg.n_key_value_heads,
+            d_model=cfg.d_model,
+            d_head=cfg.d_head,
+            attn_scale=cfg.d_head**0.5,
+            window_size=cfg.sliding_window,
+            scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
+            rotary_dim=cfg.d_head,
+            rope=cfg.rope,
+        )
+    if isinstance(cfg, Mapping):
+        get = cfg.get
+    else:
+
+        def get(name: str, default: Any = None) -> Any:
+            return getattr(cfg, name, default)
+
+    for name, is_set in NOT_IMPLEMENTED.items():
+        if is_set(get(name)):
+            raise UnsupportedModelError(
+                f"GroupedQueryAttention: cfg.{name} = {get(name)!r} is not implemented"
+            )
+    positional = get("positional_embedding_type", "standard")
+    if positional not in POSITIONAL_TYPES:
+        raise UnsupportedModelError(
+            f"GroupedQueryAttention: cfg.positional_embedding_type = {positional!r} is not "
+            f"implemented (supported: {', '.join(POSITIONAL_TYPES)})"
+        )
+    d_model, d_head = _int(get, "d_model"), _int(get, "d_head")
+    n_heads = get("n_heads", -1)
+    n_heads = d_model // d_head if n_heads in (None, -1) else _int(get, "n_heads")
+    n_kv = get("n_key_value_heads")
+    n_kv = n_heads if n_kv is None else _int(get, "n_key_value_heads")
+    if n_heads % n_kv:
+        raise ValueError(
+            f"cfg.n_heads = {n_heads} is not divisible by cfg.n_key_value_heads = {n_kv}"
+        )
+    scale = get("attn_scale", -1.0)
+    if not get("use_attn_scale", True):
+        scale = 1.0
+    elif scale is None or scale == -1.0:  # TL's "unset": sqrt(d_head)
+        scale = d_head**0.5
+    rotary_dim = get("rotary_dim") or d_head
+    if positional == "rotary" and (rotary_dim % 2 or rotary_dim > d_head):
+        raise ValueError(f"cfg.rotary_dim = {rotary_dim} must be even and at most d_head")
+    base = get("rotary_base", 10_000)
+    if attn_type == "local" and get("rotary_base_local") is not None:
+        base = get("rotary_base_local")
+    rope = RopeConfig(theta=float(base))
+    if get("use_NTK_by_parts_rope"):  # TL's name for llama3 scaling, the same formula
+        rope = RopeConfig(
+            theta=float(base),
+            type="llama3",
+            factor=get("NTK_by_parts_factor", 8.0),
+            low_freq_factor=get("NTK_by_parts_low_freq_factor", 1.0),
+            high_freq_factor=get("NTK_by_parts_high_freq_factor", 4.0),
+            original_max_position_embeddings=get("NTK_original_ctx_len", 8192),
+        )
+    dtype = get("dtype")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    return AttentionConfig(
+        n_heads=n_heads,
+        n_key_value_heads=n_kv,
+        d_model=d_model,
+        d_head=d_head,
+        attn_scale=float(scale),
+        window_size=get("window_size"),
+        scale_attn_by_inverse_layer_idx=bool(get("scale_attn_by_inverse_layer_idx", False)),
+        positional_embedding_type=positional,
+        rotary_dim=rotary_dim if positional == "rotary" else None,
+        rope=rope,
+        rotary_adjacent_pairs=bool(get("rotary_adjacent_pairs", False)),
+        use_split_qkv_input=bool(get("use_split_qkv_input", False) or get("use_attn_in", False)),
+        ungroup_grouped_query_attention=bool(get("ungroup_grouped_query_attention", False)),
+        use_attn_result=bool(get("use_attn_result", False)),
+        dtype=dtype,
+    )
+
+
+def _int(get: Callable[..., Any], name: str) -> int:
+    value = get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"cfg.{name} = {value!r}: expected a positive int")
+    return value
