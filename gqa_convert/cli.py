@@ -261,9 +261,11 @@ def convert(
     if dry_run:
         print_plan(plan, out_dtype)
         return
-    options = _verify_kwargs(
-        prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
-    )
+    options = {}
+    if verify:  # (imports torch: --no-verify moves bytes only)
+        options = _verify_kwargs(
+            prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
+        )
     if verify_dtype is not None:
         options["dtype"] = verify_dtype
 
