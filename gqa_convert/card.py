@@ -34,7 +34,7 @@ def _parity(manifest: dict[str, Any]) -> str:
     report = verification.get("report")
     if verification["status"] == "skipped" or not report:
         return "Verification was **skipped** (`--no-verify`): logits were not compared with HF's."
-    head = "Logits of this export were compared with the HF model's before it was written" + (
+    head = "The logits of this export's files were compared with the HF model's" + (
         " and **failed**; it was exported with `--force`."
         if verification["status"] != "passed"
         else "."

@@ -8,7 +8,7 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from gqa_convert import __version__
@@ -199,8 +205,12 @@ def convert(
         bool, typer.Option(help="Write OUT even if parity fails (recorded in the manifest).")
     ] = False,
     verify_dtype: Annotated[
-        str, typer.Option(help="Compute dtype of the check: float32, bfloat16, float16.")
-    ] = "float32",
+        str | None,
+        typer.Option(
+            help="Compute dtype of the check: float32, bfloat16, float16 (default: float32, "
+            "or --dtype's when that is float16 / bfloat16)."
+        ),
+    ] = None,
     prompt: PromptOpt = None,
     prompts_file: PromptsFileOpt = None,
     seq_len: SeqLenOpt = None,
@@ -231,9 +241,10 @@ def convert(
 ) -> None:
     """Convert SRC into OUT: TransformerLens-layout safetensors + config.json.
 
-    Verifies logit parity with the HF model first; on failure writes nothing and exits 5.
+    Writes OUT into a temporary folder, checks logit parity of those files with the HF model
+    and renames the folder into place; on a failure nothing is written and it exits 5.
     """
-    from gqa_convert.api import check_parity, write_converted
+    from gqa_convert.api import convert_plan
     from gqa_convert.hub import is_repo_id, push_export, resolve_source
     from gqa_convert.mapping import plan_conversion
 
@@ -250,46 +261,47 @@ def convert(
     if dry_run:
         print_plan(plan, out_dtype)
         return
-    report = None
-    if verify:
+    options = {}
+    if verify:  # (imports torch: --no-verify moves bytes only)
         options = _verify_kwargs(
             prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
         )
-        with err.status("verifying parity with the HF model"):
-            report = check_parity(
+    if verify_dtype is not None:
+        options["dtype"] = verify_dtype
+
+    def show(report: VerifyReport) -> None:
+        _show_report(report)
+        if not report.passed and force:
+            err.print("[yellow]warning:[/yellow] parity failed; writing anyway (--force)")
+
+    total = sum(plan.sources[t.source].nbytes for t in plan.tasks)
+    with progress_bar("converting", total) as bar:
+        try:
+            done = convert_plan(
                 plan,
                 out,
+                source=source,
                 overwrite=overwrite,
+                shard_bytes=shard_bytes,
+                dtype=out_dtype,
+                progress=bar.advance,
                 allow_nonfinite=allow_nonfinite,
-                dtype=verify_dtype,
-                **options,
+                verify=verify,
+                force=force,
+                verify_options=options,
+                on_verify=lambda: bar.describe("verifying parity with the HF model"),
+                on_report=show,
             )
-        _show_report(report)
-        if not report.passed and not force:
-            _parity_exit(report, f"nothing written to {out} (--force writes it anyway)")
-        if not report.passed:
-            err.print("[yellow]warning:[/yellow] parity failed; writing anyway (--force)")
-    total = sum(plan.sources[t.source].nbytes for t in plan.tasks)
-    with progress_bar("converting", total) as advance:
-        write_converted(
-            plan,
-            source,
-            out,
-            report,
-            overwrite=overwrite,
-            shard_bytes=shard_bytes,
-            dtype=out_dtype,
-            progress=advance,
-            allow_nonfinite=allow_nonfinite,
-        )
+        except ParityError as e:  # verify.ParityFailure, its report shown by `show`
+            _parity_exit(e.report, f"nothing written to {out} (--force writes it anyway)")
     cfg = plan.config
     err.print(
         f"wrote {out}: {cfg.architecture}, {cfg.n_layers} layers, {cfg.n_heads} heads / "
         f"{cfg.n_key_value_heads} KV heads, {len(plan.tasks)} tensors"
     )
     if push_to is not None:
-        if not report.passed:
-            _parity_exit(report, f"{out} was written (--force) but not pushed to {push_to}")
+        if not done.report.passed:
+            _parity_exit(done.report, f"{out} was written (--force) but not pushed to {push_to}")
         _show_push(push_export(out, push_to, token=token))
 
 
@@ -391,10 +403,25 @@ def _show_push(result) -> None:
     print(result.pr_url or result.commit_url)
 
 
+class Bar:
+    """One task of a rich Progress: `advance(nbytes)`, and `describe(text)` for a new stage."""
+
+    def __init__(self, progress: Progress, description: str, total: int):
+        self._progress = progress
+        self._task = progress.add_task(description, total=total)
+
+    def advance(self, nbytes: int) -> None:
+        self._progress.advance(self._task, nbytes)
+
+    def describe(self, description: str) -> None:
+        self._progress.update(self._task, description=description)
+
+
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A transient rich bar over bytes on stderr; yields the `advance(nbytes)` callback."""
+def progress_bar(description: str, total: int) -> Iterator[Bar]:
+    """A transient rich bar over bytes on stderr."""
     with Progress(
+        SpinnerColumn(),
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(),
@@ -402,9 +429,8 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]
         console=err,
         transient=True,
         disable=not err.is_terminal,  # off a terminal the bar would only leave blank lines
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+    ) as progress:
+        yield Bar(progress, description, total)
 
 
 @app.command("to-hf")
@@ -421,13 +447,13 @@ def to_hf(
     from gqa_convert.to_hf import export_to_hf
 
     total = sum(info.nbytes for info in read_weights(converted).values())
-    with progress_bar("writing HF checkpoint", total) as advance:
+    with progress_bar("writing HF checkpoint", total) as bar:
         export_to_hf(
             converted,
             out,
             overwrite=overwrite,
             shard_bytes=parse_size(shard_size),
-            progress=advance,
+            progress=bar.advance,
         )
     err.print(f"wrote {out}")
 

@@ -8,16 +8,20 @@ exist, is the previous export, or is complete.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import sys
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,8 +52,16 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 5 * 10**9  # HF's default max_shard_size, "5GB"
 
 
-# `.{OUT}.tmp-{pid}` (being written) and `.{OUT}.old-{pid}` (the export being replaced).
-WORK_FOLDER = re.compile(r"\.(?P<out>.+)\.(?:tmp|old)-(?P<pid>\d+)")
+# The host's name as it goes into a work folder's name (a hostname is [A-Za-z0-9.-] already).
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+# `.{OUT}.tmp-{host}-{pid}` (being written, or the replaced export being removed) and
+# `.{OUT}.old-{host}-{pid}` (the export being replaced, where RENAME_EXCHANGE is missing).
+# Earlier versions wrote `.{OUT}.tmp-{pid}`: still never loaded, but never removed either,
+# since nothing says which host's run left it.
+WORK_FOLDER = re.compile(r"\.(?P<out>.+)\.(?:tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)")
+# Tests only: the path of a FIFO to read to its end just before the commit (tests/test_commit.py
+# holds runs there, so that something can happen at OUT "mid-run", deterministically).
+TEST_BARRIER_ENV = "GQA_CONVERT_TEST_BARRIER"
 
 
 def check_output(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> None:
@@ -66,7 +78,7 @@ def check_output(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = 
         for source in inputs:
             if Path(source).resolve().is_relative_to(out.resolve()):
                 raise OutputError(f"{out}: is or holds the input {source}; refusing to replace it")
-        if not out.is_dir() or not ((out / "config.json").is_file() or not any(out.iterdir())):
+        if not _replaceable(out):
             raise OutputError(
                 f"{out}: exists and is not a checkpoint folder (no config.json); "
                 "refusing to replace it even with --overwrite"
@@ -78,17 +90,28 @@ def check_output(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = 
         raise OutputError(f"{blocker}: cannot create the output folder (Permission denied)")
 
 
+def _replaceable(path: Path) -> bool:
+    """What `--overwrite` may replace: a folder with a config.json, or an empty folder."""
+    return path.is_dir() and ((path / "config.json").is_file() or not any(path.iterdir()))
+
+
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()):
-    """Yield a temporary folder beside `out`; on success it replaces `out` in one rename.
+    """Yield a temporary folder beside `out`; on success it becomes `out` in one rename.
 
-    The rename is the commit point: killed before it, `out` is untouched (a `.tmp-PID`
-    folder may stay behind, and the next run for the same `out` removes it once PID is
-    dead); any exception, Ctrl-C included, removes the temporary folder.
+    The rename is the commit point, and it never destroys what this run did not write:
+    without `overwrite` it fails if anything is at `out` by then (renameat2 with
+    RENAME_NOREPLACE); with it, it swaps the new folder with a checkpoint folder at `out`
+    (RENAME_EXCHANGE, so `out` is never absent) and then removes the old one. Before the
+    rename every file and folder written is fsynced; after it, the parent folder.
+
+    Killed before the rename, `out` is untouched (a `.tmp-HOST-PID` folder may stay behind:
+    the next run on this host for the same `out` removes it once PID is dead); any
+    exception, Ctrl-C included, removes the temporary folder.
     """
     out = Path(out)
     check_output(out, overwrite, inputs)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{HOST}-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_work_folders(out)
@@ -98,11 +121,8 @@ def atomic_folder(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] =
         raise OutputError(f"{out.parent}: cannot create the output folder ({e.strerror})") from None
     try:
         yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        sync_tree(tmp)
+        _wait_for_test_barrier()
     except OSError as e:  # anything unreported while writing: a full disk, a lost mount
         shutil.rmtree(tmp, ignore_errors=True)
         where = f"{e.filename}: " if e.filename else ""
@@ -110,19 +130,195 @@ def atomic_folder(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        replaced = _commit(tmp, out, overwrite)
+    except OSError as e:
+        raise _conflict(tmp, out, f"cannot be renamed into place ({e.strerror or e})") from None
+    if replaced is not None:
+        _remove(replaced)
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> Path | None:
+    """Rename the finished `tmp` to `out`; return where the export it replaced now is.
+
+    A conflict (something at `out` that this run may not replace) raises OutputError after
+    moving the finished export aside (`_keep`), so the caller's cleanup finds no `tmp`.
+    """
+    replaced = None
+    try:
+        if overwrite and os.path.lexists(out):
+            replaced = _swap(tmp, out)
+        else:
+            rename_noreplace(tmp, out)
+    except FileExistsError:
+        raise _conflict(tmp, out, "appeared during the conversion") from None
+    fsync_folder(out.parent)
+    return replaced
+
+
+def _swap(tmp: Path, out: Path) -> Path | None:
+    """Exchange `tmp` and `out`; return the path now holding the replaced export."""
+    try:
+        swapped = renameat2(tmp, out, RENAME_EXCHANGE)
+    except FileNotFoundError:  # `out` went away since the start: a plain commit
+        rename_noreplace(tmp, out)
+        return None
+    if swapped:
+        if not _replaceable(tmp):  # replaced during the run by something not ours: put it back
+            try:
+                renameat2(tmp, out, RENAME_EXCHANGE)
+            except OSError as e:
+                raise OutputError(
+                    f"{out}: was replaced during the conversion by a non-checkpoint, now at "
+                    f"{tmp}, and could not be put back ({e.strerror}); move it back by hand"
+                ) from None
+            raise _conflict(tmp, out, "was replaced during the conversion by a non-checkpoint")
+        return tmp
+    # No RENAME_EXCHANGE here (kernel or filesystem): `out` is absent between two renames.
+    if not _replaceable(out):
+        raise _conflict(tmp, out, "was replaced during the conversion by a non-checkpoint")
+    old = out.parent / f".{out.name}.old-{HOST}-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        rename_noreplace(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    return old
+
+
+def _conflict(tmp: Path, out: Path, what: str) -> OutputError:
+    """The error for a commit refused at `out`; the finished export is moved to
+    `OUT.new-PID` beside it (never over anything) when it can be, else removed."""
+    kept = out.parent / f"{out.name}.new-{os.getpid()}"
+    try:
+        fsync_folder(tmp)
+        rename_noreplace(tmp, kept)
+        fsync_folder(out.parent)
+        where = f"the finished export is kept in {kept}"
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = "the finished export was removed"
+    return OutputError(f"{out}: {what}; left as it is, {where}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():  # `out` was a link to a checkpoint folder: the link is replaced
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _wait_for_test_barrier() -> None:
+    fifo = os.environ.get(TEST_BARRIER_ENV)
+    if fifo:
+        with open(fifo, "rb") as f:
+            f.read()
+
+
+# renameat2(2) flags (linux/fs.h), and "paths relative to the working directory".
+RENAME_NOREPLACE, RENAME_EXCHANGE, AT_FDCWD = 1, 2, -100
+
+
+def _libc_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.4
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _libc_renameat2()
+
+
+def renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(src, dst, flags); False where the libc, kernel or filesystem lacks it.
+    Failures raise OSError (FileExistsError for RENAME_NOREPLACE onto an existing path)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # no such call / flag here
+        return False
+    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename the folder `src` to `dst`; FileExistsError if anything is at `dst`.
+
+    Without renameat2, `dst` is claimed with mkdir (which fails if anything is there) and
+    `src` renamed onto that empty folder: a rename onto a folder that something else has
+    filled in between fails (ENOTEMPTY), so nothing but our own empty folder is replaced.
+    """
+    if renameat2(src, dst, RENAME_NOREPLACE):
+        return
+    os.mkdir(dst)
+    claimed = os.lstat(dst)
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        with suppress(OSError):
+            now = os.lstat(dst)
+            if (now.st_dev, now.st_ino) == (claimed.st_dev, claimed.st_ino):
+                os.rmdir(dst)
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(e.errno, e.strerror, str(dst)) from None
+        raise
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder, deepest first: after a power
+    loss, a folder renamed into place holds the bytes that were written into it."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_folder(Path(root))
+
+
+def fsync_folder(folder: Path) -> None:
+    """fsync a folder, so the names in it (a rename, a new file) survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a folder; their names are durable
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def remove_stale_work_folders(out: Path) -> None:
-    """Remove the `.tmp-PID` / `.old-PID` folders of `out` left by runs that were killed."""
+    """Remove the work folders of `out` left by killed runs on this host (a PID says nothing
+    about another host's processes, on a shared filesystem)."""
     try:
         entries = list(out.parent.iterdir())
     except OSError:
         return
     for entry in entries:
         match = WORK_FOLDER.fullmatch(entry.name)
-        if match and match["out"] == out.name and not _alive(int(match["pid"])):
+        if (
+            match
+            and match["out"] == out.name
+            and match["host"] == HOST
+            and not _alive(int(match["pid"]))
+        ):
             log.info("removing %s, left by an interrupted run", entry)
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def _own_work_folder(name: str) -> bool:
+    """Whether `name` is a work folder of this very process (the gate verifies its own)."""
+    match = WORK_FOLDER.fullmatch(name)
+    return bool(match) and match["host"] == HOST and int(match["pid"]) == os.getpid()
 
 
 def _alive(pid: int) -> bool:
@@ -165,14 +361,50 @@ def write_export(
     progress: Callable[[int], None] | None = None,
     allow_nonfinite: bool = False,
 ) -> Path:
-    """Stream `plan`'s tensors into an export folder at `out`; `progress(nbytes)` per tensor.
+    """Stream `plan`'s tensors into an export folder at `out`, with no gate in between
+    (`api.convert` is the gated sequence): `write_files`, `write_provenance`, commit.
 
-    `dtype` (float32 / float16 / bfloat16; None keeps the source's) casts on the way.
     `verification` is the parity report to record (None: verification was skipped).
-    `source_id` is the Hub repo id of the source, if it came from the Hub; a local source is
-    recorded by its folder name only (a pushed card must not publish local paths).
     """
-    out = Path(out)
+    with atomic_folder(Path(out), overwrite, (plan.src,)) as tmp, hashing_sources(plan) as hashes:
+        written = write_files(
+            plan,
+            tmp,
+            shard_bytes=shard_bytes,
+            dtype=dtype,
+            progress=progress,
+            allow_nonfinite=allow_nonfinite,
+        )
+        write_provenance(
+            plan,
+            tmp,
+            written,
+            hashes.result(),
+            dtype=dtype,
+            verification=verification,
+            source_id=source_id,
+            source_revision=source_revision,
+        )
+    log.info("wrote %s (%d tensors)", out, len(plan.tasks))
+    return Path(out)
+
+
+def write_files(
+    plan: ConversionPlan,
+    folder: Path,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    dtype: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    allow_nonfinite: bool = False,
+) -> dict[str, str]:
+    """Write the model files of `plan` into `folder`: the tensors (sharded, with an index
+    when more than one shard), config.json and the source's tokenizer files, copied.
+    Return {file: sha256} of the files written (the copies are hashed as source files).
+
+    `dtype` (float32 / float16 / bfloat16; None keeps the source's) casts on the way;
+    `progress(nbytes)` is called per tensor.
+    """
     out_code = CODES[dtype] if dtype else None
     codes = {t.target: plan.sources[t.source].dtype for t in plan.tasks}
     specs = [TensorSpec(t.target, out_code or codes[t.target], t.target_shape) for t in plan.tasks]
@@ -180,49 +412,60 @@ def write_export(
         (task.target, cast(array, codes[task.target], out_code or codes[task.target]))
         for task, array in iter_arrays(plan, allow_nonfinite=allow_nonfinite)
     )
-    read_files = source_files(plan)
-    stop_hashing = threading.Event()  # set on failure, so Ctrl-C does not wait for the hashes
-    with (
-        ThreadPoolExecutor(max_workers=1) as pool,
-        _set_on_exit(stop_hashing),
-        atomic_folder(out, overwrite, (plan.src,)) as tmp,
-    ):
-        # The source's hashes are computed beside the conversion, on the other core.
-        source_hashes = pool.submit(
-            lambda: {p.name: sha256_file(p, stop=stop_hashing) for p in read_files}
-        )
-        hashes = write_sharded(tmp, specs, arrays, shard_bytes, progress)
-        config = {**plan.config.to_dict(), "hf_config": dict(plan.hf_config)}
-        if out_code:
-            config["dtype"] = config["hf_config"]["dtype"] = dtype
-        hashes["config.json"] = write_json(tmp / "config.json", config)
-        copied = [p for p in read_files if p.name in PASSTHROUGH]
-        for path in copied:
-            shutil.copy2(path, tmp / path.name)
-        source_hashes = source_hashes.result()
-        hashes.update({p.name: source_hashes[p.name] for p in copied})
-        manifest = build_manifest(
-            plan,
-            source_id=source_id,
-            source_revision=source_revision,
-            source_hashes=source_hashes,
-            written={name: file_entry(tmp / name, sha) for name, sha in hashes.items()},
-            dtype=dtype or _dtype_name(set(codes.values())),
-            verification=verification,
-        )
-        card = write_text(tmp / "README.md", render_model_card(plan.config, manifest))
-        manifest["output"]["files"]["README.md"] = file_entry(tmp / "README.md", card)
-        write_json(tmp / MANIFEST_NAME, manifest)
-    log.info("wrote %s (%d tensors)", out, len(specs))
-    return out
+    hashes = write_sharded(folder, specs, arrays, shard_bytes, progress)
+    config = {**plan.config.to_dict(), "hf_config": dict(plan.hf_config)}
+    if out_code:
+        config["dtype"] = config["hf_config"]["dtype"] = dtype
+    hashes["config.json"] = write_json(folder / "config.json", config)
+    for path in source_files(plan):
+        if path.name in PASSTHROUGH:
+            shutil.copy2(path, folder / path.name)
+    return hashes
 
 
 @contextmanager
-def _set_on_exit(event: threading.Event):
-    try:
-        yield
-    finally:
-        event.set()
+def hashing_sources(plan: ConversionPlan) -> Iterator[Future[dict[str, str]]]:
+    """The sha256 of every source file (`source_files`), computed on another thread beside
+    the conversion; leaving the block abandons it (Ctrl-C need not wait for a 10 GB hash)."""
+    stop = threading.Event()
+    read_files = source_files(plan)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            yield pool.submit(lambda: {p.name: sha256_file(p, stop=stop) for p in read_files})
+        finally:
+            stop.set()
+
+
+def write_provenance(
+    plan: ConversionPlan,
+    folder: Path,
+    written: dict[str, str],
+    source_hashes: dict[str, str],
+    *,
+    dtype: str | None = None,
+    verification: dict[str, Any] | None = None,
+    source_id: str | None = None,
+    source_revision: str | None = None,
+) -> None:
+    """Write the manifest (conversion.json) and model card (README.md) of the files that
+    `write_files` put in `folder`. `verification` is the parity report of those files (None:
+    skipped). `source_id` is the Hub repo id of the source, if it came from the Hub; a local
+    source is recorded by its folder name only (a pushed card must not publish local paths).
+    """
+    copied = {n: sha for n, sha in source_hashes.items() if n in PASSTHROUGH}
+    codes = {plan.sources[t.source].dtype for t in plan.tasks}
+    manifest = build_manifest(
+        plan,
+        source_id=source_id,
+        source_revision=source_revision,
+        source_hashes=source_hashes,
+        written={n: file_entry(folder / n, sha) for n, sha in {**written, **copied}.items()},
+        dtype=dtype or _dtype_name(codes),
+        verification=verification,
+    )
+    card = write_text(folder / "README.md", render_model_card(plan.config, manifest))
+    manifest["output"]["files"]["README.md"] = file_entry(folder / "README.md", card)
+    write_json(folder / MANIFEST_NAME, manifest)
 
 
 def source_files(plan: ConversionPlan) -> list[Path]:
@@ -326,7 +569,7 @@ def load_state_dict(
 
 def load_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config and tensors of an export folder written by `write_export`."""
-    if WORK_FOLDER.fullmatch(Path(folder).name):
+    if WORK_FOLDER.fullmatch(Path(folder).name) and not _own_work_folder(Path(folder).name):
         raise BadInputError(f"{folder}: the work folder of an unfinished or replaced export")
     data = read_json(folder / "config.json")
     data.pop("hf_config", None)

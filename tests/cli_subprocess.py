@@ -17,8 +17,9 @@ from pathlib import Path
 
 FAKE_TOKEN = "hf_FAKEtoken1234567890SECRET"
 TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-# The work folders of export.atomic_folder: `.{OUT}.tmp-{pid}` and `.{OUT}.old-{pid}`.
-WORK_FOLDER = re.compile(r"\..+\.(?:tmp|old)-\d+")
+# The work folders of export.atomic_folder: `.{OUT}.tmp-{host}-{pid}` and
+# `.{OUT}.old-{host}-{pid}` (and an earlier version's, without the host).
+WORK_FOLDER = re.compile(r"\..+\.(?:tmp|old)-(?:.+-)?\d+")
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gqa_convert.api import convert
+from gqa_convert.errors import ParityError
 from gqa_convert.export import load_export
 from tests.cli_subprocess import (
     FAKE_TOKEN,
@@ -350,7 +351,10 @@ def test_allow_nonfinite_converts_and_keeps_the_nan(bases, tmp_path):
     assert run.code == 0, run.stderr
     _, state = load_export(out)
     assert torch.isnan(state["blocks.1.mlp.W_in"]).sum() == 1
-    assert convert(src, tmp_path / "lib", allow_nonfinite=True).is_dir()
+    assert convert(src, tmp_path / "lib", allow_nonfinite=True, verify=False).is_dir()
+    with pytest.raises(ParityError):  # the library gates by default, as the CLI does
+        convert(src, tmp_path / "gated", allow_nonfinite=True)
+    assert not (tmp_path / "gated").exists()
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded", "bf16"])

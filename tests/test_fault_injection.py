@@ -1,8 +1,8 @@
 """Conversions killed part-way: OUT is absent or complete, never half-written.
 
-The rename of the temporary folder `.OUT.tmp-PID` onto OUT is the commit point. Ctrl-C and
+The rename of the temporary folder `.OUT.tmp-HOST-PID` onto OUT is the commit point. Ctrl-C and
 SIGTERM remove the temporary folder on the way out; kill -9 cannot, so the next run for the
-same OUT removes the work folders of dead processes.
+same OUT removes the work folders of this host's dead processes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from gqa_convert import GQATransformer
 from gqa_convert.errors import BadInputError
-from gqa_convert.export import load_export, remove_stale_work_folders
+from gqa_convert.export import HOST, load_export, remove_stale_work_folders
 from tests.cli_subprocess import run_cli, start_cli, work_folders
 from tests.hf_models import make_hf_checkpoint
 
@@ -118,7 +118,7 @@ def test_kill_9_at_random_points_never_leaves_a_partial_out(big_src, tmp_path):
         if attempt % 2:  # anywhere: start-up, planning, writing, renaming, after
             time.sleep(rng.uniform(0, 1.2 * seconds))
         else:  # while writing
-            while proc.poll() is None and not (tmp_path / f".out.tmp-{proc.pid}").exists():
+            while proc.poll() is None and not (tmp_path / f".out.tmp-{HOST}-{proc.pid}").exists():
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, seconds / 2))
         proc.kill()
@@ -166,10 +166,12 @@ def test_the_next_run_removes_work_folders_of_dead_runs_only(tmp_path):
     alive = subprocess.Popen(["sleep", "60"])
     try:
         names = [
-            f".out.tmp-{dead.pid}",  # killed while writing OUT
-            f".out.old-{dead.pid}",  # killed while replacing OUT
-            f".out.tmp-{alive.pid}",  # another conversion into OUT, still running
-            f".other.tmp-{dead.pid}",  # another OUT's
+            f".out.tmp-{HOST}-{dead.pid}",  # killed while writing OUT
+            f".out.old-{HOST}-{dead.pid}",  # killed while replacing OUT
+            f".out.tmp-{HOST}-{alive.pid}",  # another conversion into OUT, still running
+            f".out.tmp-other-host.example-{dead.pid}",  # another host's, perhaps alive there
+            f".out.tmp-{dead.pid}",  # an earlier version's, host unknown
+            f".other.tmp-{HOST}-{dead.pid}",  # another OUT's
         ]
         for name in names:
             (tmp_path / name).mkdir()
@@ -178,7 +180,7 @@ def test_the_next_run_removes_work_folders_of_dead_runs_only(tmp_path):
         assert run.code == 0, run.stderr
         assert work_folders(tmp_path) == sorted(names[2:])
         remove_stale_work_folders(tmp_path / "other")
-        assert work_folders(tmp_path) == [names[2]]
+        assert work_folders(tmp_path) == sorted(names[2:5])
     finally:
         alive.kill()
         alive.wait()

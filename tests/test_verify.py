@@ -246,6 +246,22 @@ def test_api_convert_gate(tmp_path, llama, theta_bug):
     assert not (tmp_path / "out2").exists()
 
 
+def test_the_gate_checks_the_written_bytes_in_their_dtype(tmp_path, llama):
+    """A bf16 export of an fp32 source is checked in bf16 (float32 cannot pass its rounding,
+    which a check of the mapping alone would never see)."""
+    out = convert(llama, tmp_path / "out", dtype="bfloat16", verify_options={"seq_len": 32})
+    report = json.loads((out / MANIFEST_NAME).read_text())["verification"]["report"]
+    assert report["passed"] is True and report["dtype"] == "bfloat16"
+    with pytest.raises(ParityFailure, match="parity failed \\(float32\\)"):
+        convert(
+            llama,
+            tmp_path / "fp32-check",
+            dtype="bfloat16",
+            verify_options={"seq_len": 32, "dtype": "float32"},
+        )
+    assert not (tmp_path / "fp32-check").exists()
+
+
 # ---- the command line -------------------------------------------------------------------
 
 
