@@ -127,6 +127,10 @@ class VerifyReport:
     ln_final_rel_err: float
     components: dict[str, float] | None  # of the first diverging block, in forward order
     regimes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Positions whose logits hold NaN / Inf (the first few; side "ours", "hf" or "both"),
+    # and per compared stream point the first such position. Any of them fails the gate.
+    nonfinite_logits: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite_activations: dict[str, dict[str, Any]] = field(default_factory=dict)
     not_exercised: list[str] = field(default_factory=list)
     reference: dict[str, Any] = field(default_factory=dict)
 
@@ -375,11 +379,23 @@ def _hf_rotated(hf: nn.Module, blocks: Sequence[int], acts: dict[str, Any]) -> N
         acts[f"rot_q.{i}"], acts[f"rot_k.{i}"] = rot_q.transpose(1, 2), rot_k.transpose(1, 2)
 
 
+def _nonfinite_position(x: Tensor) -> int | None:
+    """The first position (axis 1 of [batch, pos, ...]) holding a NaN or Inf, if any."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], x.shape[1], -1)).all(-1).any(0)  # [pos]
+    return int(bad.nonzero()[0, 0]) if bad.any() else None
+
+
 def _compare(
-    hf: nn.Module, ours: GQATransformer, tokens: Tensor, blocks: Sequence[int] = ()
+    hf: nn.Module,
+    ours: GQATransformer,
+    tokens: Tensor,
+    blocks: Sequence[int] = (),
+    nonfinite: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
     """Run both on `tokens`: both logits, and the relative error at each compared point
-    (`embed`, `resid_post.{l}`, `ln_final`, and `{component}.{l}` for l in `blocks`)."""
+    (`embed`, `resid_post.{l}`, `ln_final`, and `{component}.{l}` for l in `blocks`).
+    A point where either side holds NaN / Inf goes into `nonfinite`: its first such
+    position and which side ("ours", "hf" or "both")."""
     acts: dict[str, Any] = {}
     errors: dict[str, float] = {}
 
@@ -387,10 +403,19 @@ def _compare(
         return lambda out: acts.__setitem__(name, out)
 
     def measure(name: str) -> Callable[[Tensor], None]:
-        # A point HF lacks (an export with more layers than SRC) counts as diverged.
-        return lambda out: errors.__setitem__(
-            name, rel_err(out, acts[name]) if name in acts else math.inf
-        )
+        def record(out: Tensor) -> None:
+            # A point HF lacks (an export with more layers than SRC) counts as diverged.
+            errors[name] = rel_err(out, acts[name]) if name in acts else math.inf
+            if nonfinite is None or name in nonfinite or name not in acts:
+                return
+            where = {"ours": _nonfinite_position(out), "hf": _nonfinite_position(acts[name])}
+            sides = [side for side, pos in where.items() if pos is not None]
+            if sides:
+                position = min(where[side] for side in sides)
+                side = "both" if len(sides) == 2 else sides[0]
+                nonfinite[name] = {"position": position, "side": side}
+
+        return record
 
     # rotary_emb returns (cos, sin); keep the pair, not its first element.
     rotary = hf.model.rotary_emb.register_forward_hook(
@@ -439,7 +464,12 @@ def _localise(
 
 @dataclass
 class _LogitStats:
-    """Running totals of the logit comparison over all sequences."""
+    """Running totals of the logit comparison over all sequences.
+
+    Maxima propagate NaN (Python's `max(0.0, nan)` is 0.0: a NaN must never read as a
+    match). Positions where either side's logits hold NaN / Inf are listed in `nonfinite`
+    (the first few) and counted in `n_nonfinite`; the gate fails on any.
+    """
 
     n: int = 0
     max_abs: float = 0.0
@@ -451,6 +481,8 @@ class _LogitStats:
     top1: int = 0
     top5: float = 0.0
     worst: dict[str, Any] = field(default_factory=dict)
+    nonfinite: list[dict[str, Any]] = field(default_factory=list)
+    n_nonfinite: int = 0
 
     def add(
         self,
@@ -460,12 +492,27 @@ class _LogitStats:
         theirs: Float[Tensor, "1 pos vocab"],
     ) -> None:
         ours, theirs = ours[0].double(), theirs[0].double()  # [pos, vocab]
+        bad_ours, bad_hf = ~torch.isfinite(ours).all(-1), ~torch.isfinite(theirs).all(-1)
+        for pos in (bad_ours | bad_hf).nonzero().flatten().tolist():
+            self.n_nonfinite += 1
+            if len(self.nonfinite) < 5:
+                side = (
+                    "both" if bad_ours[pos] and bad_hf[pos] else "ours" if bad_ours[pos] else "hf"
+                )
+                self.nonfinite.append(
+                    {
+                        "sequence": seq,
+                        "position": pos,
+                        "token_id": int(tokens[0, pos]),
+                        "side": side,
+                    }
+                )
         abs_diff = (ours - theirs).abs()
         lp_ours, lp_theirs = ours.log_softmax(-1), theirs.log_softmax(-1)
         kl = (lp_theirs.exp() * (lp_theirs - lp_ours)).sum(-1)  # KL(HF || ours), [pos]
-        per_pos = abs_diff.amax(-1)  # [pos]
-        worst = int(per_pos.argmax())
-        if not self.worst or per_pos[worst] > self.worst["max_abs_logit_diff"]:
+        per_pos = abs_diff.amax(-1)  # [pos], NaN where either side has a NaN
+        worst = int(per_pos.argmax())  # argmax takes NaN as the largest
+        if not self.worst or not per_pos[worst] <= self.worst["max_abs_logit_diff"]:
             self.worst = {
                 "sequence": seq,
                 "position": worst,
@@ -474,16 +521,24 @@ class _LogitStats:
                 "kl": float(kl[worst]),
             }
         self.n += ours.shape[0]
-        self.max_abs = max(self.max_abs, float(per_pos.max()))
+        self.max_abs = _nanmax(self.max_abs, float(per_pos.max()))
         self.sum_abs += float(abs_diff.sum())
         self.count_abs += abs_diff.numel()
-        self.max_logprob = max(self.max_logprob, float((lp_ours - lp_theirs).abs().max()))
+        self.max_logprob = _nanmax(self.max_logprob, float((lp_ours - lp_theirs).abs().max()))
         self.kl_sum += float(kl.sum())
-        self.kl_max = max(self.kl_max, float(kl.max()))
+        self.kl_max = _nanmax(self.kl_max, float(kl.max()))
         self.top1 += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         top5_ours, top5_theirs = ours.topk(5, -1).indices, theirs.topk(5, -1).indices
         shared = (top5_ours[:, :, None] == top5_theirs[:, None, :]).any(-1).sum(-1)  # [pos]
         self.top5 += float(shared.sum()) / 5
+
+
+def _nanmax(a: float, b: float) -> float:
+    """max(a, b), NaN if either is NaN."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+_SIDES = {"ours": "our model", "hf": "the HF model", "both": "both models"}
 
 
 def _nan_to_inf(x: float) -> float:
@@ -529,9 +584,13 @@ def verify(
             model = model_from_reference(plan_conversion(src), hf)
     model = model.to(COMPUTE_DTYPES[dtype]).eval()
 
-    stats, stream = _LogitStats(), {}
+    stats, stream, nonfinite = _LogitStats(), {}, {}
     for i, tokens in enumerate(inputs):
-        ours, theirs, errors = _compare(hf, model, tokens)
+        seen = {}
+        ours, theirs, errors = _compare(hf, model, tokens, nonfinite=seen)
+        for name, where in seen.items():
+            token = int(tokens[0, where["position"]])
+            nonfinite.setdefault(name, {"sequence": i, **where, "token_id": token})
         if ours.shape != theirs.shape:
             raise BadInputError(
                 f"{converted or src}: our logits have shape {list(ours.shape)}, the HF model's "
@@ -545,6 +604,21 @@ def verify(
     embed_err, final_err = stream.get("embed", math.inf), stream.get("ln_final", math.inf)
 
     failures = []
+    if stats.n_nonfinite:
+        at = stats.nonfinite[0]
+        failures.append(
+            f"non-finite logits at {stats.n_nonfinite} position(s), first: sequence "
+            f"{at['sequence']} position {at['position']} (token {at['token_id']}) in "
+            f"{_SIDES[at['side']]}"
+        )
+    points = ["embed", *(f"resid_post.{i}" for i in range(n_layers)), "ln_final"]
+    bad_point = next((name for name in points if name in nonfinite), None)
+    if bad_point is not None:
+        at = nonfinite[bad_point]
+        failures.append(
+            f"non-finite activation {bad_point}: sequence {at['sequence']} position "
+            f"{at['position']} (token {at['token_id']}) in {_SIDES[at['side']]}"
+        )
     figures = {
         "max_abs_logit_diff": _nan_to_inf(stats.max_abs),
         "kl_max": _nan_to_inf(stats.kl_max),
@@ -590,6 +664,8 @@ def verify(
         top1_agreement=top1,
         top5_overlap=stats.top5 / stats.n,
         worst_position=stats.worst,
+        nonfinite_logits=stats.nonfinite,
+        nonfinite_activations={n: nonfinite[n] for n in points if n in nonfinite},
         tolerances=limits,
         failures=failures,
         first_divergence=first,

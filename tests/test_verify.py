@@ -400,3 +400,73 @@ def test_a_tokenizer_transformers_cannot_read_is_bad_input(tmp_path):
     assert run.code == 3, run.stderr
     assert str(src) in run.message and "tokenizer" in run.message
     assert "Traceback" not in run.stderr
+
+
+# ---- non-finite values fail the gate and are named -----------------------------------------
+
+
+def test_a_nan_column_in_the_unembedding_fails_with_figures_that_are_not_zero(tmp_path, llama):
+    """Python's max(0.0, nan) is 0.0: the report once said max |logit diff| 0 for this."""
+
+    def nan_column(cfg, state):
+        state["unembed.W_U"][:, 7] = float("nan")
+        return cfg, state
+
+    out = M.mutate_export(convert(llama, tmp_path / "out"), nan_column)
+    result = run_cli("verify", llama, out, "--json", "--seq-len", 32)
+    assert result.exit_code == 5, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] is False
+    for key in ("max_abs_logit_diff", "kl_max", "max_abs_logprob_diff", "mean_abs_logit_diff"):
+        assert report[key] in ("inf", "nan"), (key, report[key])
+    assert report["nonfinite_logits"][0] == {
+        "sequence": 0,
+        "position": 0,
+        "token_id": report["nonfinite_logits"][0]["token_id"],
+        "side": "ours",
+    }
+    assert "non-finite logits at 32 position(s)" in report["failures"][0]
+
+
+def nan_at(position: int):
+    """A forward hook putting NaN into one position of a [batch, pos, d] output."""
+
+    def hook(_module, _inputs, out):
+        out = out.clone()
+        out[:, position] = float("nan")
+        return out
+
+    return hook
+
+
+def test_a_nan_at_one_position_fails_and_is_named(llama):
+    """One NaN position of 128 leaves top-1 agreement at 0.992 (over 0.99): it passed."""
+    model = convert_in_memory(llama)
+    model.ln_final.register_forward_hook(nan_at(5))
+    report = verify(llama, model=model)
+    assert not report.passed
+    assert report.tokens == 128 and report.top1_agreement >= 127 / 128
+    first = report.nonfinite_logits[0]
+    assert (first["sequence"], first["position"], first["side"]) == (0, 5, "ours")
+    assert report.nonfinite_activations["ln_final"]["position"] == 5
+    assert report.nonfinite_activations["ln_final"]["side"] == "ours"
+    assert report.max_abs_logit_diff == float("inf")
+    assert "position 5" in report.summary() and "our model" in report.summary()
+
+
+def test_a_nan_on_the_hf_side_is_named_as_the_hf_models(llama):
+    reference = load_reference(llama)
+    reference.model.layers[1].register_forward_hook(
+        lambda m, i, out: nan_at(3)(m, i, out[0] if isinstance(out, tuple) else out)
+    )
+    report = verify(llama, reference=reference, seq_len=16)
+    assert not report.passed
+    assert report.nonfinite_activations["resid_post.1"] == {
+        "sequence": 0,
+        "position": 3,
+        "side": "hf",
+        "token_id": report.nonfinite_activations["resid_post.1"]["token_id"],
+    }
+    assert "embed" not in report.nonfinite_activations
+    assert "resid_post.0" not in report.nonfinite_activations
+    assert any("the HF model" in f for f in report.failures)
