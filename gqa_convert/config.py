@@ -64,8 +64,21 @@ class ModelConfig:
                 f"config.json: num_attention_heads={self.n_heads} is not divisible by "
                 f"num_key_value_heads={self.n_key_value_heads}"
             )
-        if len(self.attn_types) != self.n_layers:
+        if not self.attn_types:  # unstated: every layer global
             object.__setattr__(self, "attn_types", ("global",) * self.n_layers)
+        if len(self.attn_types) != self.n_layers or not set(self.attn_types) <= {
+            "global",
+            "local",
+        }:
+            raise BadInputError(
+                f"config.json: attn_types has {len(self.attn_types)} entries, n_layers = "
+                f"{self.n_layers}: expected one 'global' or 'local' per layer"
+            )
+        if "local" in self.attn_types and not self.sliding_window:
+            raise BadInputError(
+                "config.json: attn_types has 'local' layers, sliding_window is "
+                f"{self.sliding_window!r}"
+            )
 
     @property
     def group_size(self) -> int:
@@ -80,9 +93,14 @@ class ModelConfig:
         data = dict(data)
         if data.pop("format", None) != FORMAT:
             raise BadInputError(f"config.json: not a gqa-convert export (format != {FORMAT!r})")
-        data["rope"] = RopeConfig(**data["rope"])
-        data["attn_types"] = tuple(data["attn_types"])
-        return cls(**data)
+        try:
+            data["rope"] = RopeConfig(**data["rope"])
+            data["attn_types"] = tuple(data["attn_types"])
+            return cls(**data)
+        except (KeyError, TypeError) as e:  # a missing, unknown or mistyped field
+            raise BadInputError(
+                f"config.json: not a valid gqa-convert config ({type(e).__name__}: {e})"
+            ) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from gqa_convert import __version__
 from gqa_convert.card import render_model_card
 from gqa_convert.checkpoint import (
     DTYPES,
+    TensorInfo,
     TensorSpec,
     find_index,
     read_array,
@@ -37,8 +38,8 @@ from gqa_convert.checkpoint import (
 )
 from gqa_convert.config import ModelConfig, read_json
 from gqa_convert.dtypes import CODES, cast
-from gqa_convert.errors import BadInputError, OutputError
-from gqa_convert.mapping import ConversionPlan, iter_arrays
+from gqa_convert.errors import BadInputError, OutputError, listing
+from gqa_convert.mapping import ConversionPlan, expected_tasks, iter_arrays
 
 if TYPE_CHECKING:
     import torch
@@ -331,7 +332,32 @@ def load_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     data = read_json(folder / "config.json")
     data.pop("hf_config", None)
     cfg = ModelConfig.from_dict(data)
-    state = {
-        name: to_torch(read_array(info), info.dtype) for name, info in read_weights(folder).items()
-    }
+    infos = read_weights(folder)
+    check_export_tensors(folder, cfg, infos)
+    state = {name: to_torch(read_array(info), info.dtype) for name, info in infos.items()}
     return cfg, state
+
+
+def check_export_tensors(folder: Path, cfg: ModelConfig, infos: dict[str, TensorInfo]) -> None:
+    """Raise BadInputError listing every tensor of an export that its config.json does not
+    imply (an edit that changed one and not the other): missing, unexpected, wrong shape."""
+    expected = {t.target: t.target_shape for t in expected_tasks(cfg)[0]}
+    problems = []
+    for name, shape in expected.items():
+        if name not in infos:
+            problems.append(f"{name}: missing from the export (shape {list(shape)})")
+        elif infos[name].shape != shape:
+            problems.append(
+                f"{name}: shape {list(infos[name].shape)} in the export, config.json implies "
+                f"{list(shape)}"
+            )
+        elif infos[name].dtype not in CODES.values():
+            problems.append(f"{name}: dtype {infos[name].dtype}, not F32, F16 or BF16")
+    problems += [
+        f"{name}: in the export, not implied by config.json"
+        for name in sorted(set(infos) - set(expected))
+    ]
+    if problems:
+        raise BadInputError(
+            listing(f"{folder}: the tensors do not match its config.json", problems)
+        )

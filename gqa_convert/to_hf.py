@@ -17,7 +17,13 @@ import einops
 from gqa_convert.checkpoint import TensorSpec, read_array, read_weights, write_sharded
 from gqa_convert.config import ModelConfig, from_hf, read_json
 from gqa_convert.errors import BadInputError
-from gqa_convert.export import DEFAULT_SHARD_BYTES, PASSTHROUGH, atomic_folder, write_json
+from gqa_convert.export import (
+    DEFAULT_SHARD_BYTES,
+    PASSTHROUGH,
+    atomic_folder,
+    check_export_tensors,
+    write_json,
+)
 from gqa_convert.mapping import axis_sizes, expected_tasks
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,8 @@ def export_to_hf(
     if not isinstance(hf_config, dict):
         raise BadInputError(f"{converted / 'config.json'}: no hf_config; not a gqa-convert export")
     cfg = ModelConfig.from_dict(data)
+    ours = read_weights(converted)
+    check_export_tensors(converted, cfg, ours)
     if from_hf(hf_config) != cfg:
         raise BadInputError(
             f"{converted / 'config.json'}: hf_config disagrees with the model config; "
@@ -50,10 +58,6 @@ def export_to_hf(
         )
     tasks, _ = expected_tasks(cfg)
     tasks = list({t.source: t for t in reversed(tasks)}.values())[::-1]  # tied: W_E wins
-    ours = read_weights(converted)
-    missing = [t.target for t in tasks if t.target not in ours]
-    if missing:
-        raise BadInputError(f"{converted}: export lacks {len(missing)} tensor(s): {missing[:5]}")
     specs = [TensorSpec(t.source, ours[t.target].dtype, t.source_shape) for t in tasks]
 
     def arrays():

@@ -583,6 +583,13 @@ def verify(
 
             model = model_from_reference(plan_conversion(src), hf)
     model = model.to(COMPUTE_DTYPES[dtype]).eval()
+    shape_fields = ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp")
+    for name in (*shape_fields, "d_vocab"):
+        if getattr(model.cfg, name) != getattr(source_cfg, name):
+            raise BadInputError(
+                f"{converted or 'the model'}: {name} = {getattr(model.cfg, name)}, "
+                f"{src / 'config.json'} says {getattr(source_cfg, name)}: not a conversion of {src}"
+            )
 
     stats, stream, nonfinite = _LogitStats(), {}, {}
     for i, tokens in enumerate(inputs):

@@ -470,3 +470,75 @@ def test_a_nan_on_the_hf_side_is_named_as_the_hf_models(llama):
     assert "embed" not in report.nonfinite_activations
     assert "resid_post.0" not in report.nonfinite_activations
     assert any("the HF model" in f for f in report.failures)
+
+
+# ---- edited exports fail cleanly -----------------------------------------------------------
+
+
+def add_a_layer(cfg, state):
+    """One more block, a copy of the last: an edit no HF checkpoint of SRC has."""
+    last = cfg.n_layers - 1
+    for name in [n for n in state if n.startswith(f"blocks.{last}.")]:
+        state[name.replace(f"blocks.{last}.", f"blocks.{cfg.n_layers}.", 1)] = state[name].clone()
+    return replace(cfg, n_layers=cfg.n_layers + 1, attn_types=(*cfg.attn_types, "global")), state
+
+
+def edit_export_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_an_export_with_one_layer_more_than_src_is_bad_input(tmp_path, llama):
+    from tests.cli_subprocess import run_cli as run_process
+
+    out = M.mutate_export(convert(llama, tmp_path / "out"), add_a_layer)
+    run = run_process("verify", llama, out, "--seq-len", 16)
+    assert run.code == 3, run.stderr
+    assert "Traceback" not in run.stderr and "internal error" not in run.stderr
+    assert "n_layers = 4" in run.message and "3" in run.message and str(out) in run.message
+
+
+@pytest.mark.parametrize(
+    ("edit", "names"),
+    [
+        ({"d_mlp": 100}, ("9 problems", "blocks.0.mlp.W_gate", "[64, 96]", "[64, 100]")),
+        (
+            {"n_layers": 2, "attn_types": ["global"] * 2},
+            ("not implied by config.json", "blocks.2."),
+        ),
+        ({"n_layers": 4, "attn_types": ["global"] * 4}, ("missing from the export", "blocks.3.")),
+        ({"attn_types": ["global"] * 2}, ("attn_types", "2 entries", "n_layers = 3")),
+        ({"attn_types": ["global", "local", "global"]}, ("attn_types", "sliding_window")),
+        ({"rope": {"thetta": 1.0}}, ("config.json", "thetta")),
+    ],
+    ids=["shape", "fewer-layers", "more-layers", "attn_types-length", "local-no-window", "rope"],
+)
+def test_an_export_disagreeing_with_its_config_is_bad_input(tmp_path, llama, edit, names):
+    from gqa_convert.errors import BadInputError
+    from gqa_convert.to_hf import export_to_hf
+    from tests.cli_subprocess import run_cli as run_process
+
+    out = convert(llama, tmp_path / "out")
+    edit_export_config(out, **edit)
+    run = run_process("verify", llama, out, "--seq-len", 16)
+    assert run.code == 3, run.stderr
+    assert "Traceback" not in run.stderr and "internal error" not in run.stderr
+    for name in names:
+        assert name in run.message, run.stderr
+    with pytest.raises(BadInputError) as caught:
+        export_to_hf(out, tmp_path / "back")
+    assert all(name in str(caught.value).splitlines()[0] for name in names), caught.value
+    assert not (tmp_path / "back").exists()
+
+
+def test_an_attn_types_of_the_wrong_length_is_not_reset_to_global(tmp_path, mistral):
+    """It was: the window silently dropped, so the export ran as a different model."""
+    from gqa_convert import GQATransformer
+    from gqa_convert.errors import BadInputError
+
+    out = convert(mistral, tmp_path / "out")
+    edit_export_config(out, attn_types=["local"] * 2)
+    with pytest.raises(BadInputError, match=r"attn_types has 2 entries, n_layers = 3"):
+        GQATransformer.from_pretrained(out)
