@@ -145,3 +145,35 @@ def test_overwrite_replaces_and_refusal_keeps(tmp_path):
     assert sha256(out / "model.safetensors") != before
     assert set(read_weights(out)) == set(read_weights(tmp_path / "out"))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_edit_to_a_tied_unembedding_reaches_hf_untied(tmp_path):
+    """Scale one column of a tied export's unembed.W_U: to-hf once wrote only the embedding,
+    transformers re-tied lm_head to it, and its logits differed from ours by 5, silently."""
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    src = make_hf_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=True)
+    out = convert(src, tmp_path / "ours")
+    arrays = load_np(out / "model.safetensors")
+    arrays["unembed.W_U"][:, 5] *= 4.0
+    save_np(arrays, out / "model.safetensors", metadata={"format": "pt"})
+    back = export_to_hf(out, tmp_path / "back")
+    config = json.loads((back / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    written = hf_tensors(back)
+    assert torch.equal(written["lm_head.weight"], torch.from_numpy(arrays["unembed.W_U"]).T)
+    assert torch.equal(
+        written["model.embed_tokens.weight"], hf_tensors(src)["model.embed_tokens.weight"]
+    )
+    tokens = random_tokens(16)
+    with torch.no_grad():
+        theirs = load_hf(back)(tokens).logits
+        ours = GQATransformer.from_pretrained(out)(tokens)
+        unedited = load_hf(src)(tokens).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    assert (theirs[..., 5] - unedited[..., 5]).abs().max() > 0.5  # the edit is there
+    # Unedited, the tied export still comes back tied and bit-identical (no lm_head).
+    same = export_to_hf(convert(src, tmp_path / "plain"), tmp_path / "plain-back")
+    assert json.loads((same / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in hf_tensors(same)
