@@ -293,9 +293,16 @@ def convert(
         _show_push(push_export(out, push_to, token=token))
 
 
+RevisionOpt = Annotated[
+    str | None, typer.Option(help="Branch, tag or commit of a Hub SRC (default: main).")
+]
+
+
 @app.command("verify")
 def verify_command(
-    src: Annotated[Path, typer.Argument(help="HF checkpoint folder: the reference.")],
+    src: Annotated[
+        Path, typer.Argument(help="HF checkpoint folder or Hub repo id (org/name): the reference.")
+    ],
     converted: Annotated[
         Path | None, typer.Argument(help="An export of ours (default: convert SRC in memory).")
     ] = None,
@@ -312,6 +319,8 @@ def verify_command(
     max_kl: MaxKlOpt = None,
     min_top1: MinTop1Opt = None,
     activation_rtol: ActRtolOpt = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Compare logits (and activations) of our model with the HF model's; exit 5 on failure."""
     import json
@@ -322,7 +331,7 @@ def verify_command(
         prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
     )
     with err.status("comparing with the HF model"):
-        report = verify(src, converted, dtype=dtype, **options)
+        report = verify(src, converted, dtype=dtype, revision=revision, token=token, **options)
     if json_output:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -434,13 +443,16 @@ def to_hf(
 
 @app.command("inspect")
 def inspect_command(
-    src: Annotated[Path, typer.Argument(help="HF checkpoint folder.")],
+    src: Annotated[Path, typer.Argument(help="HF checkpoint folder or Hub repo id (org/name).")],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
 ) -> None:
-    """Describe SRC from config.json and safetensors headers only (no tensor data is read)."""
+    """Describe SRC from config.json and safetensors headers only (no tensor data is read;
+    of a Hub repo, only those are fetched)."""
     from gqa_convert.inspection import inspect_checkpoint
 
-    info = inspect_checkpoint(src)
+    info = inspect_checkpoint(src, revision=revision, token=token)
     if json_output:
         print(json.dumps(info, indent=2))
         return
@@ -452,6 +464,8 @@ def inspect_command(
             )
         elif key == "estimated_peak_memory_bytes":
             value = ", ".join(f"{k} {_gb(v)}" for k, v in value.items())
+        elif key == "fetched":
+            value = "\n".join(f"{n}: {b:,} bytes" for n, b in value.items()) or "nothing (cache)"
         elif key == "tensor_bytes":
             value = _gb(value)
         elif key == "parameters":

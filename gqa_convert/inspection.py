@@ -18,8 +18,42 @@ CONVERT_BASE_BYTES = 150 * 2**20  # python + numpy + our code, no torch
 VERIFY_BASE_BYTES = 700 * 2**20  # python + torch + transformers
 
 
-def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str, Any]:
-    """A JSON-ready description of the HF checkpoint folder `src`."""
+def inspect_checkpoint(
+    src: str | Path,
+    *,
+    verify_tokens: int = 256,
+    revision: str | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """A JSON-ready description of the HF checkpoint folder `src`, or of the Hub repo `src`
+    (`org/name`, at `revision`): online, only config.json, the index and each safetensors
+    header are fetched (HTTP range reads); with HF_HUB_OFFLINE=1, the local cache is read.
+    For a Hub repo, `fetched` lists the bytes fetched of each file, and `revision` the
+    commit."""
+    import tempfile
+
+    from huggingface_hub import constants
+
+    from gqa_convert.hub import download_source, fetch_headers, is_repo_id, resolve_source
+
+    if Path(src).exists() or not is_repo_id(str(src)):
+        return _describe(resolve_source(src, revision=revision).path, verify_tokens)
+    if constants.is_offline_mode():
+        source = download_source(str(src), revision=revision, token=token)
+        info = _describe(source.path, verify_tokens)
+        fetched: dict[str, Any] = {}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            source, sizes, fetched = fetch_headers(
+                str(src), Path(tmp), revision=revision, token=token
+            )
+            info = _describe(source.path, verify_tokens, sizes)
+    return {**info, "source": str(src), "revision": source.revision, "fetched": fetched}
+
+
+def _describe(src: Path, verify_tokens: int, sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """`inspect_checkpoint` of a folder; `sizes` are the real sizes of weight files of which
+    the folder holds only the header."""
     plan = plan_conversion(src, check_sizes=False)
     cfg = plan.config
     infos = list(plan.sources.values())
@@ -27,14 +61,18 @@ def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str
     total_bytes = sum(i.nbytes for i in infos)
     files: dict[str, dict[str, Any]] = {}
     ends: dict[Path, int] = {}
+
+    def size(path: Path) -> int:
+        return (sizes or {}).get(path.name) or path.stat().st_size
+
     for info in infos:
-        entry = files.setdefault(info.path.name, {"bytes": info.path.stat().st_size, "tensors": 0})
+        entry = files.setdefault(info.path.name, {"bytes": size(info.path), "tensors": 0})
         entry["tensors"] += 1
         ends[info.path] = max(ends.get(info.path, 0), info.end)
     truncated = {
-        path.name: {"bytes": path.stat().st_size, "header_says": end}
+        path.name: {"bytes": size(path), "header_says": end}
         for path, end in ends.items()
-        if path.stat().st_size < end
+        if size(path) < end
     }
     largest = max(i.nbytes for i in infos)
     # Convert, an upper bound: one source tensor and its rearranged copy at a time, up to two

@@ -555,18 +555,25 @@ def verify(
     tolerances: Tolerances | dict[str, float] | None = None,
     model: GQATransformer | None = None,
     reference: nn.Module | None = None,
+    revision: str | None = None,
+    token: str | None = None,
 ) -> VerifyReport:
     """Compare our conversion of the HF checkpoint `src` with the HF model itself.
+
+    `src` may be a Hub repo id, fetched at `revision` with `token` as `convert` fetches it
+    (`hub.resolve_source`: the HF cache, HF_HUB_OFFLINE=1 works from it).
 
     Ours is `model` if given (cast in place to `dtype`), else the export `converted`, else
     `src` converted in memory. `reference` is a preloaded HF model of `src` in `dtype`.
     `prompts` are extra texts (they need a tokenizer in `src`); `seq_len` defaults to
     `default_seq_len`. `tolerances` overrides some or all of TOLERANCES[dtype].
     """
+    from gqa_convert.hub import resolve_source
     from gqa_convert.model.decoder import GQATransformer
 
-    src = Path(src)
     limits = tolerances_for(dtype, tolerances)
+    source = resolve_source(src, revision=revision, token=token)
+    src = source.path
     source_cfg = load_hf_config(src)
     if seq_len is None:
         seq_len = default_seq_len(source_cfg)
@@ -683,6 +690,8 @@ def verify(
         regimes=found,
         not_exercised=missed,
         reference={
+            "source": source.repo_id or src.name,
+            "revision": source.revision,
             "transformers_class": type(hf).__name__,
             "attn_implementation": getattr(hf.config, "_attn_implementation", None),
         },
