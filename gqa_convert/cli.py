@@ -147,6 +147,7 @@ def _show_report(report: VerifyReport) -> None:
         "",
     )
     err.print(table)
+    err.print(f"inputs: {escape(report.inputs_detail)}", highlight=False)
     if report.first_divergence is not None:
         where = report.first_divergence
         blocks = Table("block", "residual rel err", title="residual stream", title_justify="left")

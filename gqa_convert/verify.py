@@ -127,6 +127,7 @@ class VerifyReport:
     ln_final_rel_err: float
     components: dict[str, float] | None  # of the first diverging block, in forward order
     regimes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inputs_detail: str = ""  # which inputs, in words: the tokenizer files, or why random
     # Positions whose logits hold NaN / Inf (the first few; side "ours", "hf" or "both"),
     # and per compared stream point the first such position. Any of them fails the gate.
     nonfinite_logits: list[dict[str, Any]] = field(default_factory=list)
@@ -213,8 +214,19 @@ def regimes(cfg: ModelConfig, longest: int) -> tuple[dict[str, dict[str, Any]], 
     return found, missed
 
 
+# The files transformers builds a tokenizer from (fast tokenizer.json, sentencepiece, BPE
+# vocab.json + merges.txt, WordPiece vocab.txt): any of them means SRC ships a tokenizer,
+# which transformers must then load (or the check stops with exit 3).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def tokenizer_files(src: Path) -> list[str]:
+    """The tokenizer files in `src` (see TOKENIZER_FILES)."""
+    return [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+
+
 def has_tokenizer(src: Path) -> bool:
-    return any((Path(src) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    return bool(tokenizer_files(src))
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -239,7 +251,10 @@ def make_inputs(
     """
     if not has_tokenizer(src):
         if prompts:
-            raise UsageError(f"{src}: no tokenizer (tokenizer.json), so --prompt cannot be used")
+            raise UsageError(
+                f"{src}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so --prompt "
+                "cannot be used"
+            )
         generator = torch.Generator().manual_seed(0)
         return [torch.randint(0, cfg.d_vocab, (1, seq_len), generator=generator)], "random"
     from transformers import AutoTokenizer
@@ -580,6 +595,13 @@ def verify(
     if seq_len < 1:
         raise UsageError(f"--seq-len must be positive, got {seq_len}")
     inputs, kind = make_inputs(src, source_cfg, prompts, seq_len)
+    if kind == "tokenizer":
+        inputs_detail = (
+            f"text tokenized by SRC's tokenizer ({', '.join(tokenizer_files(src))}): the "
+            f"built-in sentences, {seq_len} tokens, + {len(prompts or ())} prompt(s)"
+        )
+    else:
+        inputs_detail = f"random token ids (seed 0): SRC has none of {', '.join(TOKENIZER_FILES)}"
 
     hf = reference if reference is not None else load_reference(src, dtype)
     if model is None:
@@ -670,6 +692,7 @@ def verify(
         tokens=stats.n,
         sequences=len(inputs),
         inputs=kind,
+        inputs_detail=inputs_detail,
         max_abs_logit_diff=_nan_to_inf(stats.max_abs),
         mean_abs_logit_diff=_nan_to_inf(stats.sum_abs / stats.count_abs),
         max_abs_logprob_diff=_nan_to_inf(stats.max_logprob),

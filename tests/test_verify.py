@@ -542,3 +542,21 @@ def test_an_attn_types_of_the_wrong_length_is_not_reset_to_global(tmp_path, mist
     edit_export_config(out, attn_types=["local"] * 2)
     with pytest.raises(BadInputError, match=r"attn_types has 2 entries, n_layers = 3"):
         GQATransformer.from_pretrained(out)
+
+
+def test_a_vocab_json_and_merges_txt_tokenizer_is_used_and_the_report_says_so(tmp_path):
+    """A BPE tokenizer without tokenizer.json (as transformers' slow files) was ignored:
+    the check silently ran on random ids."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    src = make_hf_checkpoint(tmp_path / "src", "qwen2", vocab_size=260)
+    vocab = {char: i for i, char in enumerate(sorted(ByteLevel.alphabet()))}  # 256 byte ids
+    (src / "vocab.json").write_text(json.dumps(vocab))
+    (src / "merges.txt").write_text("#version: 0.2\n")
+    report = verify(src, prompts=["Hello"], seq_len=24)
+    assert report.passed, report.summary()
+    assert report.inputs == "tokenizer" and report.sequences == 2
+    assert report.tokens == 24 + 5  # "Hello": five bytes, five ids
+    assert "vocab.json" in report.inputs_detail and "1 prompt" in report.inputs_detail
+    random = verify(make_hf_checkpoint(tmp_path / "bare", "llama"), seq_len=8)
+    assert random.inputs == "random" and "random token ids" in random.inputs_detail
