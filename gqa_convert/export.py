@@ -190,7 +190,7 @@ def write_export(
     ):
         # The source's hashes are computed beside the conversion, on the other core.
         source_hashes = pool.submit(
-            lambda: {p.name: sha256_file(p, stop=stop_hashing) for p in read_files}
+            lambda: {p.name: _read_source(sha256_file, p, stop=stop_hashing) for p in read_files}
         )
         hashes = write_sharded(tmp, specs, arrays, shard_bytes, progress)
         config = {**plan.config.to_dict(), "hf_config": dict(plan.hf_config)}
@@ -199,7 +199,7 @@ def write_export(
         hashes["config.json"] = write_json(tmp / "config.json", config)
         copied = [p for p in read_files if p.name in PASSTHROUGH]
         for path in copied:
-            shutil.copy2(path, tmp / path.name)
+            _read_source(shutil.copy2, path, tmp / path.name)
         source_hashes = source_hashes.result()
         hashes.update({p.name: source_hashes[p.name] for p in copied})
         manifest = build_manifest(
@@ -216,6 +216,23 @@ def write_export(
         write_json(tmp / MANIFEST_NAME, manifest)
     log.info("wrote %s (%d tensors)", out, len(specs))
     return out
+
+
+def _read_source(action: Callable[..., Any], path: Path, *args: Any, **kwargs: Any) -> Any:
+    """`action(path, *args)`, which reads the source file `path` (and may write `args[0]`):
+    failing to read it is bad input (exit 3), not an output error. An OSError of the
+    written side (another file name, or none while writing) stays one (exit 6)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return action(path, *args, **kwargs)
+    except OSError as e:
+        if (e.filename is None and args) or (e.filename and Path(e.filename) != Path(path)):
+            raise
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 @contextmanager
