@@ -270,8 +270,8 @@ def convert(
             _parity_exit(report, f"nothing written to {out} (--force writes it anyway)")
         if not report.passed:
             err.print("[yellow]warning:[/yellow] parity failed; writing anyway (--force)")
-    total = sum(plan.sources[t.source].nbytes for t in plan.tasks)
-    with progress_bar("converting", total) as advance:
+    total = sum(output_bytes(plan.sources[t.source], out_dtype) for t in plan.tasks)
+    with progress_bar("converting", total) as advance:  # advanced by written bytes too
         write_converted(
             plan,
             source,
@@ -479,6 +479,16 @@ def inspect_command(
             f"its header says {sizes['header_says']:,}; convert will refuse it",
             highlight=False,
         )
+
+
+def output_bytes(info, dtype: str | None) -> int:
+    """The bytes the source tensor `info` takes in the export, cast to `dtype` (None: as is)."""
+    from gqa_convert.checkpoint import DTYPES
+    from gqa_convert.dtypes import CODES
+
+    if dtype is None:
+        return info.nbytes
+    return info.nbytes // DTYPES[info.dtype][0].itemsize * DTYPES[CODES[dtype]][0].itemsize
 
 
 def _gb(n: int) -> str:
