@@ -16,12 +16,16 @@ from gqa_convert.mapping import ConversionPlan, plan_conversion
 # Rough fixed costs of the processes, measured on this project's machines (see README).
 CONVERT_BASE_BYTES = 150 * 2**20  # python + numpy + our code, no torch
 VERIFY_BASE_BYTES = 700 * 2**20  # python + torch + transformers
+# The logit statistics' float64 temporaries: about a dozen [positions, vocab] chunks of
+# verify.STATS_CHUNK_ELEMENTS (2^22) elements. Measured: +375 MB peak at [1024, 32000],
+# +265 MB at [1024, 128256] (whole, before chunking: 1.9 GB and 8.2 GB).
+VERIFY_STATS_BYTES = 16 * 8 * (1 << 22)
 
 
 def inspect_checkpoint(
     src: str | Path,
     *,
-    verify_tokens: int = 256,
+    verify_tokens: int | None = None,
     revision: str | None = None,
     token: str | None = None,
 ) -> dict[str, Any]:
@@ -51,7 +55,9 @@ def inspect_checkpoint(
     return {**info, "source": str(src), "revision": source.revision, "fetched": fetched}
 
 
-def _describe(src: Path, verify_tokens: int, sizes: dict[str, int] | None = None) -> dict[str, Any]:
+def _describe(
+    src: Path, verify_tokens: int | None, sizes: dict[str, int] | None = None
+) -> dict[str, Any]:
     """`inspect_checkpoint` of a folder; `sizes` are the real sizes of weight files of which
     the folder holds only the header."""
     plan = plan_conversion(src, check_sizes=False)
@@ -79,8 +85,12 @@ def _describe(src: Path, verify_tokens: int, sizes: dict[str, int] | None = None
     # written tensors waiting for the background sha256, or an fp32 temporary to cast.
     convert_peak = CONVERT_BASE_BYTES + 2 * largest + 2 * largest
     # Verify: the HF model in fp32, ours built from views of the same weights, activations
-    # dominated by a few [tokens, d_vocab] fp32 logit tensors on each side.
-    verify_peak = VERIFY_BASE_BYTES + 4 * n_params + 6 * 4 * verify_tokens * cfg.d_vocab
+    # dominated by a few [tokens, d_vocab] fp32 logit tensors on each side (tokens: the
+    # default input length), and the logit statistics' temporaries.
+    tokens = verify_tokens or _default_seq_len(cfg)
+    verify_peak = (
+        VERIFY_BASE_BYTES + 4 * n_params + 6 * 4 * tokens * cfg.d_vocab + VERIFY_STATS_BYTES
+    )
     return {
         "source": str(Path(src)),
         "architecture": cfg.architecture,
@@ -107,6 +117,12 @@ def _describe(src: Path, verify_tokens: int, sizes: dict[str, int] | None = None
         "truncated_files": truncated,  # shorter than their headers say: convert refuses them
         "estimated_peak_memory_bytes": {"convert": convert_peak, "verify": verify_peak},
     }
+
+
+def _default_seq_len(cfg) -> int:
+    from gqa_convert.verify import default_seq_len  # torch: only to size the estimate
+
+    return default_seq_len(cfg)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

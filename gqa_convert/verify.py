@@ -79,6 +79,9 @@ TOLERANCES = {
     ),
 }
 
+# Elements of each float64 [positions, vocab] temporary of the logit statistics (32 MB):
+# positions are compared this many vocab rows at a time (inspection.py bounds the memory).
+STATS_CHUNK_ELEMENTS = 1 << 22
 DEFAULT_MIN_SEQ_LEN = 128
 MAX_DEFAULT_SEQ_LEN = 1024  # the default never grows past this; longer regimes are reported
 
@@ -506,14 +509,28 @@ class _LogitStats:
         ours: Float[Tensor, "1 pos vocab"],
         theirs: Float[Tensor, "1 pos vocab"],
     ) -> None:
-        ours, theirs = ours[0].double(), theirs[0].double()  # [pos, vocab]
+        # float64 temporaries, STATS_CHUNK_ELEMENTS at a time: [1024, 128k] in one go took
+        # 7.7 GB; in chunks of 2^22 elements (32 positions of 128k) at most ~0.3 GB.
+        step = max(1, STATS_CHUNK_ELEMENTS // ours.shape[-1])
+        for start in range(0, ours.shape[1], step):
+            end = start + step
+            self._add(seq, tokens, ours[0, start:end], theirs[0, start:end], start)
+
+    def _add(
+        self,
+        seq: int,
+        tokens: Int[Tensor, "1 pos"],
+        ours: Float[Tensor, "chunk vocab"],
+        theirs: Float[Tensor, "chunk vocab"],
+        offset: int,
+    ) -> None:
+        ours, theirs = ours.double(), theirs.double()  # [chunk, vocab]
         bad_ours, bad_hf = ~torch.isfinite(ours).all(-1), ~torch.isfinite(theirs).all(-1)
-        for pos in (bad_ours | bad_hf).nonzero().flatten().tolist():
+        for i in (bad_ours | bad_hf).nonzero().flatten().tolist():
             self.n_nonfinite += 1
             if len(self.nonfinite) < 5:
-                side = (
-                    "both" if bad_ours[pos] and bad_hf[pos] else "ours" if bad_ours[pos] else "hf"
-                )
+                side = "both" if bad_ours[i] and bad_hf[i] else "ours" if bad_ours[i] else "hf"
+                pos = offset + i
                 self.nonfinite.append(
                     {
                         "sequence": seq,
@@ -524,14 +541,14 @@ class _LogitStats:
                 )
         abs_diff = (ours - theirs).abs()
         lp_ours, lp_theirs = ours.log_softmax(-1), theirs.log_softmax(-1)
-        kl = (lp_theirs.exp() * (lp_theirs - lp_ours)).sum(-1)  # KL(HF || ours), [pos]
-        per_pos = abs_diff.amax(-1)  # [pos], NaN where either side has a NaN
+        kl = (lp_theirs.exp() * (lp_theirs - lp_ours)).sum(-1)  # KL(HF || ours), [chunk]
+        per_pos = abs_diff.amax(-1)  # [chunk], NaN where either side has a NaN
         worst = int(per_pos.argmax())  # argmax takes NaN as the largest
         if not self.worst or not per_pos[worst] <= self.worst["max_abs_logit_diff"]:
             self.worst = {
                 "sequence": seq,
-                "position": worst,
-                "token_id": int(tokens[0, worst]),
+                "position": offset + worst,
+                "token_id": int(tokens[0, offset + worst]),
                 "max_abs_logit_diff": float(per_pos[worst]),
                 "kl": float(kl[worst]),
             }
@@ -544,7 +561,7 @@ class _LogitStats:
         self.kl_max = _nanmax(self.kl_max, float(kl.max()))
         self.top1 += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         top5_ours, top5_theirs = ours.topk(5, -1).indices, theirs.topk(5, -1).indices
-        shared = (top5_ours[:, :, None] == top5_theirs[:, None, :]).any(-1).sum(-1)  # [pos]
+        shared = (top5_ours[:, :, None] == top5_theirs[:, None, :]).any(-1).sum(-1)  # [chunk]
         self.top5 += float(shared.sum()) / 5
 
 
