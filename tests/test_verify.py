@@ -274,6 +274,17 @@ def test_cli_verify_a_broken_export_exits_5(tmp_path, llama):
     table = run_cli("verify", llama, out, "--seq-len", 32)
     assert table.exit_code == 5
     assert "first divergence: layer 1, k" in table.output and "FAILED" in table.output
+    # The table says which figures decide and which are only reported.
+    rows = {line.split("│")[1].strip(): line for line in table.output.splitlines() if "│" in line}
+    for name in (
+        "mean |logit diff|",
+        "max |log-prob diff|",
+        "KL(HF || ours) mean",
+        "top-5 overlap",
+    ):
+        assert "not gated" in rows[name], name
+    for name in ("max |logit diff|", "KL(HF || ours) max", "top-1 agreement"):
+        assert "not gated" not in rows[name] and ("<=" in rows[name] or ">=" in rows[name])
 
 
 def test_cli_verify_prompts(tmp_path):
