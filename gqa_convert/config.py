@@ -17,6 +17,9 @@ from gqa_convert.errors import BadInputError, UnsupportedModelError
 FORMAT = "gqa-convert/1"
 ROPE_TYPES = ("default", "llama3")
 ACTIVATIONS = ("silu",)
+# transformers' Qwen2Config default: with use_sliding_window and no max_window_layers,
+# layers from 28 on use the window (0: every layer does).
+QWEN2_MAX_WINDOW_LAYERS = 28
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,12 @@ def _attn_types(hf: dict, family: Family, n_layers: int) -> tuple[tuple[str, ...
         types = ("local",) * n_layers
     else:  # qwen2
         on = _get(hf, "use_sliding_window", bool, False)
-        first = _get(hf, "max_window_layers", int, n_layers) if on else n_layers
+        first = hf.get("max_window_layers")
+        first = QWEN2_MAX_WINDOW_LAYERS if first is None else first
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise BadInputError(
+                f"config.json: field 'max_window_layers' = {first!r} is not a count >= 0"
+            )
         types = tuple("local" if on and i >= first else "global" for i in range(n_layers))
     if "local" in types and window is None:
         raise BadInputError(
