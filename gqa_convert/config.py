@@ -17,6 +17,9 @@ from gqa_convert.errors import BadInputError, UnsupportedModelError
 FORMAT = "gqa-convert/1"
 ROPE_TYPES = ("default", "llama3")
 ACTIVATIONS = ("silu",)
+# transformers' Qwen2Config default: with use_sliding_window and no max_window_layers,
+# layers from 28 on use the window (0: every layer does).
+QWEN2_MAX_WINDOW_LAYERS = 28
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,21 @@ class ModelConfig:
                 f"config.json: num_attention_heads={self.n_heads} is not divisible by "
                 f"num_key_value_heads={self.n_key_value_heads}"
             )
-        if len(self.attn_types) != self.n_layers:
+        if not self.attn_types:  # unstated: every layer global
             object.__setattr__(self, "attn_types", ("global",) * self.n_layers)
+        if len(self.attn_types) != self.n_layers or not set(self.attn_types) <= {
+            "global",
+            "local",
+        }:
+            raise BadInputError(
+                f"config.json: attn_types has {len(self.attn_types)} entries, n_layers = "
+                f"{self.n_layers}: expected one 'global' or 'local' per layer"
+            )
+        if "local" in self.attn_types and not self.sliding_window:
+            raise BadInputError(
+                "config.json: attn_types has 'local' layers, sliding_window is "
+                f"{self.sliding_window!r}"
+            )
 
     @property
     def group_size(self) -> int:
@@ -80,9 +96,14 @@ class ModelConfig:
         data = dict(data)
         if data.pop("format", None) != FORMAT:
             raise BadInputError(f"config.json: not a gqa-convert export (format != {FORMAT!r})")
-        data["rope"] = RopeConfig(**data["rope"])
-        data["attn_types"] = tuple(data["attn_types"])
-        return cls(**data)
+        try:
+            data["rope"] = RopeConfig(**data["rope"])
+            data["attn_types"] = tuple(data["attn_types"])
+            return cls(**data)
+        except (KeyError, TypeError) as e:  # a missing, unknown or mistyped field
+            raise BadInputError(
+                f"config.json: not a valid gqa-convert config ({type(e).__name__}: {e})"
+            ) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -179,7 +200,12 @@ def _attn_types(hf: dict, family: Family, n_layers: int) -> tuple[tuple[str, ...
         types = ("local",) * n_layers
     else:  # qwen2
         on = _get(hf, "use_sliding_window", bool, False)
-        first = _get(hf, "max_window_layers", int, n_layers) if on else n_layers
+        first = hf.get("max_window_layers")
+        first = QWEN2_MAX_WINDOW_LAYERS if first is None else first
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise BadInputError(
+                f"config.json: field 'max_window_layers' = {first!r} is not a count >= 0"
+            )
         types = tuple("local" if on and i >= first else "global" for i in range(n_layers))
     if "local" in types and window is None:
         raise BadInputError(

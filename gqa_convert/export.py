@@ -32,6 +32,7 @@ from gqa_convert import __version__
 from gqa_convert.card import render_model_card
 from gqa_convert.checkpoint import (
     DTYPES,
+    TensorInfo,
     TensorSpec,
     find_index,
     read_array,
@@ -41,8 +42,8 @@ from gqa_convert.checkpoint import (
 )
 from gqa_convert.config import ModelConfig, read_json
 from gqa_convert.dtypes import CODES, cast
-from gqa_convert.errors import BadInputError, OutputError
-from gqa_convert.mapping import ConversionPlan, iter_arrays
+from gqa_convert.errors import BadInputError, OutputError, listing
+from gqa_convert.mapping import ConversionPlan, expected_tasks, iter_arrays
 
 if TYPE_CHECKING:
     import torch
@@ -419,8 +420,25 @@ def write_files(
     hashes["config.json"] = write_json(folder / "config.json", config)
     for path in source_files(plan):
         if path.name in PASSTHROUGH:
-            shutil.copy2(path, folder / path.name)
+            _read_source(shutil.copy2, path, folder / path.name)
     return hashes
+
+
+def _read_source(action: Callable[..., Any], path: Path, *args: Any, **kwargs: Any) -> Any:
+    """`action(path, *args)`, which reads the source file `path` (and may write `args[0]`):
+    failing to read it is bad input (exit 3), not an output error. An OSError of the
+    written side (another file name, or none while writing) stays one (exit 6)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return action(path, *args, **kwargs)
+    except OSError as e:
+        if (e.filename is None and args) or (e.filename and Path(e.filename) != Path(path)):
+            raise
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 @contextmanager
@@ -431,7 +449,9 @@ def hashing_sources(plan: ConversionPlan) -> Iterator[Future[dict[str, str]]]:
     read_files = source_files(plan)
     with ThreadPoolExecutor(max_workers=1) as pool:
         try:
-            yield pool.submit(lambda: {p.name: sha256_file(p, stop=stop) for p in read_files})
+            yield pool.submit(
+                lambda: {p.name: _read_source(sha256_file, p, stop=stop) for p in read_files}
+            )
         finally:
             stop.set()
 
@@ -574,7 +594,32 @@ def load_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     data = read_json(folder / "config.json")
     data.pop("hf_config", None)
     cfg = ModelConfig.from_dict(data)
-    state = {
-        name: to_torch(read_array(info), info.dtype) for name, info in read_weights(folder).items()
-    }
+    infos = read_weights(folder)
+    check_export_tensors(folder, cfg, infos)
+    state = {name: to_torch(read_array(info), info.dtype) for name, info in infos.items()}
     return cfg, state
+
+
+def check_export_tensors(folder: Path, cfg: ModelConfig, infos: dict[str, TensorInfo]) -> None:
+    """Raise BadInputError listing every tensor of an export that its config.json does not
+    imply (an edit that changed one and not the other): missing, unexpected, wrong shape."""
+    expected = {t.target: t.target_shape for t in expected_tasks(cfg)[0]}
+    problems = []
+    for name, shape in expected.items():
+        if name not in infos:
+            problems.append(f"{name}: missing from the export (shape {list(shape)})")
+        elif infos[name].shape != shape:
+            problems.append(
+                f"{name}: shape {list(infos[name].shape)} in the export, config.json implies "
+                f"{list(shape)}"
+            )
+        elif infos[name].dtype not in CODES.values():
+            problems.append(f"{name}: dtype {infos[name].dtype}, not F32, F16 or BF16")
+    problems += [
+        f"{name}: in the export, not implied by config.json"
+        for name in sorted(set(infos) - set(expected))
+    ]
+    if problems:
+        raise BadInputError(
+            listing(f"{folder}: the tensors do not match its config.json", problems)
+        )

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -27,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from gqa_convert import __version__
-from gqa_convert.checkpoint import BIN_INDEX_NAME, BIN_NAME, INDEX_NAME, SINGLE_NAME
+from gqa_convert.checkpoint import (
+    BIN_INDEX_NAME,
+    BIN_NAME,
+    INDEX_NAME,
+    MAX_HEADER_BYTES,
+    SINGLE_NAME,
+)
 from gqa_convert.config import read_json
 from gqa_convert.errors import BadInputError, HubError, ParityError, UsageError, listing
 from gqa_convert.export import MANIFEST_NAME, PASSTHROUGH
@@ -118,6 +125,74 @@ def download_source(
             snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token)
         )
     return ResolvedSource(folder, repo_id, sha)
+
+
+def fetch_headers(
+    repo_id: str, dest: Path, *, revision: str | None = None, token: str | None = None
+) -> tuple[ResolvedSource, dict[str, int], dict[str, int]]:
+    """What `inspect` needs of `repo_id`, into the folder `dest`: config.json, the index and,
+    of each safetensors weight file, only its header (two HTTP range reads: the 8-byte
+    length, then the JSON). A pytorch_model*.bin has no header to read: it is downloaded.
+
+    Returns the source (`dest`, repo id, commit), each weight file's size on the Hub, and
+    the bytes fetched of each file.
+    """
+    import shutil
+
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    what = f"reading the headers of {repo_id}" + (f" at {revision}" if revision else "")
+    also = f"; nor is {repo_id} a local folder"
+    sizes, fetched = {}, {}
+    with hub_errors(repo_id, what, token=token, revision=revision, not_found=also):
+        meta = _snapshot(repo_id, revision, ["config.json", INDEX_NAME, BIN_INDEX_NAME], token)
+        sha = meta.name  # the snapshot folder is named by the commit
+        if not (meta / "config.json").is_file():
+            raise BadInputError(
+                f"{repo_id}@{sha[:12]}: no config.json in the repository (not an HF checkpoint)"
+            )
+        for path in meta.iterdir():
+            shutil.copyfile(path, dest / path.name)
+            fetched[path.name] = path.stat().st_size
+        for name in source_weight_files(repo_id, sha, meta):
+            if not name.endswith(".safetensors"):
+                path = Path(hf_hub_download(repo_id, name, revision=sha, token=token))
+                shutil.copyfile(path, dest / name)
+                sizes[name] = fetched[name] = path.stat().st_size
+                continue
+            url = hf_hub_url(repo_id, name, revision=sha)
+            sizes[name] = get_hf_file_metadata(url, token=token).size
+            head = _read_range(url, 0, 8, token)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if 0 < n <= min(MAX_HEADER_BYTES, sizes[name] - 8):  # else read_header says why
+                head += _read_range(url, 8, n, token)
+            (dest / name).write_bytes(head)
+            fetched[name] = len(head)
+    log.info("%s@%s: fetched %d bytes", repo_id, sha[:12], sum(fetched.values()))
+    return ResolvedSource(dest, repo_id, sha), sizes, fetched
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], token: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token))
+
+
+def _read_range(url: str, start: int, length: int, token: str | None) -> bytes:
+    """`length` bytes of the file at `url` from `start`, by an HTTP range request (a server
+    that ignores Range and sends the whole file is read up to what we need, then dropped)."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    headers = {**build_hf_headers(token=token), "Range": f"bytes={start}-{start + length - 1}"}
+    data = bytearray()
+    with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
+        hf_raise_for_status(response)
+        skip = start if response.status_code == 200 else 0
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) >= skip + length:
+                break
+    return bytes(data[skip : skip + length])
 
 
 def source_weight_files(repo_id: str, sha: str, meta: Path) -> list[str]:

@@ -16,10 +16,50 @@ from gqa_convert.mapping import ConversionPlan, plan_conversion
 # Rough fixed costs of the processes, measured on this project's machines (see README).
 CONVERT_BASE_BYTES = 150 * 2**20  # python + numpy + our code, no torch
 VERIFY_BASE_BYTES = 700 * 2**20  # python + torch + transformers
+# The logit statistics' float64 temporaries: about a dozen [positions, vocab] chunks of
+# verify.STATS_CHUNK_ELEMENTS (2^22) elements. Measured: +375 MB peak at [1024, 32000],
+# +265 MB at [1024, 128256] (whole, before chunking: 1.9 GB and 8.2 GB).
+VERIFY_STATS_BYTES = 16 * 8 * (1 << 22)
 
 
-def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str, Any]:
-    """A JSON-ready description of the HF checkpoint folder `src`."""
+def inspect_checkpoint(
+    src: str | Path,
+    *,
+    verify_tokens: int | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """A JSON-ready description of the HF checkpoint folder `src`, or of the Hub repo `src`
+    (`org/name`, at `revision`): online, only config.json, the index and each safetensors
+    header are fetched (HTTP range reads); with HF_HUB_OFFLINE=1, the local cache is read.
+    For a Hub repo, `fetched` lists the bytes fetched of each file, and `revision` the
+    commit."""
+    import tempfile
+
+    from huggingface_hub import constants
+
+    from gqa_convert.hub import download_source, fetch_headers, is_repo_id, resolve_source
+
+    if Path(src).exists() or not is_repo_id(str(src)):
+        return _describe(resolve_source(src, revision=revision).path, verify_tokens)
+    if constants.is_offline_mode():
+        source = download_source(str(src), revision=revision, token=token)
+        info = _describe(source.path, verify_tokens)
+        fetched: dict[str, Any] = {}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            source, sizes, fetched = fetch_headers(
+                str(src), Path(tmp), revision=revision, token=token
+            )
+            info = _describe(source.path, verify_tokens, sizes)
+    return {**info, "source": str(src), "revision": source.revision, "fetched": fetched}
+
+
+def _describe(
+    src: Path, verify_tokens: int | None, sizes: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """`inspect_checkpoint` of a folder; `sizes` are the real sizes of weight files of which
+    the folder holds only the header."""
     plan = plan_conversion(src, check_sizes=False)
     cfg = plan.config
     infos = list(plan.sources.values())
@@ -27,22 +67,30 @@ def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str
     total_bytes = sum(i.nbytes for i in infos)
     files: dict[str, dict[str, Any]] = {}
     ends: dict[Path, int] = {}
+
+    def size(path: Path) -> int:
+        return (sizes or {}).get(path.name) or path.stat().st_size
+
     for info in infos:
-        entry = files.setdefault(info.path.name, {"bytes": info.path.stat().st_size, "tensors": 0})
+        entry = files.setdefault(info.path.name, {"bytes": size(info.path), "tensors": 0})
         entry["tensors"] += 1
         ends[info.path] = max(ends.get(info.path, 0), info.end)
     truncated = {
-        path.name: {"bytes": path.stat().st_size, "header_says": end}
+        path.name: {"bytes": size(path), "header_says": end}
         for path, end in ends.items()
-        if path.stat().st_size < end
+        if size(path) < end
     }
     largest = max(i.nbytes for i in infos)
     # Convert, an upper bound: one source tensor and its rearranged copy at a time, up to two
     # written tensors waiting for the background sha256, or an fp32 temporary to cast.
     convert_peak = CONVERT_BASE_BYTES + 2 * largest + 2 * largest
     # Verify: the HF model in fp32, ours built from views of the same weights, activations
-    # dominated by a few [tokens, d_vocab] fp32 logit tensors on each side.
-    verify_peak = VERIFY_BASE_BYTES + 4 * n_params + 6 * 4 * verify_tokens * cfg.d_vocab
+    # dominated by a few [tokens, d_vocab] fp32 logit tensors on each side (tokens: the
+    # default input length), and the logit statistics' temporaries.
+    tokens = verify_tokens or _default_seq_len(cfg)
+    verify_peak = (
+        VERIFY_BASE_BYTES + 4 * n_params + 6 * 4 * tokens * cfg.d_vocab + VERIFY_STATS_BYTES
+    )
     return {
         "source": str(Path(src)),
         "architecture": cfg.architecture,
@@ -69,6 +117,12 @@ def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str
         "truncated_files": truncated,  # shorter than their headers say: convert refuses them
         "estimated_peak_memory_bytes": {"convert": convert_peak, "verify": verify_peak},
     }
+
+
+def _default_seq_len(cfg) -> int:
+    from gqa_convert.verify import default_seq_len  # torch: only to size the estimate
+
+    return default_seq_len(cfg)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -2,7 +2,10 @@
 
 Each row of the family's map runs backwards: the einops layout is reversed ("(n h) m ->
 n m h" becomes "n m h -> (n h) m") and the HF name comes back. Bytes are only moved, so
-a conversion and its round trip give tensors bit-identical to the source's.
+a conversion (without --dtype) and its round trip give tensors bit-identical to the
+source's. A tied export whose unembed.W_U was edited away from embed.W_E transposed is
+written untied (lm_head.weight, tie_word_embeddings: false): HF would otherwise rebuild the
+unembedding from the embedding and drop the edit.
 """
 
 from __future__ import annotations
@@ -10,14 +13,28 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import einops
+import numpy as np
 
-from gqa_convert.checkpoint import TensorSpec, read_array, read_weights, write_sharded
+from gqa_convert.checkpoint import (
+    TensorInfo,
+    TensorSpec,
+    read_array,
+    read_weights,
+    write_sharded,
+)
 from gqa_convert.config import ModelConfig, from_hf, read_json
 from gqa_convert.errors import BadInputError
-from gqa_convert.export import DEFAULT_SHARD_BYTES, PASSTHROUGH, atomic_folder, write_json
+from gqa_convert.export import (
+    DEFAULT_SHARD_BYTES,
+    PASSTHROUGH,
+    atomic_folder,
+    check_export_tensors,
+    write_json,
+)
 from gqa_convert.mapping import axis_sizes, expected_tasks
 
 log = logging.getLogger(__name__)
@@ -43,17 +60,24 @@ def export_to_hf(
     if not isinstance(hf_config, dict):
         raise BadInputError(f"{converted / 'config.json'}: no hf_config; not a gqa-convert export")
     cfg = ModelConfig.from_dict(data)
+    ours = read_weights(converted)
+    check_export_tensors(converted, cfg, ours)
     if from_hf(hf_config) != cfg:
         raise BadInputError(
             f"{converted / 'config.json'}: hf_config disagrees with the model config; "
             "edit tensors, not the config"
         )
+    if cfg.tie_word_embeddings and not _still_tied(ours):
+        # HF would rebuild lm_head from the embedding and lose the edit: write it untied.
+        log.warning(
+            "%s: unembed.W_U is no longer embed.W_E transposed (an edit); writing an untied "
+            "lm_head.weight and tie_word_embeddings: false",
+            converted,
+        )
+        cfg = replace(cfg, tie_word_embeddings=False)
+        hf_config = {**hf_config, "tie_word_embeddings": False}
     tasks, _ = expected_tasks(cfg)
     tasks = list({t.source: t for t in reversed(tasks)}.values())[::-1]  # tied: W_E wins
-    ours = read_weights(converted)
-    missing = [t.target for t in tasks if t.target not in ours]
-    if missing:
-        raise BadInputError(f"{converted}: export lacks {len(missing)} tensor(s): {missing[:5]}")
     specs = [TensorSpec(t.source, ours[t.target].dtype, t.source_shape) for t in tasks]
 
     def arrays():
@@ -70,3 +94,12 @@ def export_to_hf(
                 shutil.copy2(converted / name, tmp / name)
     log.info("wrote HF checkpoint %s (%d tensors)", out, len(specs))
     return Path(out)
+
+
+def _still_tied(ours: dict[str, TensorInfo]) -> bool:
+    """Whether the export's unembed.W_U [d_model, d_vocab] is bit for bit its embed.W_E
+    [d_vocab, d_model] transposed (same dtype, same stored bits)."""
+    w_e, w_u = ours["embed.W_E"], ours["unembed.W_U"]
+    if w_e.dtype != w_u.dtype:
+        return False
+    return bool(np.array_equal(read_array(w_u), read_array(w_e).T))

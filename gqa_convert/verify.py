@@ -79,6 +79,9 @@ TOLERANCES = {
     ),
 }
 
+# Elements of each float64 [positions, vocab] temporary of the logit statistics (32 MB):
+# positions are compared this many vocab rows at a time (inspection.py bounds the memory).
+STATS_CHUNK_ELEMENTS = 1 << 22
 DEFAULT_MIN_SEQ_LEN = 128
 MAX_DEFAULT_SEQ_LEN = 1024  # the default never grows past this; longer regimes are reported
 
@@ -127,6 +130,11 @@ class VerifyReport:
     ln_final_rel_err: float
     components: dict[str, float] | None  # of the first diverging block, in forward order
     regimes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inputs_detail: str = ""  # which inputs, in words: the tokenizer files, or why random
+    # Positions whose logits hold NaN / Inf (the first few; side "ours", "hf" or "both"),
+    # and per compared stream point the first such position. Any of them fails the gate.
+    nonfinite_logits: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite_activations: dict[str, dict[str, Any]] = field(default_factory=dict)
     not_exercised: list[str] = field(default_factory=list)
     reference: dict[str, Any] = field(default_factory=dict)
 
@@ -209,8 +217,19 @@ def regimes(cfg: ModelConfig, longest: int) -> tuple[dict[str, dict[str, Any]], 
     return found, missed
 
 
+# The files transformers builds a tokenizer from (fast tokenizer.json, sentencepiece, BPE
+# vocab.json + merges.txt, WordPiece vocab.txt): any of them means SRC ships a tokenizer,
+# which transformers must then load (or the check stops with exit 3).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def tokenizer_files(src: Path) -> list[str]:
+    """The tokenizer files in `src` (see TOKENIZER_FILES)."""
+    return [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+
+
 def has_tokenizer(src: Path) -> bool:
-    return any((Path(src) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    return bool(tokenizer_files(src))
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -235,7 +254,10 @@ def make_inputs(
     """
     if not has_tokenizer(src):
         if prompts:
-            raise UsageError(f"{src}: no tokenizer (tokenizer.json), so --prompt cannot be used")
+            raise UsageError(
+                f"{src}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so --prompt "
+                "cannot be used"
+            )
         generator = torch.Generator().manual_seed(0)
         return [torch.randint(0, cfg.d_vocab, (1, seq_len), generator=generator)], "random"
     from transformers import AutoTokenizer
@@ -375,11 +397,23 @@ def _hf_rotated(hf: nn.Module, blocks: Sequence[int], acts: dict[str, Any]) -> N
         acts[f"rot_q.{i}"], acts[f"rot_k.{i}"] = rot_q.transpose(1, 2), rot_k.transpose(1, 2)
 
 
+def _nonfinite_position(x: Tensor) -> int | None:
+    """The first position (axis 1 of [batch, pos, ...]) holding a NaN or Inf, if any."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], x.shape[1], -1)).all(-1).any(0)  # [pos]
+    return int(bad.nonzero()[0, 0]) if bad.any() else None
+
+
 def _compare(
-    hf: nn.Module, ours: GQATransformer, tokens: Tensor, blocks: Sequence[int] = ()
+    hf: nn.Module,
+    ours: GQATransformer,
+    tokens: Tensor,
+    blocks: Sequence[int] = (),
+    nonfinite: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
     """Run both on `tokens`: both logits, and the relative error at each compared point
-    (`embed`, `resid_post.{l}`, `ln_final`, and `{component}.{l}` for l in `blocks`)."""
+    (`embed`, `resid_post.{l}`, `ln_final`, and `{component}.{l}` for l in `blocks`).
+    A point where either side holds NaN / Inf goes into `nonfinite`: its first such
+    position and which side ("ours", "hf" or "both")."""
     acts: dict[str, Any] = {}
     errors: dict[str, float] = {}
 
@@ -387,10 +421,19 @@ def _compare(
         return lambda out: acts.__setitem__(name, out)
 
     def measure(name: str) -> Callable[[Tensor], None]:
-        # A point HF lacks (an export with more layers than SRC) counts as diverged.
-        return lambda out: errors.__setitem__(
-            name, rel_err(out, acts[name]) if name in acts else math.inf
-        )
+        def record(out: Tensor) -> None:
+            # A point HF lacks (an export with more layers than SRC) counts as diverged.
+            errors[name] = rel_err(out, acts[name]) if name in acts else math.inf
+            if nonfinite is None or name in nonfinite or name not in acts:
+                return
+            where = {"ours": _nonfinite_position(out), "hf": _nonfinite_position(acts[name])}
+            sides = [side for side, pos in where.items() if pos is not None]
+            if sides:
+                position = min(where[side] for side in sides)
+                side = "both" if len(sides) == 2 else sides[0]
+                nonfinite[name] = {"position": position, "side": side}
+
+        return record
 
     # rotary_emb returns (cos, sin); keep the pair, not its first element.
     rotary = hf.model.rotary_emb.register_forward_hook(
@@ -439,7 +482,12 @@ def _localise(
 
 @dataclass
 class _LogitStats:
-    """Running totals of the logit comparison over all sequences."""
+    """Running totals of the logit comparison over all sequences.
+
+    Maxima propagate NaN (Python's `max(0.0, nan)` is 0.0: a NaN must never read as a
+    match). Positions where either side's logits hold NaN / Inf are listed in `nonfinite`
+    (the first few) and counted in `n_nonfinite`; the gate fails on any.
+    """
 
     n: int = 0
     max_abs: float = 0.0
@@ -451,6 +499,8 @@ class _LogitStats:
     top1: int = 0
     top5: float = 0.0
     worst: dict[str, Any] = field(default_factory=dict)
+    nonfinite: list[dict[str, Any]] = field(default_factory=list)
+    n_nonfinite: int = 0
 
     def add(
         self,
@@ -459,31 +509,68 @@ class _LogitStats:
         ours: Float[Tensor, "1 pos vocab"],
         theirs: Float[Tensor, "1 pos vocab"],
     ) -> None:
-        ours, theirs = ours[0].double(), theirs[0].double()  # [pos, vocab]
+        # float64 temporaries, STATS_CHUNK_ELEMENTS at a time: [1024, 128k] in one go took
+        # 8.2 GB; in chunks of 2^22 elements (32 positions of 128k), 0.27 GB (measured).
+        step = max(1, STATS_CHUNK_ELEMENTS // ours.shape[-1])
+        for start in range(0, ours.shape[1], step):
+            end = start + step
+            self._add(seq, tokens, ours[0, start:end], theirs[0, start:end], start)
+
+    def _add(
+        self,
+        seq: int,
+        tokens: Int[Tensor, "1 pos"],
+        ours: Float[Tensor, "chunk vocab"],
+        theirs: Float[Tensor, "chunk vocab"],
+        offset: int,
+    ) -> None:
+        ours, theirs = ours.double(), theirs.double()  # [chunk, vocab]
+        bad_ours, bad_hf = ~torch.isfinite(ours).all(-1), ~torch.isfinite(theirs).all(-1)
+        for i in (bad_ours | bad_hf).nonzero().flatten().tolist():
+            self.n_nonfinite += 1
+            if len(self.nonfinite) < 5:
+                side = "both" if bad_ours[i] and bad_hf[i] else "ours" if bad_ours[i] else "hf"
+                pos = offset + i
+                self.nonfinite.append(
+                    {
+                        "sequence": seq,
+                        "position": pos,
+                        "token_id": int(tokens[0, pos]),
+                        "side": side,
+                    }
+                )
         abs_diff = (ours - theirs).abs()
         lp_ours, lp_theirs = ours.log_softmax(-1), theirs.log_softmax(-1)
-        kl = (lp_theirs.exp() * (lp_theirs - lp_ours)).sum(-1)  # KL(HF || ours), [pos]
-        per_pos = abs_diff.amax(-1)  # [pos]
-        worst = int(per_pos.argmax())
-        if not self.worst or per_pos[worst] > self.worst["max_abs_logit_diff"]:
+        kl = (lp_theirs.exp() * (lp_theirs - lp_ours)).sum(-1)  # KL(HF || ours), [chunk]
+        per_pos = abs_diff.amax(-1)  # [chunk], NaN where either side has a NaN
+        worst = int(per_pos.argmax())  # argmax takes NaN as the largest
+        if not self.worst or not per_pos[worst] <= self.worst["max_abs_logit_diff"]:
             self.worst = {
                 "sequence": seq,
-                "position": worst,
-                "token_id": int(tokens[0, worst]),
+                "position": offset + worst,
+                "token_id": int(tokens[0, offset + worst]),
                 "max_abs_logit_diff": float(per_pos[worst]),
                 "kl": float(kl[worst]),
             }
         self.n += ours.shape[0]
-        self.max_abs = max(self.max_abs, float(per_pos.max()))
+        self.max_abs = _nanmax(self.max_abs, float(per_pos.max()))
         self.sum_abs += float(abs_diff.sum())
         self.count_abs += abs_diff.numel()
-        self.max_logprob = max(self.max_logprob, float((lp_ours - lp_theirs).abs().max()))
+        self.max_logprob = _nanmax(self.max_logprob, float((lp_ours - lp_theirs).abs().max()))
         self.kl_sum += float(kl.sum())
-        self.kl_max = max(self.kl_max, float(kl.max()))
+        self.kl_max = _nanmax(self.kl_max, float(kl.max()))
         self.top1 += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         top5_ours, top5_theirs = ours.topk(5, -1).indices, theirs.topk(5, -1).indices
-        shared = (top5_ours[:, :, None] == top5_theirs[:, None, :]).any(-1).sum(-1)  # [pos]
+        shared = (top5_ours[:, :, None] == top5_theirs[:, None, :]).any(-1).sum(-1)  # [chunk]
         self.top5 += float(shared.sum()) / 5
+
+
+def _nanmax(a: float, b: float) -> float:
+    """max(a, b), NaN if either is NaN."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+_SIDES = {"ours": "our model", "hf": "the HF model", "both": "both models"}
 
 
 def _nan_to_inf(x: float) -> float:
@@ -500,24 +587,38 @@ def verify(
     tolerances: Tolerances | dict[str, float] | None = None,
     model: GQATransformer | None = None,
     reference: nn.Module | None = None,
+    revision: str | None = None,
+    token: str | None = None,
 ) -> VerifyReport:
     """Compare our conversion of the HF checkpoint `src` with the HF model itself.
+
+    `src` may be a Hub repo id, fetched at `revision` with `token` as `convert` fetches it
+    (`hub.resolve_source`: the HF cache, HF_HUB_OFFLINE=1 works from it).
 
     Ours is `model` if given (cast in place to `dtype`), else the export `converted`, else
     `src` converted in memory. `reference` is a preloaded HF model of `src` in `dtype`.
     `prompts` are extra texts (they need a tokenizer in `src`); `seq_len` defaults to
     `default_seq_len`. `tolerances` overrides some or all of TOLERANCES[dtype].
     """
+    from gqa_convert.hub import resolve_source
     from gqa_convert.model.decoder import GQATransformer
 
-    src = Path(src)
     limits = tolerances_for(dtype, tolerances)
+    source = resolve_source(src, revision=revision, token=token)
+    src = source.path
     source_cfg = load_hf_config(src)
     if seq_len is None:
         seq_len = default_seq_len(source_cfg)
     if seq_len < 1:
         raise UsageError(f"--seq-len must be positive, got {seq_len}")
     inputs, kind = make_inputs(src, source_cfg, prompts, seq_len)
+    if kind == "tokenizer":
+        inputs_detail = (
+            f"text tokenized by SRC's tokenizer ({', '.join(tokenizer_files(src))}): the "
+            f"built-in sentences, {seq_len} tokens, + {len(prompts or ())} prompt(s)"
+        )
+    else:
+        inputs_detail = f"random token ids (seed 0): SRC has none of {', '.join(TOKENIZER_FILES)}"
 
     hf = reference if reference is not None else load_reference(src, dtype)
     if model is None:
@@ -528,10 +629,21 @@ def verify(
 
             model = model_from_reference(plan_conversion(src), hf)
     model = model.to(COMPUTE_DTYPES[dtype]).eval()
+    shape_fields = ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp")
+    for name in (*shape_fields, "d_vocab"):
+        if getattr(model.cfg, name) != getattr(source_cfg, name):
+            raise BadInputError(
+                f"{converted or 'the model'}: {name} = {getattr(model.cfg, name)}, "
+                f"{src / 'config.json'} says {getattr(source_cfg, name)}: not a conversion of {src}"
+            )
 
-    stats, stream = _LogitStats(), {}
+    stats, stream, nonfinite = _LogitStats(), {}, {}
     for i, tokens in enumerate(inputs):
-        ours, theirs, errors = _compare(hf, model, tokens)
+        seen = {}
+        ours, theirs, errors = _compare(hf, model, tokens, nonfinite=seen)
+        for name, where in seen.items():
+            token = int(tokens[0, where["position"]])
+            nonfinite.setdefault(name, {"sequence": i, **where, "token_id": token})
         if ours.shape != theirs.shape:
             raise BadInputError(
                 f"{converted or src}: our logits have shape {list(ours.shape)}, the HF model's "
@@ -545,6 +657,21 @@ def verify(
     embed_err, final_err = stream.get("embed", math.inf), stream.get("ln_final", math.inf)
 
     failures = []
+    if stats.n_nonfinite:
+        at = stats.nonfinite[0]
+        failures.append(
+            f"non-finite logits at {stats.n_nonfinite} position(s), first: sequence "
+            f"{at['sequence']} position {at['position']} (token {at['token_id']}) in "
+            f"{_SIDES[at['side']]}"
+        )
+    points = ["embed", *(f"resid_post.{i}" for i in range(n_layers)), "ln_final"]
+    bad_point = next((name for name in points if name in nonfinite), None)
+    if bad_point is not None:
+        at = nonfinite[bad_point]
+        failures.append(
+            f"non-finite activation {bad_point}: sequence {at['sequence']} position "
+            f"{at['position']} (token {at['token_id']}) in {_SIDES[at['side']]}"
+        )
     figures = {
         "max_abs_logit_diff": _nan_to_inf(stats.max_abs),
         "kl_max": _nan_to_inf(stats.kl_max),
@@ -582,6 +709,7 @@ def verify(
         tokens=stats.n,
         sequences=len(inputs),
         inputs=kind,
+        inputs_detail=inputs_detail,
         max_abs_logit_diff=_nan_to_inf(stats.max_abs),
         mean_abs_logit_diff=_nan_to_inf(stats.sum_abs / stats.count_abs),
         max_abs_logprob_diff=_nan_to_inf(stats.max_logprob),
@@ -590,6 +718,8 @@ def verify(
         top1_agreement=top1,
         top5_overlap=stats.top5 / stats.n,
         worst_position=stats.worst,
+        nonfinite_logits=stats.nonfinite,
+        nonfinite_activations={n: nonfinite[n] for n in points if n in nonfinite},
         tolerances=limits,
         failures=failures,
         first_divergence=first,
@@ -600,6 +730,8 @@ def verify(
         regimes=found,
         not_exercised=missed,
         reference={
+            "source": source.repo_id or src.name,
+            "revision": source.revision,
             "transformers_class": type(hf).__name__,
             "attn_implementation": getattr(hf.config, "_attn_implementation", None),
         },

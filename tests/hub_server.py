@@ -98,6 +98,7 @@ class Request:
     path: str
     status: int
     user: str | None
+    range: str | None = None  # the Range header, if any
 
 
 @dataclass
@@ -351,7 +352,13 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with hub.lock:
                 hub.requests.append(
-                    Request(method, split.path, status, self.user.name if self.user else None)
+                    Request(
+                        method,
+                        split.path,
+                        status,
+                        self.user.name if self.user else None,
+                        self.headers.get("Range"),
+                    )
                 )
             body = getattr(self, "body_file", None)
             if body is not None:
@@ -721,13 +728,15 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             etag = entry["oid"]
         headers["ETag"] = f'"{etag}"'
-        start = 0
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        start, end = 0, size  # [start, end)
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         status = 200
         if match and self.command == "GET":
             start, status = min(int(match.group(1)), size), 206
-            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-        headers["Content-Length"] = str(size - start)
+            if match.group(2):  # bytes=a-b: both ends included
+                end = max(start, min(int(match.group(2)) + 1, size))
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        headers["Content-Length"] = str(end - start)
         if self.command == "HEAD":
             self._send(status, b"", headers)
             return status
@@ -737,7 +746,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         with blob.open("rb") as f:
             f.seek(start)
-            shutil.copyfileobj(f, self.wfile)
+            _copy(f, self.wfile, end - start)
         return status
 
 

@@ -45,19 +45,30 @@ def rotary_identity(n_pos: int, d_head: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.ones(n_pos, d_head), torch.zeros(n_pos, d_head)
 
 
+# Query head h -> KV head, written out (not computed by the code under test): HF's
+# repeat_kv grouping, h // (n_heads // n_kv), for 8 query heads.
+HEAD_MAP = {
+    1: [0, 0, 0, 0, 0, 0, 0, 0],
+    2: [0, 0, 0, 0, 1, 1, 1, 1],
+    4: [0, 0, 1, 1, 2, 2, 3, 3],
+    8: [0, 1, 2, 3, 4, 5, 6, 7],
+}
+
+
 @pytest.mark.parametrize("n_kv", [1, 2, 4, 8])
 @pytest.mark.parametrize("attn_type", ["global", "local"])
 def test_gqa_equals_mha_on_expanded_kv(n_kv, attn_type):
     cfg = tiny_cfg(n_kv=n_kv, window=5)
     gqa = random_attention(cfg, attn_type)
     mha = GroupedQueryAttention(dataclasses.replace(cfg, n_key_value_heads=8), attn_type)
+    heads = HEAD_MAP[n_kv]
     with torch.no_grad():
         for name in ("W_Q", "W_O", "b_Q", "b_O"):
             getattr(mha, name).copy_(getattr(gqa, name))
-        mha._W_K.copy_(gqa.W_K)
-        mha._W_V.copy_(gqa.W_V)
-        mha._b_K.copy_(gqa.b_K)
-        mha._b_V.copy_(gqa.b_V)
+        mha._W_K.copy_(gqa._W_K[heads])  # MHA head h gets KV head heads[h]'s weights
+        mha._W_V.copy_(gqa._W_V[heads])
+        mha._b_K.copy_(gqa._b_K[heads])
+        mha._b_V.copy_(gqa._b_V[heads])
     x = torch.randn(2, 12, cfg.d_model)
     cos, sin = rotary_identity(12, cfg.d_head)
     for fast in (True, False):
@@ -67,10 +78,67 @@ def test_gqa_equals_mha_on_expanded_kv(n_kv, attn_type):
         )
 
 
+def test_w_k_is_a_copy_edit_the_stored_tensor():
+    """`W_K` / `W_V` are expanded copies (the README says so): writing into them changes
+    nothing; `_W_K` is what the model uses."""
+    cfg = tiny_cfg(n_heads=8, n_kv=2)
+    attn = random_attention(cfg)
+    before = attn._W_K.detach().clone()
+    with torch.no_grad():
+        attn.W_K[0].zero_()
+    assert torch.equal(attn._W_K, before) and not torch.all(attn.W_K[0] == 0)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 8])
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_equals_transformers_llama_attention(n_kv, window):
+    """One layer against transformers' own LlamaAttention (eager, its repeat_kv and its
+    rotary) on the same weights: an expectation our code does not build."""
+    import einops
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    cfg = tiny_cfg(n_kv=n_kv, window=window)
+    attn = random_attention(cfg, "global" if window is None else "local")
+    with torch.no_grad():
+        for name in ("b_Q", "_b_K", "_b_V", "b_O"):  # LlamaAttention without attention_bias
+            getattr(attn, name).zero_()
+    hf_cfg = LlamaConfig(
+        hidden_size=cfg.d_model,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=cfg.d_head,
+        intermediate_size=cfg.d_mlp,
+        vocab_size=cfg.d_vocab,
+        attn_implementation="eager",
+    )
+    hf = LlamaAttention(hf_cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        hf.q_proj.weight.copy_(einops.rearrange(attn.W_Q, "n m h -> (n h) m"))
+        hf.k_proj.weight.copy_(einops.rearrange(attn._W_K, "k m h -> (k h) m"))
+        hf.v_proj.weight.copy_(einops.rearrange(attn._W_V, "k m h -> (k h) m"))
+        hf.o_proj.weight.copy_(einops.rearrange(attn.W_O, "n h m -> m (n h)"))
+    n_pos = 10
+    x = torch.randn(2, n_pos, cfg.d_model)
+    cos, sin = LlamaRotaryEmbedding(hf_cfg)(x, torch.arange(n_pos)[None])
+    i, j = torch.arange(n_pos)[:, None], torch.arange(n_pos)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    mask = torch.zeros(n_pos, n_pos).masked_fill(~allowed, float("-inf"))[None, None]
+    with torch.no_grad():
+        expected = hf(x, position_embeddings=(cos, sin), attention_mask=mask)[0]
+        for fast in (True, False):
+            torch.testing.assert_close(
+                attn(x, x, x, rotary=(cos[0], sin[0]), use_fast_path=fast),
+                expected,
+                atol=1e-5,
+                rtol=0,
+            )
+
+
 def test_head_h_reads_kv_head_h_floordiv_group():
     cfg = tiny_cfg(n_heads=8, n_kv=2)  # group 4: heads 0-3 -> KV 0, heads 4-7 -> KV 1
     attn = random_attention(cfg)
-    expected = [0, 0, 0, 0, 1, 1, 1, 1]
+    expected = HEAD_MAP[2]
     for h, kv in enumerate(expected):
         assert torch.equal(attn.W_K[h], attn._W_K[kv])
         assert torch.equal(attn.W_V[h], attn._W_V[kv])
@@ -136,10 +204,14 @@ def test_a_pattern_hook_switches_to_the_reference_path_and_can_patch():
     first = torch.zeros(1, 8, 6, 6)
     first[..., 0] = 1
     attn.hook_pattern.register_forward_hook(lambda m, i, out: first)
-    z_expected = torch.einsum("bpkh->bpkh", attn.calculate_qkv_matrices(x, x, x)[2][:, :1])
     out = attn(x, x, x, rotary=(cos, sin))
-    v0 = z_expected.repeat_interleave(4, dim=2).expand(1, 6, 8, cfg.d_head)
-    torch.testing.assert_close(out, torch.einsum("bqnh,nhm->bqm", v0, attn.W_O) + attn.b_O)
+    # Independently: every query head h reads V of KV head HEAD_MAP[2][h] at position 0,
+    # V computed here from the stored weights, not by calculate_qkv_matrices.
+    with torch.no_grad():
+        v = torch.einsum("bpm,kmh->bpkh", x, attn._W_V) + attn._b_V  # [1, 6, 2, d_head]
+        z = v[:, :1, HEAD_MAP[2]].expand(1, 6, 8, cfg.d_head)  # [1, 6, 8, d_head]
+        expected = sum(z[:, :, h] @ attn.W_O[h] for h in range(8)) + attn.b_O
+    torch.testing.assert_close(out, expected)
 
 
 def test_sliding_window_mask_matches_hf_rule():

@@ -421,3 +421,18 @@ def test_nonfinite_count_reads_the_bits_of_16_bit_floats():
     assert count_nonfinite(values.to(torch.float16).numpy(), "F16", chunk=4) == 4  # 3e38: inf
     assert count_nonfinite(values.numpy(), "F32", chunk=4) == 3
     assert count_nonfinite(np.arange(4, dtype=np.int32), "I32") == 0
+
+
+def test_a_source_file_unreadable_during_export_is_bad_input_not_an_output_error(bases, tmp_path):
+    """Reading SRC failed while the export was written (the copy of a tokenizer file, its
+    hash): that is the input's fault, exit 3, not 6."""
+    if not can_drop_root():
+        pytest.skip("running as root without CAP_SETPCAP: an unreadable file is readable")
+    src = tmp_path / "src"
+    shutil.copytree(bases["single"], src)
+    (src / "tokenizer.json").write_text('{"fake": "tokenizer"}')
+    (src / "tokenizer.json").chmod(0o000)
+    run = run_cli("convert", src, tmp_path / "out", "--no-verify", drop_root=True)
+    assert run.code == 3, run.stderr
+    assert "tokenizer.json" in run.message and "cannot read" in run.message, run.stderr
+    assert not (tmp_path / "out").exists() and work_folders(tmp_path) == []

@@ -97,3 +97,28 @@ def test_overwrite_replaces_only_checkpoint_folders(tmp_path):
     empty.mkdir()
     assert run_cli("convert", src, empty, "--overwrite").code == 0
     assert (empty / "conversion.json").exists()
+
+
+def test_the_progress_bar_counts_and_advances_in_written_bytes(tmp_path, monkeypatch):
+    """Its total was the source's bytes, its steps the written ones: with --dtype bfloat16
+    from float32 it stopped at half."""
+    from contextlib import contextmanager
+
+    import gqa_convert.cli as cli
+
+    seen = {}
+
+    @contextmanager
+    def recording_bar(description, total):
+        seen["total"], seen["done"] = total, 0
+        yield lambda n: seen.__setitem__("done", seen["done"] + n)
+
+    monkeypatch.setattr(cli, "progress_bar", recording_bar)
+    src = make_hf_checkpoint(tmp_path / "src", "llama")
+    for dtype in ("auto", "bfloat16"):
+        out = tmp_path / dtype
+        args = ["convert", str(src), str(out), "--no-verify", "--dtype", dtype]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        written = sum(info.nbytes for info in read_weights(out).values())
+        assert seen == {"total": written, "done": written}, dtype

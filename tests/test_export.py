@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -146,3 +147,102 @@ def test_overwrite_replaces_and_refusal_keeps(tmp_path):
     assert sha256(out / "model.safetensors") != before
     assert set(read_weights(out)) == set(read_weights(tmp_path / "out"))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_edit_to_a_tied_unembedding_reaches_hf_untied(tmp_path):
+    """Scale one column of a tied export's unembed.W_U: to-hf once wrote only the embedding,
+    transformers re-tied lm_head to it, and its logits differed from ours by 5, silently."""
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    src = make_hf_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=True)
+    out = convert(src, tmp_path / "ours")
+    arrays = load_np(out / "model.safetensors")
+    arrays["unembed.W_U"][:, 5] *= 4.0
+    save_np(arrays, out / "model.safetensors", metadata={"format": "pt"})
+    back = export_to_hf(out, tmp_path / "back")
+    config = json.loads((back / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    written = hf_tensors(back)
+    assert torch.equal(written["lm_head.weight"], torch.from_numpy(arrays["unembed.W_U"]).T)
+    assert torch.equal(
+        written["model.embed_tokens.weight"], hf_tensors(src)["model.embed_tokens.weight"]
+    )
+    tokens = random_tokens(16)
+    with torch.no_grad():
+        theirs = load_hf(back)(tokens).logits
+        ours = GQATransformer.from_pretrained(out)(tokens)
+        unedited = load_hf(src)(tokens).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    assert (theirs[..., 5] - unedited[..., 5]).abs().max() > 0.5  # the edit is there
+    # Unedited, the tied export still comes back tied and bit-identical (no lm_head).
+    same = export_to_hf(convert(src, tmp_path / "plain"), tmp_path / "plain-back")
+    assert json.loads((same / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in hf_tensors(same)
+
+
+def special_floats() -> torch.Tensor:
+    """fp32 values where rounding to bf16 / fp16 is delicate: ties both ways, the largest
+    finite values (which round to inf), subnormals, signed zeros, inf and NaN."""
+    bits = [
+        0x3F808000,  # 1 + 2^-8: a tie, even below -> stays
+        0x3F818000,  # a tie, odd below -> rounds up
+        0x3F80FFFF,  # above the tie -> up
+        0x3F807FFF,  # just below the tie -> down
+        0x7F7FFFFF,  # float32 max -> bf16 inf
+        0xFF7FFFFF,  # -max -> -inf
+        0x7F7F7FFF,  # below the bf16 max's tie -> bf16 max
+        0x00000001,  # smallest subnormal
+        0x80400000,  # a negative subnormal
+        0x00008000,  # a subnormal tie
+        0x80000000,  # -0.0
+        0x7F800000,  # inf
+        0xFF800000,  # -inf
+        0x7FC00000,  # NaN
+        0xFFC00001,  # negative NaN with a payload
+        0x7F800001,  # signalling NaN, whose rounding would carry into the exponent
+    ]
+    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.randn(4096, generator=generator) * 10.0 ** torch.randint(
+        -40, 39, (4096,), generator=generator
+    )
+    return torch.cat([special, spread])
+
+
+@pytest.mark.parametrize("dst", ["bfloat16", "float16"])
+def test_our_float32_cast_equals_torchs(dst):
+    """dtypes.cast, our numpy rounding, against torch's own .to(): bit for bit, NaN a NaN."""
+    from gqa_convert.checkpoint import DTYPES
+    from gqa_convert.dtypes import CODES, cast
+
+    values = special_floats()
+    ours = cast(values.numpy(), "F32", CODES[dst])
+    assert ours.dtype == DTYPES[CODES[dst]][0]
+    theirs = values.to(getattr(torch, dst))
+    ours = torch.from_numpy(ours.view(np.int16)).view(getattr(torch, dst))
+    nan = torch.isnan(theirs)
+    assert torch.equal(torch.isnan(ours), nan) and nan.sum() == 3
+    assert torch.equal(ours[~nan].view(torch.int16), theirs[~nan].view(torch.int16))
+
+
+def test_a_float32_source_converted_to_bfloat16_equals_torchs_cast(tmp_path):
+    """Every other cast test started from bf16: this one runs the rounding, on real weights
+    and a NaN (--allow-nonfinite), through convert."""
+    from safetensors.torch import save_file
+
+    src = make_hf_checkpoint(tmp_path / "src", "llama")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("nan")
+    tensors["model.layers.0.mlp.up_proj.weight"].view(-1)[:16] = special_floats()[:16]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = convert(src, tmp_path / "out", dtype="bfloat16", allow_nonfinite=True)
+    written = load_file(out / "model.safetensors")
+    up = written["blocks.0.mlp.W_in"]  # [d_model, d_mlp] = up_proj.T
+    expected = tensors["model.layers.0.mlp.up_proj.weight"].T.to(torch.bfloat16)
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(up), nan) and nan.sum() == 3
+    assert torch.equal(up[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    assert torch.isnan(written["ln_final.w"][3]) and written["ln_final.w"].dtype == torch.bfloat16
+    norm = tensors["model.norm.weight"].to(torch.bfloat16)
+    assert torch.equal(written["ln_final.w"][:3], norm[:3])

@@ -339,3 +339,77 @@ def test_push_to_after_a_forced_failed_verification_writes_but_does_not_push(hub
     assert manifest(out)["verification"]["status"] == "failed-forced"
     assert [r for r in hub.requests[sent:] if "dst" in r.path] == []
     assert hub.repo("org/dst") is None
+
+
+# --- verify and inspect a repo id ----------------------------------------------------------
+
+
+def test_verify_a_hub_repo_id_online_pinned_and_offline(hub, tmp_path):
+    """`verify org/src` resolves the repo as `convert` does (it said `no such folder`)."""
+    from gqa_convert.verify import verify
+
+    hub.create_repo("org/private", private=True)
+    first = publish(hub, tmp_path, repo_id="org/private", seed=0)
+    publish(hub, tmp_path, repo_id="org/private", seed=1)
+    report = verify("org/private", revision=first, token=HUB_TOKEN, seq_len=16)
+    assert report.passed, report.summary()
+    assert report.reference["source"] == "org/private" and report.reference["revision"] == first
+    run = gqa("verify", "org/private", "--json", "--seq-len", 16, token=HUB_TOKEN)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["passed"] is True
+    assert_secret_absent(HUB_TOKEN, run.stdout, run.stderr)
+    sent = len(hub.requests)
+    run = gqa("verify", "org/private", "--json", "--seq-len", 16, HF_HUB_OFFLINE="1")
+    assert run.returncode == 0, run.stderr
+    assert len(hub.requests) == sent  # from the cache
+    run = gqa("verify", "org/nothing", "--seq-len", 16, token=HUB_TOKEN)
+    assert run.returncode == 7 and "org/nothing: repository not found" in run.stderr
+
+
+def test_inspect_a_hub_repo_id_fetches_headers_only(hub, tmp_path):
+    from gqa_convert.inspection import inspect_checkpoint
+
+    sha = publish(hub, tmp_path, max_shard_size="100KB", tie_word_embeddings=True)
+    local = inspect_checkpoint(tmp_path / "published" / "org--src")
+    sent = len(hub.requests)
+    remote = inspect_checkpoint("org/src", token=HUB_TOKEN)
+    assert remote["revision"] == sha and remote["source"] == "org/src"
+    fetched = remote.pop("fetched")
+    assert {k: v for k, v in remote.items() if k not in ("source", "revision")} == {
+        k: v for k, v in local.items() if k != "source"
+    }
+    shards = [n for n in remote["files"] if n.endswith(".safetensors")]
+    assert len(shards) > 1
+    for name in shards:
+        assert fetched[name] < remote["files"][name]["bytes"] / 10, (name, fetched[name])
+        gets = [r for r in hub.requests[sent:] if r.method == "GET" and r.path.endswith("/" + name)]
+        assert [(r.status, r.range) for r in gets] == [
+            (206, "bytes=0-7"),
+            (206, f"bytes=8-{fetched[name] - 1}"),
+        ]
+    run = gqa("inspect", "org/src", "--json", token=HUB_TOKEN)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["fetched"] == fetched
+    run = gqa("inspect", "org/src", "--revision", "nope")
+    assert run.returncode == 7 and "revision 'nope' not found" in run.stderr
+    run = gqa("inspect", "org/never-fetched", HF_HUB_OFFLINE="1")
+    assert run.returncode == 7 and "not (fully) in the local cache" in run.stderr
+
+
+def test_the_token_read_for_a_private_hub_source_never_reaches_output_or_files(hub, tmp_path):
+    """The token-leak check where a token is actually read: a private source, every command
+    that takes SRC, with --debug (tracebacks and debug logs on)."""
+    hub.create_repo("org/private", private=True)
+    publish(hub, tmp_path, repo_id="org/private")
+    out = tmp_path / "out"
+    runs = [
+        gqa("--debug", "convert", "org/private", out, "--seq-len", 16, token=HUB_TOKEN),
+        gqa("--debug", "verify", "org/private", "--seq-len", 16, "--token", HUB_TOKEN),
+        gqa("--debug", "inspect", "org/private", "--json", token=HUB_TOKEN),
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert_secret_absent(HUB_TOKEN, run.stdout, run.stderr)
+    # The token was read and sent: the server saw alice on the private repo's files.
+    assert any(r.user == "alice" and "/org/private/resolve/" in r.path for r in hub.requests)
+    assert_secret_absent(HUB_TOKEN, folders=(out, tmp_path / "hf-home"))

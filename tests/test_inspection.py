@@ -72,3 +72,30 @@ def test_parameter_count_matches_hf(tmp_path, tied):
     info = inspect_checkpoint(tmp_path / "src")
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     assert info["tied_embeddings"] is tied and info["qkv_bias"] is True
+
+
+VERIFY_PEAK = """
+import resource, sys
+from gqa_convert.verify import verify
+report = verify(sys.argv[1])
+assert report.passed, report.summary()
+print(report.tokens, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_the_verify_memory_estimate_bounds_a_measured_verify_run(tmp_path):
+    """A large vocabulary and the longest default input: the logit statistics' float64
+    temporaries (1.8 GB here before they were chunked) must fit in the upper bound."""
+    import subprocess
+    import sys
+
+    src = make_hf_checkpoint(tmp_path / "src", "mistral", vocab_size=32000, sliding_window=900)
+    estimate = inspect_checkpoint(src)["estimated_peak_memory_bytes"]["verify"]
+    run = subprocess.run(
+        [sys.executable, "-c", VERIFY_PEAK, str(src)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    tokens, peak = map(int, run.stdout.split())
+    assert tokens == 964  # the default: 64 past the window
+    assert peak <= estimate, (peak / 1e6, estimate / 1e6)

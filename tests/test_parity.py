@@ -103,3 +103,49 @@ def test_a_wrong_rope_theta_is_caught_by_parity(tmp_path):
     with torch.no_grad():
         diff = (model(tokens) - load_hf(src)(tokens).logits).abs().max()
     assert diff > 1e-3
+
+
+@pytest.mark.parametrize("max_window_layers", [None, 0, 2, 30, 40])
+def test_qwen2_max_window_layers_follows_transformers(max_window_layers):
+    """A config.json without `layer_types` (older Qwen2 files): which layers use the window
+    is what transformers' own Qwen2Config says, its default (28) and 0 included."""
+    from transformers import Qwen2Config
+
+    from gqa_convert.config import from_hf
+
+    hf = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 30,
+        "intermediate_size": 96,
+        "vocab_size": 128,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": True,
+        "sliding_window": 8,
+    }
+    if max_window_layers is not None:
+        hf["max_window_layers"] = max_window_layers
+    expected = Qwen2Config(**hf).layer_types
+    names = {"full_attention": "global", "sliding_attention": "local"}
+    assert list(from_hf(hf).attn_types) == [names[t] for t in expected]
+
+
+def test_qwen2_with_max_window_layers_0_converts_with_parity(tmp_path):
+    import json
+
+    from gqa_convert.verify import verify
+
+    src = make_hf_checkpoint(
+        tmp_path / "src", "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0
+    )
+    config = json.loads((src / "config.json").read_text())
+    assert config.pop("layer_types") == ["sliding_attention"] * 3
+    (src / "config.json").write_text(json.dumps(config))
+    assert load_hf_config(src).attn_types == ("local",) * 3
+    report = verify(src, seq_len=40)
+    assert report.passed, report.summary()
+    assert report.regimes["sliding_window"]["exercised"]

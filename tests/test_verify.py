@@ -290,6 +290,17 @@ def test_cli_verify_a_broken_export_exits_5(tmp_path, llama):
     table = run_cli("verify", llama, out, "--seq-len", 32)
     assert table.exit_code == 5
     assert "first divergence: layer 1, k" in table.output and "FAILED" in table.output
+    # The table says which figures decide and which are only reported.
+    rows = {line.split("│")[1].strip(): line for line in table.output.splitlines() if "│" in line}
+    for name in (
+        "mean |logit diff|",
+        "max |log-prob diff|",
+        "KL(HF || ours) mean",
+        "top-5 overlap",
+    ):
+        assert "not gated" in rows[name], name
+    for name in ("max |logit diff|", "KL(HF || ours) max", "top-1 agreement"):
+        assert "not gated" not in rows[name] and ("<=" in rows[name] or ">=" in rows[name])
 
 
 def test_cli_verify_prompts(tmp_path):
@@ -416,3 +427,163 @@ def test_a_tokenizer_transformers_cannot_read_is_bad_input(tmp_path):
     assert run.code == 3, run.stderr
     assert str(src) in run.message and "tokenizer" in run.message
     assert "Traceback" not in run.stderr
+
+
+# ---- non-finite values fail the gate and are named -----------------------------------------
+
+
+def test_a_nan_column_in_the_unembedding_fails_with_figures_that_are_not_zero(tmp_path, llama):
+    """Python's max(0.0, nan) is 0.0: the report once said max |logit diff| 0 for this."""
+
+    def nan_column(cfg, state):
+        state["unembed.W_U"][:, 7] = float("nan")
+        return cfg, state
+
+    out = M.mutate_export(convert(llama, tmp_path / "out"), nan_column)
+    result = run_cli("verify", llama, out, "--json", "--seq-len", 32)
+    assert result.exit_code == 5, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] is False
+    for key in ("max_abs_logit_diff", "kl_max", "max_abs_logprob_diff", "mean_abs_logit_diff"):
+        assert report[key] in ("inf", "nan"), (key, report[key])
+    assert report["nonfinite_logits"][0] == {
+        "sequence": 0,
+        "position": 0,
+        "token_id": report["nonfinite_logits"][0]["token_id"],
+        "side": "ours",
+    }
+    assert "non-finite logits at 32 position(s)" in report["failures"][0]
+
+
+def nan_at(position: int):
+    """A forward hook putting NaN into one position of a [batch, pos, d] output."""
+
+    def hook(_module, _inputs, out):
+        out = out.clone()
+        out[:, position] = float("nan")
+        return out
+
+    return hook
+
+
+def test_a_nan_at_one_position_fails_and_is_named(llama):
+    """One NaN position of 128 leaves top-1 agreement at 0.992 (over 0.99): it passed."""
+    model = convert_in_memory(llama)
+    model.ln_final.register_forward_hook(nan_at(5))
+    report = verify(llama, model=model)
+    assert not report.passed
+    assert report.tokens == 128 and report.top1_agreement >= 127 / 128
+    first = report.nonfinite_logits[0]
+    assert (first["sequence"], first["position"], first["side"]) == (0, 5, "ours")
+    assert report.nonfinite_activations["ln_final"]["position"] == 5
+    assert report.nonfinite_activations["ln_final"]["side"] == "ours"
+    assert report.max_abs_logit_diff == float("inf")
+    assert "position 5" in report.summary() and "our model" in report.summary()
+
+
+def test_a_nan_on_the_hf_side_is_named_as_the_hf_models(llama):
+    reference = load_reference(llama)
+    reference.model.layers[1].register_forward_hook(
+        lambda m, i, out: nan_at(3)(m, i, out[0] if isinstance(out, tuple) else out)
+    )
+    report = verify(llama, reference=reference, seq_len=16)
+    assert not report.passed
+    assert report.nonfinite_activations["resid_post.1"] == {
+        "sequence": 0,
+        "position": 3,
+        "side": "hf",
+        "token_id": report.nonfinite_activations["resid_post.1"]["token_id"],
+    }
+    assert "embed" not in report.nonfinite_activations
+    assert "resid_post.0" not in report.nonfinite_activations
+    assert any("the HF model" in f for f in report.failures)
+
+
+# ---- edited exports fail cleanly -----------------------------------------------------------
+
+
+def add_a_layer(cfg, state):
+    """One more block, a copy of the last: an edit no HF checkpoint of SRC has."""
+    last = cfg.n_layers - 1
+    for name in [n for n in state if n.startswith(f"blocks.{last}.")]:
+        state[name.replace(f"blocks.{last}.", f"blocks.{cfg.n_layers}.", 1)] = state[name].clone()
+    return replace(cfg, n_layers=cfg.n_layers + 1, attn_types=(*cfg.attn_types, "global")), state
+
+
+def edit_export_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_an_export_with_one_layer_more_than_src_is_bad_input(tmp_path, llama):
+    from tests.cli_subprocess import run_cli as run_process
+
+    out = M.mutate_export(convert(llama, tmp_path / "out"), add_a_layer)
+    run = run_process("verify", llama, out, "--seq-len", 16)
+    assert run.code == 3, run.stderr
+    assert "Traceback" not in run.stderr and "internal error" not in run.stderr
+    assert "n_layers = 4" in run.message and "3" in run.message and str(out) in run.message
+
+
+@pytest.mark.parametrize(
+    ("edit", "names"),
+    [
+        ({"d_mlp": 100}, ("9 problems", "blocks.0.mlp.W_gate", "[64, 96]", "[64, 100]")),
+        (
+            {"n_layers": 2, "attn_types": ["global"] * 2},
+            ("not implied by config.json", "blocks.2."),
+        ),
+        ({"n_layers": 4, "attn_types": ["global"] * 4}, ("missing from the export", "blocks.3.")),
+        ({"attn_types": ["global"] * 2}, ("attn_types", "2 entries", "n_layers = 3")),
+        ({"attn_types": ["global", "local", "global"]}, ("attn_types", "sliding_window")),
+        ({"rope": {"thetta": 1.0}}, ("config.json", "thetta")),
+    ],
+    ids=["shape", "fewer-layers", "more-layers", "attn_types-length", "local-no-window", "rope"],
+)
+def test_an_export_disagreeing_with_its_config_is_bad_input(tmp_path, llama, edit, names):
+    from gqa_convert.errors import BadInputError
+    from gqa_convert.to_hf import export_to_hf
+    from tests.cli_subprocess import run_cli as run_process
+
+    out = convert(llama, tmp_path / "out")
+    edit_export_config(out, **edit)
+    run = run_process("verify", llama, out, "--seq-len", 16)
+    assert run.code == 3, run.stderr
+    assert "Traceback" not in run.stderr and "internal error" not in run.stderr
+    for name in names:
+        assert name in run.message, run.stderr
+    with pytest.raises(BadInputError) as caught:
+        export_to_hf(out, tmp_path / "back")
+    assert all(name in str(caught.value).splitlines()[0] for name in names), caught.value
+    assert not (tmp_path / "back").exists()
+
+
+def test_an_attn_types_of_the_wrong_length_is_not_reset_to_global(tmp_path, mistral):
+    """It was: the window silently dropped, so the export ran as a different model."""
+    from gqa_convert import GQATransformer
+    from gqa_convert.errors import BadInputError
+
+    out = convert(mistral, tmp_path / "out")
+    edit_export_config(out, attn_types=["local"] * 2)
+    with pytest.raises(BadInputError, match=r"attn_types has 2 entries, n_layers = 3"):
+        GQATransformer.from_pretrained(out)
+
+
+def test_a_vocab_json_and_merges_txt_tokenizer_is_used_and_the_report_says_so(tmp_path):
+    """A BPE tokenizer without tokenizer.json (as transformers' slow files) was ignored:
+    the check silently ran on random ids."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    src = make_hf_checkpoint(tmp_path / "src", "qwen2", vocab_size=260)
+    vocab = {char: i for i, char in enumerate(sorted(ByteLevel.alphabet()))}  # 256 byte ids
+    (src / "vocab.json").write_text(json.dumps(vocab))
+    (src / "merges.txt").write_text("#version: 0.2\n")
+    report = verify(src, prompts=["Hello"], seq_len=24)
+    assert report.passed, report.summary()
+    assert report.inputs == "tokenizer" and report.sequences == 2
+    assert report.tokens == 24 + 5  # "Hello": five bytes, five ids
+    assert "vocab.json" in report.inputs_detail and "1 prompt" in report.inputs_detail
+    random = verify(make_hf_checkpoint(tmp_path / "bare", "llama"), seq_len=8)
+    assert random.inputs == "random" and "random token ids" in random.inputs_detail
