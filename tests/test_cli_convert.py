@@ -103,6 +103,7 @@ def test_the_progress_bar_counts_and_advances_in_written_bytes(tmp_path, monkeyp
     """Its total was the source's bytes, its steps the written ones: with --dtype bfloat16
     from float32 it stopped at half."""
     from contextlib import contextmanager
+    from types import SimpleNamespace
 
     import gqa_convert.cli as cli
 
@@ -111,7 +112,10 @@ def test_the_progress_bar_counts_and_advances_in_written_bytes(tmp_path, monkeyp
     @contextmanager
     def recording_bar(description, total):
         seen["total"], seen["done"] = total, 0
-        yield lambda n: seen.__setitem__("done", seen["done"] + n)
+        yield SimpleNamespace(
+            advance=lambda n: seen.__setitem__("done", seen["done"] + n),
+            describe=lambda text: None,
+        )
 
     monkeypatch.setattr(cli, "progress_bar", recording_bar)
     src = make_hf_checkpoint(tmp_path / "src", "llama")
