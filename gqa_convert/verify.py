@@ -99,7 +99,23 @@ DEFAULT_SENTENCES = (
 )
 
 # Inside one block, in forward order.
-COMPONENTS = ("ln1", "q", "k", "v", "rot_q", "rot_k", "attn_out", "ln2", "mlp_out", "resid_post")
+# q_norm / k_norm only where the family has them (Qwen3, OLMo2). Post-norm blocks (OLMo2)
+# run ln1 after attention and ln2 after the MLP: POST_NORM_COMPONENTS.
+COMPONENTS = (
+    "ln1",
+    "q",
+    "k",
+    "v",
+    "q_norm",
+    "k_norm",
+    "rot_q",
+    "rot_k",
+    "attn_out",
+    "ln2",
+    "mlp_out",
+    "resid_post",
+)
+POST_NORM_COMPONENTS = (*COMPONENTS[1:9], "ln1", "mlp_out", "ln2", "resid_post")
 
 
 @dataclass
@@ -320,21 +336,29 @@ def _hooks(pairs: Iterable[tuple[nn.Module, Callable[[Tensor], None]]]):
 
 
 def _hf_points(hf: nn.Module, blocks: Sequence[int]) -> dict[str, nn.Module]:
-    """HF modules whose outputs we compare: the stream, and the components of `blocks`."""
+    """HF modules whose outputs we compare: the stream, and the components of `blocks`.
+
+    Post-norm blocks (OLMo2: `post_feedforward_layernorm`) compare ln1 / attn_out with the
+    norm after attention and ln2 / mlp_out with the norm after the MLP, as our ln1 / ln2 are
+    those norms. A fused `qkv_proj` (Phi-3) is read whole and split in `_hf_rotated`."""
     body = hf.model
     points = {"embed": body.embed_tokens, "ln_final": body.norm}
     points.update({f"resid_post.{i}": block for i, block in enumerate(body.layers)})
     for i in blocks:
-        block = body.layers[i]
+        block, attn = body.layers[i], body.layers[i].self_attn
+        post = getattr(block, "post_feedforward_layernorm", None)
         parts = {
-            "ln1": block.input_layernorm,
-            "q": block.self_attn.q_proj,
-            "k": block.self_attn.k_proj,
-            "v": block.self_attn.v_proj,
-            "attn_out": block.self_attn,
-            "ln2": block.post_attention_layernorm,
-            "mlp_out": block.mlp,
+            "ln1": block.post_attention_layernorm if post else block.input_layernorm,
+            "attn_out": block.post_attention_layernorm if post else attn,
+            "ln2": post or block.post_attention_layernorm,
+            "mlp_out": post or block.mlp,
         }
+        for name in ("q", "k", "v", "qkv"):
+            if hasattr(attn, f"{name}_proj"):
+                parts[name] = getattr(attn, f"{name}_proj")
+        for name in ("q_norm", "k_norm"):
+            if isinstance(getattr(attn, name, None), nn.Module):
+                parts[name] = getattr(attn, name)
         points.update({f"{name}.{i}": module for name, module in parts.items()})
     return points
 
@@ -349,30 +373,44 @@ def _our_points(model: GQATransformer, blocks: Sequence[int]) -> dict[str, nn.Mo
             "q": block.attn.hook_q,
             "k": block.attn.hook_k,
             "v": block.attn.hook_v,
+            "q_norm": block.attn.q_norm,
+            "k_norm": block.attn.k_norm,
             "rot_q": block.attn.hook_rot_q,
             "rot_k": block.attn.hook_rot_k,
             "attn_out": block.hook_attn_out,
             "ln2": block.ln2,
             "mlp_out": block.hook_mlp_out,
         }
-        points.update({f"{name}.{i}": module for name, module in parts.items()})
+        points.update({f"{name}.{i}": m for name, m in parts.items() if m is not None})
     return points
 
 
 def _hf_rotated(hf: nn.Module, blocks: Sequence[int], acts: dict[str, Any]) -> None:
     """Give HF's q / k / v our shape [batch, pos, head, d_head] and add q / k after HF's own
-    rotary (its `apply_rotary_pos_emb`, with the cos / sin its forward computed)."""
+    rotary (its `apply_rotary_pos_emb`, with the cos / sin its forward computed), applied to
+    q / k after their norm where the family has one, and not at all on a layer without
+    rotary (SmolLM3's `use_rope = False`)."""
     cos, sin = acts.pop("rotary")
     for i in blocks:
         attn = hf.model.layers[i].self_attn
+        if f"qkv.{i}" in acts:  # Phi-3's fused projection: rows q, then k, then v
+            n_kv = hf.config.num_key_value_heads * attn.head_dim
+            qkv = acts.pop(f"qkv.{i}")
+            sizes = [qkv.shape[-1] - 2 * n_kv, n_kv, n_kv]
+            acts[f"q.{i}"], acts[f"k.{i}"], acts[f"v.{i}"] = qkv.split(sizes, dim=-1)
         for name in ("q", "k", "v"):
             b, p, _ = acts[f"{name}.{i}"].shape
             acts[f"{name}.{i}"] = acts[f"{name}.{i}"].view(b, p, -1, attn.head_dim)
-        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         # HF rotates [batch, head, pos, d_head]; ours is [batch, pos, head, d_head].
-        q, k = (acts[f"{name}.{i}"].transpose(1, 2) for name in ("q", "k"))
-        rot_q, rot_k = apply_rotary(q, k, cos, sin)
-        acts[f"rot_q.{i}"], acts[f"rot_k.{i}"] = rot_q.transpose(1, 2), rot_k.transpose(1, 2)
+        q, k = (acts.get(f"{name}_norm.{i}", acts[f"{name}.{i}"]) for name in ("q", "k"))
+        q, k = (t.reshape(*t.shape[:2], -1, attn.head_dim) for t in (q, k))  # OLMo2's norms
+        if getattr(attn, "use_rope", True):
+            apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            q, k = (
+                t.transpose(1, 2)
+                for t in apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            )
+        acts[f"rot_q.{i}"], acts[f"rot_k.{i}"] = q, k
 
 
 def _compare(
@@ -430,7 +468,8 @@ def _localise(
             for name, err in _compare(hf, ours, tokens, blocks)[2].items():
                 errors[name] = max(errors.get(name, 0.0), err)
         for layer in blocks:
-            parts = {name: errors[f"{name}.{layer}"] for name in COMPONENTS}
+            order = COMPONENTS if ours.cfg.norm_placement == "pre" else POST_NORM_COMPONENTS
+            parts = {n: errors[f"{n}.{layer}"] for n in order if f"{n}.{layer}" in errors}
             bad = next((name for name, err in parts.items() if not err <= rtol), None)
             if bad is not None:
                 return {"layer": layer, "component": bad}, parts

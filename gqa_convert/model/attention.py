@@ -22,17 +22,10 @@ from torch import Tensor, nn
 
 from gqa_convert.config import ModelConfig
 from gqa_convert.model.hooks import HookPoint
+from gqa_convert.model.norm import apply_qk_norm, qk_norm
+from gqa_convert.model.rotary import apply_rotary
 
-
-def apply_rotary(
-    x: Float[Tensor, "batch pos head d_head"],
-    cos: Float[Tensor, "pos d_head"],
-    sin: Float[Tensor, "pos d_head"],
-) -> Float[Tensor, "batch pos head d_head"]:
-    """HF's rotate-half convention: pairs (i, i + d_head/2) rotate together."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+__all__ = ["GroupedQueryAttention", "apply_rotary", "attention_mask"]
 
 
 def attention_mask(
@@ -73,7 +66,11 @@ class GroupedQueryAttention(nn.Module):
         self._b_K = nn.Parameter(torch.zeros(k, h))
         self._b_V = nn.Parameter(torch.zeros(k, h))
         self.b_O = nn.Parameter(torch.zeros(m))
-        self.attn_scale = h**0.5
+        # Scores are divided by attn_scale: sqrt(d_head), or 1 / Granite's attention_multiplier.
+        self.attn_scale = 1 / cfg.attention_multiplier if cfg.attention_multiplier else h**0.5
+        # RMSNorm of q and k before rotary (Qwen3 per head, OLMo2 over the projection), or None.
+        self.q_norm = qk_norm(cfg.qk_norm, n, h, cfg.eps)
+        self.k_norm = qk_norm(cfg.qk_norm, k, h, cfg.eps)
         if cfg.scale_attn_by_inverse_layer_idx and layer_id is not None:
             self.attn_scale *= layer_id + 1
 
@@ -153,11 +150,12 @@ class GroupedQueryAttention(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        cos: Float[Tensor, "pos d_head"],
-        sin: Float[Tensor, "pos d_head"],
+        cos: Float[Tensor, "pos rotary_dim"] | None,
+        sin: Float[Tensor, "pos rotary_dim"] | None,
         use_fast_path: bool | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         q, k, v = self.calculate_qkv_matrices(x, x, x)
+        q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
         q = self.hook_rot_q(apply_rotary(q, cos, sin))
         k = self.hook_rot_k(apply_rotary(k, cos, sin))
         window = self.cfg.sliding_window if self.attn_type == "local" else None

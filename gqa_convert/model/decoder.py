@@ -1,5 +1,10 @@
 """GQATransformer: embedding, RMSNorm, rotary, GQA blocks, gated SiLU MLP, unembedding.
 
+The families differ by a few named options of `ModelConfig`, each a line or two here or in
+the attention: `qk_norm` (model/norm.py), `norm_placement` "post" (ln1 / ln2 on the
+sublayer's output, OLMo2), Granite's four multipliers, `rope_layers` (no rotary on SmolLM3's
+NoPE layers), partial rotary and the rope scalings (model/rotary.py).
+
 Parameter names are TransformerLens HookedTransformer names (`embed.W_E`,
 `blocks.{l}.attn.W_Q`, `blocks.{l}.mlp.W_gate`, `unembed.W_U`, ...). The numerics follow
 HF's Llama: RMSNorm in fp32 then cast back, rotary cos/sin computed in fp32 then cast to
@@ -8,7 +13,6 @@ the compute dtype, softmax in fp32.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -16,36 +20,13 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from gqa_convert.config import ModelConfig, RopeConfig
+from gqa_convert.config import ModelConfig
 from gqa_convert.model.attention import GroupedQueryAttention
 from gqa_convert.model.hooks import HookPoint
+from gqa_convert.model.norm import RMSNorm
+from gqa_convert.model.rotary import cos_sin, length_dependent, rotary_inv_freq
 
-
-def rotary_inv_freq(rope: RopeConfig, d_head: int) -> Float[Tensor, " half_d_head"]:
-    """Inverse frequencies computed as HF does, in fp32 (llama3 smoothing included)."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, d_head, 2).float() / d_head))
-    if rope.type == "default":
-        return inv_freq
-    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
-    old_len = rope.original_max_position_embeddings
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d_model: int, eps: float):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(d_model))
-        self.eps = eps
-
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.w * x32.to(x.dtype)
+__all__ = ["GQATransformer", "RMSNorm", "rotary_inv_freq"]
 
 
 class GatedMLP(nn.Module):
@@ -85,10 +66,12 @@ class Unembed(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
+        self.cfg = cfg
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
         self.attn = GroupedQueryAttention(cfg, cfg.attn_types[layer_id], layer_id)
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
         self.mlp = GatedMLP(cfg)
+        self.use_rope = cfg.rope_layers[layer_id]
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
@@ -98,10 +81,19 @@ class TransformerBlock(nn.Module):
     def forward(
         self, resid: Tensor, cos: Tensor, sin: Tensor, use_fast_path: bool | None = None
     ) -> Tensor:
+        """Pre-norm: resid + m * sublayer(ln(resid)); post-norm: resid + m * ln(sublayer(resid)),
+        m being Granite's residual_multiplier (1 elsewhere). hook_attn_out / hook_mlp_out
+        see the sublayer's output before m (after the post-norm, as TransformerLens)."""
+        pre, m = self.cfg.norm_placement == "pre", self.cfg.residual_multiplier
+        if not self.use_rope:
+            cos = sin = None
         resid = self.hook_resid_pre(resid)
-        attn_out = self.attn(self.ln1(resid), cos, sin, use_fast_path)
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
-        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
+        attn_out = self.attn(self.ln1(resid) if pre else resid, cos, sin, use_fast_path)
+        attn_out = self.hook_attn_out(attn_out if pre else self.ln1(attn_out))
+        resid = self.hook_resid_mid(resid + attn_out * m)
+        mlp_out = self.mlp(self.ln2(resid) if pre else resid)
+        mlp_out = self.hook_mlp_out(mlp_out if pre else self.ln2(mlp_out))
+        return self.hook_resid_post(resid + mlp_out * m)
 
 
 class GQATransformer(nn.Module):
@@ -117,26 +109,30 @@ class GQATransformer(nn.Module):
         self.unembed = Unembed(cfg)
         # fp32 always, as HF's: a plain tensor, not a buffer, so `.to(bfloat16)` cannot round
         # the frequencies (a phase error growing with position). rotary() moves its device.
-        self.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.d_head)
+        self.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.rotary_dim, None, cfg.n_ctx)
 
     def rotary(self, n_pos: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [n_pos, d_head] in HF's convention (frequencies repeated twice)."""
-        inv_freq = self.rotary_inv_freq.to(self.embed.W_E.device, torch.float32)
-        pos = torch.arange(n_pos, device=inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq)  # [pos, d_head / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos, sin [n_pos, rotary_dim] in HF's convention (frequencies repeated twice).
+
+        dynamic and longrope frequencies depend on n_pos: recomputed for each call, as a
+        fresh HF model does for a sequence of this length."""
+        rope = self.cfg.rope
+        inv_freq = self.rotary_inv_freq
+        if length_dependent(rope):
+            inv_freq = rotary_inv_freq(rope, self.cfg.rotary_dim, n_pos, self.cfg.n_ctx)
+        inv_freq = inv_freq.to(self.embed.W_E.device, torch.float32)
+        return cos_sin(inv_freq, n_pos, rope.attention_factor, dtype)
 
     def forward(
         self, tokens: Int[Tensor, "batch pos"], use_fast_path: bool | None = None
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits. `use_fast_path`: None picks SDPA unless a hook reads scores or pattern;
         False forces the reference path (explicit scores, pattern, repeat_interleave)."""
-        resid = self.hook_embed(self.embed(tokens))
+        resid = self.hook_embed(self.embed(tokens)) * self.cfg.embedding_multiplier
         cos, sin = self.rotary(tokens.shape[1], resid.dtype)
         for block in self.blocks:
             resid = block(resid, cos, sin, use_fast_path)
-        return self.unembed(self.ln_final(resid))
+        return self.unembed(self.ln_final(resid)) / self.cfg.logits_scaling
 
     @classmethod
     def from_pretrained(
@@ -178,7 +174,7 @@ class GQATransformer(nn.Module):
         for name in zero:
             full[name] = torch.zeros(model.get_parameter(name).shape, dtype=ref_dtype)
         model.load_state_dict(full, assign=True, strict=True)
-        model.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.d_head)
+        model.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.rotary_dim, None, cfg.n_ctx)
         return model.to(device=device, dtype=dtype) if dtype else model.to(device)
 
 
