@@ -17,6 +17,7 @@ from gqa_convert.verify import verify
 from tests import mutations as M
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens, to_legacy_rope_spelling
 from tests.test_export import hf_tensors
+from tests.test_interop import needs_tl
 from tests.test_parity import assert_logits_match, hf_and_ours
 
 LINEAR = {"rope_type": "linear", "rope_theta": 10_000.0, "factor": 4.0}
@@ -281,3 +282,46 @@ def test_every_component_matches_on_a_correct_conversion(tmp_path, case):
     assert {"q", "k", "v", "rot_q", "rot_k", "attn_out", "ln1", "ln2", "mlp_out"} <= names
     assert ("q_norm" in names) == (model.cfg.qk_norm is not None)
     assert max(errors.values()) < 1e-5, errors
+
+
+TL_CASES = [
+    "qwen3",
+    "qwen3-sliding-upper-layers",
+    "qwen3-tied-mqa",
+    "rope-linear",
+    "rope-yarn",
+    "rope-yarn-mscale",
+    "phi3",
+    "phi3-partial-rotary-window",
+    "olmo2",
+    "olmo2-mha-yarn",
+]
+TL_REFUSED = {
+    "granite": "embedding_multiplier",
+    "smollm3-no-rope-layers": "no_rope_layers",
+    "rope-dynamic-past-n_ctx": "dynamic",
+    "phi3-longrope-long": "longrope",
+}
+
+
+@needs_tl
+@pytest.mark.parametrize("case", TL_CASES)
+def test_hooked_transformer_logits_equal_hf(tmp_path, case):
+    from gqa_convert.interop import to_hooked_transformer
+
+    src, n_pos = source(tmp_path, case)
+    model = to_hooked_transformer(convert(src, tmp_path / "out"))
+    tokens = random_tokens(n_pos)
+    with torch.no_grad():
+        assert_logits_match(model(tokens), load_hf(src)(tokens).logits)
+
+
+@needs_tl
+@pytest.mark.parametrize("case", TL_REFUSED)
+def test_hooked_transformer_refuses_what_tl_lacks(tmp_path, case):
+    from gqa_convert.interop import to_hooked_transformer
+
+    src, _ = source(tmp_path, case)
+    out = convert(src, tmp_path / "out")
+    with pytest.raises(UnsupportedModelError, match=TL_REFUSED[case]):
+        to_hooked_transformer(out)
