@@ -193,28 +193,29 @@ def tolerances_for(
     return replace(TOLERANCES[dtype], **overrides)
 
 
+def length_thresholds(cfg: ModelConfig) -> list[tuple[str, int]]:
+    """The sequence lengths past which the model computes differently: a sliding window,
+    llama3 / longrope's original_max_position_embeddings, dynamic NTK's n_ctx."""
+    found = [("sliding_window", cfg.sliding_window)]
+    if cfg.rope.type in ("llama3", "longrope"):
+        name = f"{cfg.rope.type}_original_max_position_embeddings"
+        found.append((name, cfg.rope.original_max_position_embeddings))
+    if cfg.rope.type == "dynamic":
+        found.append(("dynamic_max_position_embeddings", cfg.n_ctx))
+    return [(name, size) for name, size in found if size]
+
+
 def default_seq_len(cfg: ModelConfig) -> int:
-    """Long enough to cross a sliding window and llama3's original_max_position_embeddings
-    (by 64 tokens) when they are small; capped at MAX_DEFAULT_SEQ_LEN."""
-    need = DEFAULT_MIN_SEQ_LEN
-    if cfg.sliding_window:
-        need = max(need, cfg.sliding_window + 64)
-    if cfg.rope.type == "llama3" and cfg.rope.original_max_position_embeddings:
-        need = max(need, cfg.rope.original_max_position_embeddings + 64)
+    """Long enough to cross every length threshold (by 64 tokens) when they are small;
+    capped at MAX_DEFAULT_SEQ_LEN."""
+    need = max([DEFAULT_MIN_SEQ_LEN] + [size + 64 for _, size in length_thresholds(cfg)])
     return min(need, MAX_DEFAULT_SEQ_LEN)
 
 
 def regimes(cfg: ModelConfig, longest: int) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Which length-dependent behaviours the inputs reached, and those they did not."""
     found, missed = {}, []
-    checks = [("sliding_window", cfg.sliding_window)]
-    if cfg.rope.type == "llama3":
-        checks.append(
-            ("llama3_original_max_position_embeddings", cfg.rope.original_max_position_embeddings)
-        )
-    for name, size in checks:
-        if not size:
-            continue
+    for name, size in length_thresholds(cfg):
         exercised = longest > size
         found[name] = {"size": size, "exercised": exercised}
         if not exercised:
@@ -223,6 +224,15 @@ def regimes(cfg: ModelConfig, longest: int) -> tuple[dict[str, dict[str, Any]], 
                 f"pass --seq-len {size + 64} or longer)"
             )
     return found, missed
+
+
+def _fresh_rotary(hf: nn.Module) -> None:
+    """Reset HF's dynamic-NTK rotary to its initial frequencies: it keeps those of the
+    longest sequence seen so far, so each input is compared as a fresh model runs it."""
+    rotary = hf.model.rotary_emb
+    if "dynamic" in str(getattr(rotary, "rope_type", "")) and hasattr(rotary, "original_inv_freq"):
+        rotary.inv_freq = rotary.original_inv_freq.clone()
+        rotary.max_seq_len_cached = rotary.original_max_seq_len
 
 
 def has_tokenizer(src: Path) -> bool:
@@ -431,6 +441,7 @@ def _compare(
         )
 
     # rotary_emb returns (cos, sin); keep the pair, not its first element.
+    _fresh_rotary(hf)
     rotary = hf.model.rotary_emb.register_forward_hook(
         lambda _m, _i, out: acts.__setitem__("rotary", out)
     )

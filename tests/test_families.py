@@ -325,3 +325,29 @@ def test_hooked_transformer_refuses_what_tl_lacks(tmp_path, case):
     out = convert(src, tmp_path / "out")
     with pytest.raises(UnsupportedModelError, match=TL_REFUSED[case]):
         to_hooked_transformer(out)
+
+
+def test_the_gate_compares_each_input_with_a_fresh_dynamic_rotary(tmp_path):
+    """HF's dynamic NTK keeps the frequencies of the longest sequence it has seen; the gate
+    resets them, so a shorter input after a longer one is still compared as HF runs it."""
+    from gqa_convert.verify import load_reference
+
+    src, _ = source(tmp_path, "rope-dynamic-past-n_ctx")
+    hf = load_reference(src)
+    first = verify(src, reference=hf, seq_len=64)
+    second = verify(src, reference=hf, seq_len=40)
+    assert first.passed and second.passed, second.failures
+    assert second.regimes["dynamic_max_position_embeddings"] == {"size": 24, "exercised": True}
+
+
+@pytest.mark.parametrize(
+    ("case", "regime", "size"),
+    [
+        ("phi3-longrope-long", "longrope_original_max_position_embeddings", 16),
+        ("rope-dynamic-past-n_ctx", "dynamic_max_position_embeddings", 24),
+    ],
+)
+def test_the_default_inputs_cross_the_length_thresholds(tmp_path, case, regime, size):
+    src, _ = source(tmp_path, case)
+    report = verify(src)
+    assert report.passed and report.regimes[regime] == {"size": size, "exercised": True}
