@@ -351,3 +351,12 @@ def test_the_default_inputs_cross_the_length_thresholds(tmp_path, case, regime, 
     src, _ = source(tmp_path, case)
     report = verify(src)
     assert report.passed and report.regimes[regime] == {"size": size, "exercised": True}
+
+
+def test_help_names_every_family():
+    from gqa_convert.architectures import families
+    from gqa_convert.cli import HELP
+
+    text = HELP.lower().replace("-", "")
+    assert all(family.name in text for family in families())
+    assert all(rope in HELP for rope in ("linear", "dynamic", "yarn", "longrope", "llama3"))
