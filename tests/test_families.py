@@ -360,3 +360,43 @@ def test_help_names_every_family():
     text = HELP.lower().replace("-", "")
     assert all(family.name in text for family in families())
     assert all(rope in HELP for rope in ("linear", "dynamic", "yarn", "longrope", "llama3"))
+
+
+@pytest.mark.parametrize(
+    "case", ["rope-linear", "rope-dynamic-past-n_ctx", "rope-yarn", "phi3-longrope-long"]
+)
+def test_each_rope_scaling_is_engaged(tmp_path, case):
+    """The scaled frequencies (and attention factor) move the logits: a model that read the
+    rope as plain `default` at the same theta would fail the 1e-4 comparison."""
+    from gqa_convert.config import RopeConfig
+
+    src, n_pos = source(tmp_path, case)
+    plain = M.config_field("rope", RopeConfig(theta=10_000.0, partial_rotary_factor=0.5))
+    if not case.startswith("phi3"):
+        plain = M.config_field("rope", RopeConfig(theta=10_000.0))
+    model = M.mutated_model(src, plain)
+    tokens = random_tokens(n_pos)
+    with torch.no_grad():
+        diff = (model(tokens) - load_hf(src)(tokens).logits).abs().max()
+    assert diff > 1e-3
+
+
+def test_smollm3_sliding_window_without_layer_types_goes_on_the_nope_layers():
+    from gqa_convert.config import from_hf
+
+    hf = {
+        "architectures": ["SmolLM3ForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 4,
+        "intermediate_size": 96,
+        "vocab_size": 128,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "use_sliding_window": True,
+        "sliding_window": 8,
+        "no_rope_layers": [1, 0, 1, 0],
+    }
+    cfg = from_hf(hf)
+    assert cfg.attn_types == ("global", "local", "global", "local") and cfg.sliding_window == 8
+    assert cfg.rope_layers == (True, False, True, False) and cfg.tie_word_embeddings
