@@ -96,8 +96,9 @@ PromptsFileOpt = Annotated[
 SeqLenOpt = Annotated[
     int | None,
     typer.Option(
-        help="Tokens per input (default: 128, or 64 past a small sliding window / llama3 "
-        "original_max_position_embeddings; at most 1024)."
+        help="Tokens per input (default: 128, or 64 past a small sliding window, llama3 / "
+        "longrope original_max_position_embeddings or dynamic NTK max_position_embeddings; "
+        "at most 1024)."
     ),
 ]
 MaxLogitOpt = Annotated[float | None, typer.Option(help="Tolerance: max |logit diff|.")]

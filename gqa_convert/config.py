@@ -85,6 +85,8 @@ class ModelConfig:
     residual_multiplier: float = 1.0  # Granite: sublayer outputs times this, before the add
     logits_scaling: float = 1.0  # Granite: logits divided by this
     rope_layers: tuple[bool, ...] = ()  # False: the layer has no rotary (SmolLM3's NoPE)
+    norm_weight_in_fp32: bool = False  # OLMo2's RMSNorm: weight times fp32, then the cast
+    rotary_in_fp32: bool = False  # OLMo2: cos / sin stay fp32, q / k rotate in fp32
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_key_value_heads:
@@ -385,6 +387,8 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         dtype=str(dtype),
         qk_norm=family.fixed.get("qk_norm"),
         norm_placement=family.fixed.get("norm_placement", "pre"),
+        norm_weight_in_fp32=family.fixed.get("norm_weight_in_fp32", False),
+        rotary_in_fp32=family.fixed.get("rotary_in_fp32", False),
         embedding_multiplier=option("embedding_multiplier", float, 1.0),
         attention_multiplier=option("attention_multiplier", float, None),
         residual_multiplier=option("residual_multiplier", float, 1.0),

@@ -69,8 +69,7 @@ class GroupedQueryAttention(nn.Module):
         # Scores are divided by attn_scale: sqrt(d_head), or 1 / Granite's attention_multiplier.
         self.attn_scale = 1 / cfg.attention_multiplier if cfg.attention_multiplier else h**0.5
         # RMSNorm of q and k before rotary (Qwen3 per head, OLMo2 over the projection), or None.
-        self.q_norm = qk_norm(cfg.qk_norm, n, h, cfg.eps)
-        self.k_norm = qk_norm(cfg.qk_norm, k, h, cfg.eps)
+        self.q_norm, self.k_norm = qk_norm(cfg, n), qk_norm(cfg, k)
         if cfg.scale_attn_by_inverse_layer_idx and layer_id is not None:
             self.attn_scale *= layer_id + 1
 

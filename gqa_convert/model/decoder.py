@@ -67,9 +67,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.cfg = cfg
-        self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
         self.attn = GroupedQueryAttention(cfg, cfg.attn_types[layer_id], layer_id)
-        self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
         self.mlp = GatedMLP(cfg)
         self.use_rope = cfg.rope_layers[layer_id]
         self.hook_resid_pre = HookPoint()
@@ -105,7 +105,7 @@ class GQATransformer(nn.Module):
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
         self.unembed = Unembed(cfg)
         # fp32 always, as HF's: a plain tensor, not a buffer, so `.to(bfloat16)` cannot round
         # the frequencies (a phase error growing with position). rotary() moves its device.
@@ -129,7 +129,9 @@ class GQATransformer(nn.Module):
         """Logits. `use_fast_path`: None picks SDPA unless a hook reads scores or pattern;
         False forces the reference path (explicit scores, pattern, repeat_interleave)."""
         resid = self.hook_embed(self.embed(tokens)) * self.cfg.embedding_multiplier
-        cos, sin = self.rotary(tokens.shape[1], resid.dtype)
+        cos, sin = self.rotary(
+            tokens.shape[1], torch.float32 if self.cfg.rotary_in_fp32 else resid.dtype
+        )
         for block in self.blocks:
             resid = block(resid, cos, sin, use_fast_path)
         return self.unembed(self.ln_final(resid)) / self.cfg.logits_scaling

@@ -6,27 +6,34 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from gqa_convert.config import ModelConfig
+
 
 class RMSNorm(nn.Module):
-    """HF's RMSNorm: normalise in fp32, cast back, then scale by `w`."""
+    """HF's RMSNorm: normalise in fp32, cast back, then scale by `w`; with `weight_in_fp32`
+    (OLMo2's), scale in fp32, then cast back. The same in fp32."""
 
-    def __init__(self, d_model: int, eps: float):
+    def __init__(self, d_model: int, eps: float, weight_in_fp32: bool = False):
         super().__init__()
         self.w = nn.Parameter(torch.ones(d_model))
         self.eps = eps
+        self.weight_in_fp32 = weight_in_fp32
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_fp32:
+            return (self.w * x32).to(x.dtype)
         return self.w * x32.to(x.dtype)
 
 
-def qk_norm(kind: str | None, heads: int, d_head: int, eps: float) -> RMSNorm | None:
+def qk_norm(cfg: ModelConfig, heads: int) -> RMSNorm | None:
     """The q (or k) norm: over d_head, shared by the heads ("head", Qwen3), or over all
     heads' projection together ("proj", OLMo2, [heads * d_head] weights); None: no norm."""
-    if kind is None:
+    if cfg.qk_norm is None:
         return None
-    return RMSNorm(d_head if kind == "head" else heads * d_head, eps)
+    size = cfg.d_head if cfg.qk_norm == "head" else heads * cfg.d_head
+    return RMSNorm(size, cfg.eps, cfg.norm_weight_in_fp32)
 
 
 def apply_qk_norm(

@@ -115,5 +115,5 @@ def apply_rotary(
     x_rot, x_pass = x[..., :dim], x[..., dim:]
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    out = x_rot * cos[:, None, :] + rotated * sin[:, None, :]
+    out = (x_rot * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)  # fp32 cos: OLMo2
     return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
