@@ -239,5 +239,6 @@ def test_config_from_a_dict_with_transformer_lens_names():
     attn = GroupedQueryAttention(cfg)
     assert attn._W_K.shape == (2, 32, 4) and attn.W_K.shape == (8, 32, 4)
     assert not hasattr(attn, "hook_rot_q")  # TL's default positional type: no rotary here
-    with pytest.raises(UnsupportedModelError, match="use_qk_norm"):
-        GroupedQueryAttention({**cfg, "use_qk_norm": True})
+    assert GroupedQueryAttention({**cfg, "use_qk_norm": True}).q_norm.w.shape == (4,)
+    with pytest.raises(UnsupportedModelError, match="use_dynamic_ntk_rope"):
+        GroupedQueryAttention({**cfg, "use_dynamic_ntk_rope": True})

@@ -72,3 +72,20 @@ def test_parameter_count_matches_hf(tmp_path, tied):
     info = inspect_checkpoint(tmp_path / "src")
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     assert info["tied_embeddings"] is tied and info["qkv_bias"] is True
+
+
+def test_inspect_lists_the_family_quirks(tmp_path):
+    phi = make_hf_checkpoint(tmp_path / "phi", "phi3", partial_rotary_factor=0.5)
+    olmo = make_hf_checkpoint(tmp_path / "olmo", "olmo2")
+    granite = make_hf_checkpoint(tmp_path / "granite", "granite", logits_scaling=4.0)
+    assert inspect_checkpoint(phi)["quirks"] == {
+        "rotary_dim": "4 of 8 (partial rotary)",
+        "fused": {"qkv_proj": "W_Q, _W_K, _W_V", "gate_up_proj": "W_gate, W_in"},
+    }
+    assert set(inspect_checkpoint(olmo)["quirks"]) == {"qk_norm", "norm_placement"}
+    # GraniteConfig defaults attention_multiplier to 1.0: scores are not scaled by 1/sqrt(d)
+    assert inspect_checkpoint(granite)["quirks"] == {
+        "attention_multiplier": 1.0,
+        "logits_scaling": 4.0,
+    }
+    assert inspect_checkpoint(granite)["rope"] == {"theta": 10000.0, "type": "default"}

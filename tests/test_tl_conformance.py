@@ -272,7 +272,20 @@ def test_hook_q_sees_kv_heads_unexpanded_unless_ungrouped():
 @pytest.mark.parametrize(
     "overrides, attn_type, layer_id, error, field",
     [
-        ({"use_qk_norm": True}, "global", None, UnsupportedModelError, "use_qk_norm"),
+        (
+            {"original_architecture": "Olmo2ForCausalLM"},  # TL's own OLMo q/k norms
+            "global",
+            None,
+            UnsupportedModelError,
+            "original_architecture",
+        ),
+        (
+            {"use_dynamic_ntk_rope": True},  # Qwen-1's, not transformers' dynamic
+            "global",
+            None,
+            UnsupportedModelError,
+            "use_dynamic_ntk_rope",
+        ),
         (
             {"positional_embedding_type": "alibi"},
             "global",
