@@ -1,4 +1,4 @@
-"""gqa-convert: HF Llama-family checkpoints -> TransformerLens-layout GQA decoder.
+"""gqa-convert: HF GQA decoder checkpoints -> TransformerLens-layout GQA decoder.
 
 The pipeline, one module a stage: `hub` (resolve a repo id) -> `checkpoint` (safetensors
 I/O) -> `config` + `architectures` (config.json and the per-family tables in configs/) ->

@@ -3,7 +3,12 @@
 A family is data: which `architectures` / `model_type` names it answers to, which rows map
 HF tensors to ours, which source tensors are dropped on purpose, and the few values its
 modelling code hard-wires. `extends = "llama"` inherits every row of the parent and adds
-its own (a child row with the same target and `when` replaces the parent's).
+its own (a child row with the same target and `when` replaces the parent's; a dropped
+source, the same source and `when`).
+
+A fused source (Phi-3's `qkv_proj`, `gate_up_proj`) is several rows with the same source,
+each naming the parts its first axis is made of (`fused = ["(n h)", "(k h)", "(k h)"]`) and
+the one it takes (`part = 1`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 from gqa_convert.errors import UnsupportedModelError
 
-SLIDING_WINDOW_RULES = ("never", "always", "qwen2")
+SLIDING_WINDOW_RULES = ("never", "always", "qwen2", "no_rope_layers")
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,20 @@ class TensorRow:
     layout: str | None = None  # einops pattern, e.g. "(n h) m -> n m h"
     when: str | None = None  # a config flag: qkv_bias, o_bias, tied, untied
     drop: bool = False
+    fused: tuple[str, ...] = ()  # the parts of a fused source's first axis, as axis groups
+    part: int | None = None  # which of `fused` this row takes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fused", tuple(self.fused))
+        if bool(self.fused) != (self.part is not None) or (
+            self.fused and not 0 <= self.part < len(self.fused)
+        ):
+            raise ValueError(f"tensor row {self.source}: `fused` and `part` go together")
+
+    @property
+    def key(self) -> tuple[str | None, str | None]:
+        """What a child row replaces: the parent's row with the same key."""
+        return (self.target or self.source, self.when)
 
     @property
     def per_layer(self) -> bool:
@@ -40,7 +59,9 @@ class Family:
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
     sliding_window_rule: str
-    fixed: dict[str, Any]
+    fixed: dict[str, Any]  # values the family's code hard-wires (qkv_bias, qk_norm, ...)
+    defaults: dict[str, Any]  # config.json fields it reads beyond Llama's, with their defaults
+    rope_aliases: dict[str, str]  # rope_type spellings its config class renames
     rows: tuple[TensorRow, ...]
 
 
@@ -55,9 +76,7 @@ def _build(name: str) -> Family:
     rows = list(parent.rows) if parent else []
     for raw in table.get("tensors", []):
         row = TensorRow(**raw)
-        rows = [
-            r for r in rows if (r.target, r.source, r.when) != (row.target, row.source, row.when)
-        ]
+        rows = [r for r in rows if r.key != row.key]
         rows.append(row)
     rule = table.get("sliding_window_rule", parent.sliding_window_rule if parent else "never")
     if rule not in SLIDING_WINDOW_RULES:
@@ -68,6 +87,8 @@ def _build(name: str) -> Family:
         model_types=tuple(table.get("model_types", ())),
         sliding_window_rule=rule,
         fixed={**(parent.fixed if parent else {}), **table.get("fixed", {})},
+        defaults={**(parent.defaults if parent else {}), **table.get("defaults", {})},
+        rope_aliases={**(parent.rope_aliases if parent else {}), **table.get("rope_aliases", {})},
         rows=tuple(rows),
     )
 

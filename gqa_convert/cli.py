@@ -32,8 +32,19 @@ if TYPE_CHECKING:
     from gqa_convert.mapping import ConversionPlan
     from gqa_convert.verify import VerifyReport
 
+HELP = """Convert HF GQA decoder checkpoints to a TransformerLens-layout GQA model.
+
+Families (configs/*.toml): Llama; Mistral (sliding window); Qwen2 (q/k/v biases,
+sliding upper layers); Qwen3 (q/k RMSNorm per head); Phi-3/3.5/4-mini (fused qkv_proj and
+gate_up_proj, partial rotary, longrope); OLMo2 (post-norms, q/k RMSNorm over the
+projection); Granite (embedding/attention/residual multipliers, logits scaling);
+SmolLM3 (layers without rotary).
+
+Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
+Anything else is refused, naming the field."""
+
 app = typer.Typer(
-    help="Convert HF Llama-family checkpoints to a TransformerLens-layout GQA model.",
+    help=HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -91,8 +102,9 @@ PromptsFileOpt = Annotated[
 SeqLenOpt = Annotated[
     int | None,
     typer.Option(
-        help="Tokens per input (default: 128, or 64 past a small sliding window / llama3 "
-        "original_max_position_embeddings; at most 1024)."
+        help="Tokens per input (default: 128, or 64 past a small sliding window, llama3 / "
+        "longrope original_max_position_embeddings or dynamic NTK max_position_embeddings; "
+        "at most 1024)."
     ),
 ]
 MaxLogitOpt = Annotated[float | None, typer.Option(help="Tolerance: max |logit diff|.")]

@@ -7,6 +7,7 @@ derived: `head_dim` need not be d_model / n_heads, `rope_theta` need not be 1000
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from gqa_convert.architectures import Family, family_for
 from gqa_convert.errors import BadInputError, UnsupportedModelError
 
 FORMAT = "gqa-convert/1"
-ROPE_TYPES = ("default", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 ACTIVATIONS = ("silu",)
 # transformers' Qwen2Config default: with use_sliding_window and no max_window_layers,
 # layers from 28 on use the window (0: every layer does).
@@ -24,7 +25,14 @@ QWEN2_MAX_WINDOW_LAYERS = 28
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding settings. `llama3` scaling uses the four fields below it."""
+    """Rotary embedding settings, as transformers' `ROPE_INIT_FUNCTIONS` read them.
+
+    `factor`: linear, dynamic (NTK, against `ModelConfig.n_ctx`), yarn, llama3, longrope.
+    `low/high_freq_factor`: llama3. `original_max_position_embeddings`: llama3, yarn, and
+    longrope's switch from `short_factor` to `long_factor`. `beta_fast/beta_slow/truncate`:
+    yarn. `attention_factor` multiplies cos and sin (yarn, longrope; 1 otherwise).
+    `partial_rotary_factor`: rotary on the first `int(d_head * factor)` dims of each head.
+    """
 
     theta: float = 10_000.0
     type: str = "default"
@@ -32,6 +40,18 @@ class RopeConfig:
     low_freq_factor: float | None = None
     high_freq_factor: float | None = None
     original_max_position_embeddings: int | None = None
+    attention_factor: float = 1.0
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    truncate: bool = True
+    long_factor: tuple[float, ...] | None = None
+    short_factor: tuple[float, ...] | None = None
+    partial_rotary_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("long_factor", "short_factor"):  # JSON gives lists back
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,16 @@ class ModelConfig:
     dtype: str = "float32"
     # TransformerLens's 1/(layer_id+1) score scaling; no HF Llama-family model uses it.
     scale_attn_by_inverse_layer_idx: bool = False
+    # Decoder options, each off by default (Llama). See the README's family table.
+    qk_norm: str | None = None  # RMSNorm of q and k before rotary: "head" (Qwen3) or "proj" (OLMo2)
+    norm_placement: str = "pre"  # "post": ln1 / ln2 normalise the sublayer's output (OLMo2)
+    embedding_multiplier: float = 1.0  # Granite: embeddings times this
+    attention_multiplier: float | None = None  # Granite: the score scale, not 1/sqrt(d_head)
+    residual_multiplier: float = 1.0  # Granite: sublayer outputs times this, before the add
+    logits_scaling: float = 1.0  # Granite: logits divided by this
+    rope_layers: tuple[bool, ...] = ()  # False: the layer has no rotary (SmolLM3's NoPE)
+    norm_weight_in_fp32: bool = False  # OLMo2's RMSNorm: weight times fp32, then the cast
+    rotary_in_fp32: bool = False  # OLMo2: cos / sin stay fp32, q / k rotate in fp32
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_key_value_heads:
@@ -82,6 +112,24 @@ class ModelConfig:
                 "config.json: attn_types has 'local' layers, sliding_window is "
                 f"{self.sliding_window!r}"
             )
+        if not self.rope_layers:  # unstated: every layer rotates
+            object.__setattr__(self, "rope_layers", (True,) * self.n_layers)
+        if len(self.rope_layers) != self.n_layers:
+            raise BadInputError(
+                f"config.json: rope_layers has {len(self.rope_layers)} entries, n_layers = "
+                f"{self.n_layers}: expected one true / false per layer"
+            )
+        object.__setattr__(self, "rope_layers", tuple(bool(r) for r in self.rope_layers))
+        if self.qk_norm not in (None, "head", "proj") or self.norm_placement not in ("pre", "post"):
+            raise BadInputError(
+                f"config.json: qk_norm={self.qk_norm!r} (None, 'head' or 'proj'), "
+                f"norm_placement={self.norm_placement!r} ('pre' or 'post')"
+            )
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rotate (the first ones); the rest pass through."""
+        return int(self.d_head * self.rope.partial_rotary_factor)
 
     @property
     def group_size(self) -> int:
@@ -89,7 +137,13 @@ class ModelConfig:
         return self.n_heads // self.n_key_value_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **asdict(self), "attn_types": list(self.attn_types)}
+        data = asdict(self)
+        for name in ("attn_types", "rope_layers"):
+            data[name] = list(data[name])
+        for name in ("long_factor", "short_factor"):
+            if data["rope"][name] is not None:
+                data["rope"][name] = list(data["rope"][name])
+        return {"format": FORMAT, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -99,6 +153,7 @@ class ModelConfig:
         try:
             data["rope"] = RopeConfig(**data["rope"])
             data["attn_types"] = tuple(data["attn_types"])
+            data["rope_layers"] = tuple(data.get("rope_layers", ()))
             return cls(**data)
         except (KeyError, TypeError) as e:  # a missing, unknown or mistyped field
             raise BadInputError(
@@ -138,8 +193,12 @@ def _get(hf: dict, key: str, kind: type, default: Any = ...) -> Any:
     return value
 
 
-def _rope_from_hf(hf: dict) -> RopeConfig:
-    """Both spellings: `rope_parameters` (transformers 5) and `rope_theta` + `rope_scaling`."""
+def _rope_from_hf(hf: dict, family: Family, d_head: int) -> RopeConfig:
+    """Both spellings: `rope_parameters` (transformers 5) and `rope_theta` + `rope_scaling`.
+
+    Each value is read where transformers' `standardize_rope_params` and the rope type's
+    init function read it, with the same defaults.
+    """
     for key in ("rope_parameters", "rope_scaling"):
         if not isinstance(hf.get(key, {}), dict | None):
             raise BadInputError(f"config.json: field {key!r} = {hf[key]!r} is not an object")
@@ -153,35 +212,105 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
         where, params = "rope_scaling", dict(hf.get("rope_scaling") or {})
         params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = family.rope_aliases.get(rope_type, rope_type)
     if rope_type not in ROPE_TYPES:
         raise UnsupportedModelError(
             f"config.json: {where}.rope_type = {rope_type!r} is not supported "
             f"(supported: {', '.join(ROPE_TYPES)})"
         )
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    if partial != 1.0 and "partial_rotary_factor" not in family.defaults:
         raise UnsupportedModelError(
-            f"config.json: partial_rotary_factor = {partial!r} is not supported"
+            f"config.json: partial_rotary_factor = {partial!r} is not supported for "
+            f"{family.architectures[0]} (its modelling code rotates whole heads)"
         )
-    theta = _get(params, "rope_theta", float)
+    partial = _get({"partial_rotary_factor": partial}, "partial_rotary_factor", float)
+    dim = int(d_head * partial)
+    if dim % 2 or not 0 < partial <= 1:
+        raise BadInputError(
+            f"config.json: partial_rotary_factor = {partial} gives {dim} rotary dims of "
+            f"head_dim {d_head}: expected an even number > 0"
+        )
+    common = {"theta": _get(params, "rope_theta", float), "partial_rotary_factor": partial}
     if rope_type == "default":
-        return RopeConfig(theta=theta)
+        return RopeConfig(**common)
+    common["type"] = rope_type
+    if rope_type in ("linear", "dynamic"):
+        return RopeConfig(**common, factor=_get(params, "factor", float))
+    # transformers: a top-level original_max_position_embeddings (Phi-3's config class always
+    # has one) wins over rope_parameters'; max_position_embeddings is the last resort.
+    n_ctx = _get(hf, "max_position_embeddings", int)
+    top = hf.get("original_max_position_embeddings")
+    top = family.defaults.get("original_max_position_embeddings") if top is None else top
+    original = _get(
+        {"o": top} if top is not None else {"o": params.get("original_max_position_embeddings")},
+        "o",
+        int,
+        n_ctx,
+    )
+    if rope_type == "llama3":
+        return RopeConfig(
+            **common,
+            factor=_get(params, "factor", float),
+            low_freq_factor=_get(params, "low_freq_factor", float),
+            high_freq_factor=_get(params, "high_freq_factor", float),
+            original_max_position_embeddings=original,
+        )
+    factor = _get(params, "factor", float, None) or n_ctx / original
+    attention_factor = _get(params, "attention_factor", float, None)
+    if rope_type == "yarn":
+        if attention_factor is None:
+            mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+            attention_factor = (
+                _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+                if mscale and mscale_all
+                else _yarn_mscale(factor)
+            )
+        truncate = params.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise BadInputError(f"config.json: {where}.truncate = {truncate!r} is not a bool")
+        return RopeConfig(
+            **common,
+            factor=factor,
+            original_max_position_embeddings=original,
+            attention_factor=float(attention_factor),
+            beta_fast=float(params.get("beta_fast") or 32),
+            beta_slow=float(params.get("beta_slow") or 1),
+            truncate=truncate,
+        )
+    # longrope
+    if attention_factor is None:
+        attention_factor = (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        )
+    lists = {}
+    for name in ("long_factor", "short_factor"):
+        value = params.get(name)
+        if not (isinstance(value, list) and len(value) == dim // 2) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in value
+        ):
+            raise BadInputError(
+                f"config.json: {where}.{name} must be a list of {dim // 2} numbers "
+                f"(rotary dims / 2), found {value!r}"
+            )
+        lists[name] = tuple(float(x) for x in value)
     return RopeConfig(
-        theta=theta,
-        type=rope_type,
-        factor=_get(params, "factor", float),
-        low_freq_factor=_get(params, "low_freq_factor", float),
-        high_freq_factor=_get(params, "high_freq_factor", float),
-        original_max_position_embeddings=_get(
-            params,
-            "original_max_position_embeddings",
-            int,
-            _get(hf, "max_position_embeddings", int),
-        ),
+        **common,
+        factor=factor,
+        original_max_position_embeddings=original,
+        attention_factor=float(attention_factor),
+        **lists,
     )
 
 
-def _attn_types(hf: dict, family: Family, n_layers: int) -> tuple[tuple[str, ...], int | None]:
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _attn_types(
+    hf: dict, family: Family, rope_layers: tuple[bool, ...]
+) -> tuple[tuple[str, ...], int | None]:
+    n_layers = len(rope_layers)
     window = _get(hf, "sliding_window", int, None)
     layer_types = hf.get("layer_types")
     if layer_types is not None:
@@ -198,6 +327,9 @@ def _attn_types(hf: dict, family: Family, n_layers: int) -> tuple[tuple[str, ...
         types = ("global",) * n_layers
     elif family.sliding_window_rule == "always":
         types = ("local",) * n_layers
+    elif family.sliding_window_rule == "no_rope_layers":  # SmolLM3: the NoPE layers, if on
+        on = _get(hf, "use_sliding_window", bool, False)
+        types = tuple("local" if on and not rope else "global" for rope in rope_layers)
     else:  # qwen2
         on = _get(hf, "use_sliding_window", bool, False)
         first = hf.get("max_window_layers")
@@ -251,8 +383,17 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
                 f"num_attention_heads={n_heads}"
             )
         d_head = d_model // n_heads
-    attn_types, window = _attn_types(hf, family, n_layers)
+    rope_layers = _rope_layers(hf, family, n_layers)
+    attn_types, window = _attn_types(hf, family, rope_layers)
     attention_bias = _get(hf, "attention_bias", bool, False)
+    defaults = family.defaults
+
+    def option(name: str, kind: type, default: Any) -> Any:
+        """Hard-wired by the family, read from config.json if the family reads it, else off."""
+        if name in family.fixed:
+            return family.fixed[name]
+        return _get(hf, name, kind, defaults[name]) if name in defaults else default
+
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if not isinstance(dtype, str):
         raise BadInputError(f"config.json: field 'dtype' = {dtype!r} is not a dtype name")
@@ -269,14 +410,40 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         n_ctx=_get(hf, "max_position_embeddings", int),
         eps=_get(hf, "rms_norm_eps", float),
         act_fn=act,
-        rope=_rope_from_hf(hf),
+        rope=_rope_from_hf(hf, family, d_head),
         sliding_window=window,
         attn_types=attn_types,
-        tie_word_embeddings=_get(hf, "tie_word_embeddings", bool, False),
+        tie_word_embeddings=_get(
+            hf, "tie_word_embeddings", bool, defaults.get("tie_word_embeddings", False)
+        ),
         qkv_bias=family.fixed.get("qkv_bias", attention_bias),
         o_bias=family.fixed.get("o_bias", attention_bias),
         dtype=str(dtype),
+        qk_norm=family.fixed.get("qk_norm"),
+        norm_placement=family.fixed.get("norm_placement", "pre"),
+        norm_weight_in_fp32=family.fixed.get("norm_weight_in_fp32", False),
+        rotary_in_fp32=family.fixed.get("rotary_in_fp32", False),
+        embedding_multiplier=option("embedding_multiplier", float, 1.0),
+        attention_multiplier=option("attention_multiplier", float, None),
+        residual_multiplier=option("residual_multiplier", float, 1.0),
+        logits_scaling=option("logits_scaling", float, 1.0),
+        rope_layers=rope_layers,
     )
+
+
+def _rope_layers(hf: dict, family: Family, n_layers: int) -> tuple[bool, ...]:
+    """SmolLM3's `no_rope_layers` (1: rotary, 0: none), or its every-`interval`th NoPE."""
+    if "no_rope_layer_interval" not in family.defaults:
+        return (True,) * n_layers
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        every = _get(hf, "no_rope_layer_interval", int, family.defaults["no_rope_layer_interval"])
+        return tuple((i + 1) % every != 0 for i in range(n_layers))
+    if not isinstance(flags, list) or len(flags) != n_layers or any(f not in (0, 1) for f in flags):
+        raise BadInputError(
+            f"config.json: no_rope_layers = {flags!r}: expected {n_layers} entries of 0 / 1"
+        )
+    return tuple(bool(f) for f in flags)
 
 
 def load_hf_config(src: Path) -> ModelConfig:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gqa_convert.checkpoint import DTYPES
+from gqa_convert.config import ModelConfig, RopeConfig
 from gqa_convert.mapping import ConversionPlan, plan_conversion
 
 # Rough fixed costs of the processes, measured on this project's machines (see README).
@@ -105,7 +106,12 @@ def _describe(
         "d_head": cfg.d_head,
         "d_mlp": cfg.d_mlp,
         "d_vocab": cfg.d_vocab,
-        "rope": {k: v for k, v in vars(cfg.rope).items() if v is not None},
+        "rope": {
+            k: v
+            for k, v in vars(cfg.rope).items()
+            if k in ("theta", "type") or v != getattr(RopeConfig(), k)
+        },
+        "quirks": quirks(plan),
         "sliding_window": cfg.sliding_window,
         "local_attention_layers": [i for i, t in enumerate(cfg.attn_types) if t == "local"],
         "tied_embeddings": cfg.tie_word_embeddings,
@@ -123,6 +129,36 @@ def _default_seq_len(cfg) -> int:
     from gqa_convert.verify import default_seq_len  # torch: only to size the estimate
 
     return default_seq_len(cfg)
+
+
+def quirks(plan: ConversionPlan) -> dict[str, Any]:
+    """What the family does beyond Llama, in words, as our decoder options say it."""
+    cfg: ModelConfig = plan.config
+    found: dict[str, Any] = {}
+    if cfg.qk_norm == "head":
+        found["qk_norm"] = "RMSNorm of q and k over d_head, per head, before rotary"
+    if cfg.qk_norm == "proj":
+        found["qk_norm"] = "RMSNorm of q and k over the whole projection, before rotary"
+    if cfg.norm_placement == "post":
+        found["norm_placement"] = "post: ln1 / ln2 normalise the attention / MLP output"
+    defaults = ModelConfig.__dataclass_fields__
+    for name in ("embedding_multiplier", "attention_multiplier", "residual_multiplier"):
+        if getattr(cfg, name) != defaults[name].default:
+            found[name] = getattr(cfg, name)
+    if cfg.logits_scaling != 1.0:
+        found["logits_scaling"] = cfg.logits_scaling
+    if not all(cfg.rope_layers):
+        found["no_rope_layers"] = [i for i, r in enumerate(cfg.rope_layers) if not r]
+    if cfg.rotary_dim != cfg.d_head:
+        found["rotary_dim"] = f"{cfg.rotary_dim} of {cfg.d_head} (partial rotary)"
+    fused: dict[str, dict[str, None]] = {}  # e.g. qkv_proj -> W_Q, _W_K, _W_V (split)
+    for task in plan.tasks:
+        if task.rows is not None:
+            parts = fused.setdefault(task.source.split(".")[-2], {})
+            parts[task.target.split(".")[-1]] = None
+    if fused:
+        found["fused"] = {name: ", ".join(parts) for name, parts in fused.items()}
+    return found
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -12,7 +12,11 @@ has HookedTransformer's names and shapes (`_W_K` / `_W_V` unexpanded, as in TL's
 - buffers TL derives from its config (`rotary_sin/cos`, `mask`, `IGNORE`) keep TL's values.
 
 No weight processing happens unless asked (`fold_ln`, ...): the model computes what the HF
-checkpoint computes. The config maps one to one: RMSNorm, gated SiLU MLP, rotate-half rotary
+checkpoint computes. Qwen3's q/k norms are TL's `use_qk_norm` (`attn.q_norm.w`), OLMo2's
+post-norms and projection-wide q/k norms come with its `original_architecture`, Phi-3's
+partial rotary is `rotary_dim`, linear and yarn rope are TL's own. What TL 3.9 lacks is
+refused naming the option: Granite's multipliers, SmolLM3's layers without rotary, dynamic
+and longrope scaling. The config maps one to one: RMSNorm, gated SiLU MLP, rotate-half rotary
 (`rotary_adjacent_pairs=False`) at the checkpoint's theta, llama3 rope as TL's NTK-by-parts
 (the same formula as HF's), sliding-window layers as TL's `"local"` attention (TL keeps keys
 with `q - k < window_size`, HF's rule).
@@ -41,9 +45,20 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e '.[tl]'"
 
-# Our rope type -> the HookedTransformerConfig fields that reproduce HF's inv_freq.
+# Our rope type -> the HookedTransformerConfig fields that reproduce HF's inv_freq. TL 3.9
+# has no longrope, and its dynamic NTK is Qwen-1's, not transformers' `dynamic`.
 ROPE_FIELDS: dict[str, Callable[[RopeConfig], dict[str, Any]]] = {
     "default": lambda rope: {},
+    "linear": lambda rope: {"rotary_scaling_factor": rope.factor},  # global layers only
+    "yarn": lambda rope: {
+        "use_yarn_rope": True,
+        "yarn_factor": rope.factor,
+        "yarn_attention_factor": rope.attention_factor,
+        "yarn_beta_fast": rope.beta_fast,
+        "yarn_beta_slow": rope.beta_slow,
+        "yarn_truncate": rope.truncate,
+        "yarn_original_max_position_embeddings": rope.original_max_position_embeddings,
+    },
     "llama3": lambda rope: {
         "use_NTK_by_parts_rope": True,
         "NTK_by_parts_factor": rope.factor,
@@ -55,7 +70,11 @@ ROPE_FIELDS: dict[str, Callable[[RopeConfig], dict[str, Any]]] = {
 
 # TL's own `from_pretrained` default for string inputs (loading_from_pretrained.py);
 # every other architecture prepends BOS. Only matters with a tokenizer.
-PREPEND_BOS = {"Qwen2ForCausalLM": False}
+PREPEND_BOS = {
+    "Qwen2ForCausalLM": False,
+    "Qwen3ForCausalLM": False,
+    "Olmo2ForCausalLM": False,
+}
 
 # HookedTransformer parameters that no source of ours has, so no export holds them.
 ALWAYS_ZERO = ("b_in", "b_out", "b_U")
@@ -98,6 +117,7 @@ def hooked_transformer_config(
     if cfg.act_fn != "silu":
         raise UnsupportedModelError(f"config.json: act_fn = {cfg.act_fn!r} is not supported")
     local = "local" in cfg.attn_types
+    _refuse_what_tl_lacks(cfg, local)
     if default_prepend_bos is None:
         default_prepend_bos = PREPEND_BOS.get(cfg.architecture, True)
     return tl.HookedTransformerConfig(
@@ -115,11 +135,12 @@ def hooked_transformer_config(
         final_rms=True,
         gated_mlp=True,
         positional_embedding_type="rotary",
-        rotary_dim=cfg.d_head,
+        rotary_dim=cfg.rotary_dim,  # Phi-3's partial rotary: the first rotary_dim dims
         rotary_base=cfg.rope.theta,
         rotary_adjacent_pairs=False,  # HF's rotate-half: pairs (i, i + d_head / 2)
         **ROPE_FIELDS[cfg.rope.type](cfg.rope),
         use_attn_scale=True,  # scores / sqrt(d_head)
+        use_qk_norm=cfg.qk_norm == "head",  # Qwen3; OLMo2's "proj" comes with its architecture
         scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
         use_local_attn=local,
         window_size=cfg.sliding_window if local else None,
@@ -130,6 +151,40 @@ def hooked_transformer_config(
         dtype=dtype,
         device=device,
     )
+
+
+# Our options with no HookedTransformer equivalent in TL 3.9, as (field, value TL assumes).
+TL_LACKS = (
+    ("embedding_multiplier", 1.0),  # Granite
+    ("attention_multiplier", None),  # Granite
+    ("residual_multiplier", 1.0),  # Granite
+    ("logits_scaling", 1.0),  # Granite
+)
+
+
+def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
+    """UnsupportedModelError naming each option TL 3.9 would silently compute differently."""
+    problems = [
+        f"{name} = {getattr(cfg, name)!r}" for name, tl in TL_LACKS if getattr(cfg, name) != tl
+    ]
+    if not all(cfg.rope_layers):
+        problems.append(
+            "layers without rotary (no_rope_layers: "
+            f"{[i for i, r in enumerate(cfg.rope_layers) if not r]})"
+        )
+    if cfg.norm_placement == "post" and cfg.architecture != "Olmo2ForCausalLM":
+        problems.append("norm_placement = 'post' (TL applies it to OLMo2 only)")
+    if cfg.qk_norm == "proj" and cfg.architecture != "Olmo2ForCausalLM":
+        problems.append("qk_norm = 'proj' (TL applies it to OLMo2 only)")
+    if cfg.rope.type == "linear" and local:
+        problems.append("linear rope scaling with sliding-window layers (TL skips them)")
+    if cfg.rope.type == "yarn" and cfg.rope.partial_rotary_factor != 1.0:
+        problems.append("yarn with partial rotary")
+    if problems:
+        raise UnsupportedModelError(
+            f"{cfg.architecture}: TransformerLens 3.9's HookedTransformer cannot express "
+            f"{'; '.join(problems)}; use GQATransformer.from_pretrained instead"
+        )
 
 
 def _zero_by_construction(cfg: ModelConfig, name: str) -> bool:

@@ -46,8 +46,9 @@ class TensorTask:
     target: str
     source: str
     layout: str  # einops pattern
-    source_shape: tuple[int, ...]
+    source_shape: tuple[int, ...]  # the whole source tensor's, fused or not
     target_shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None  # [start, stop) of a fused source's first axis
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ def layout_shapes(layout: str, cfg: ModelConfig) -> tuple[tuple[int, ...], tuple
     return side(left), side(right)
 
 
+def _axis_group_size(group: str, cfg: ModelConfig) -> int:
+    """The size of one axis group of a layout, e.g. "(k h)" -> n_key_value_heads * d_head."""
+    return int(np.prod([getattr(cfg, AXES[a]) for a in group.strip("() ").split()]))
+
+
 def _family(cfg: ModelConfig) -> Family:
     return next(f for f in families() if f.name == cfg.family)
 
@@ -97,7 +103,13 @@ def expected_tasks(cfg: ModelConfig) -> tuple[list[TensorTask], list[str]]:
                 continue
             target = row.target.replace("{l}", str(layer))
             src_shape, dst_shape = layout_shapes(row.layout, cfg)
-            tasks.append(TensorTask(target, source, row.layout, src_shape, dst_shape))
+            rows = None
+            if row.fused:  # a slice of the source's first axis, e.g. k of qkv_proj
+                sizes = [_axis_group_size(group, cfg) for group in row.fused]
+                start = sum(sizes[: row.part])
+                rows = (start, start + sizes[row.part])
+                src_shape = (sum(sizes), *src_shape[1:])
+            tasks.append(TensorTask(target, source, row.layout, src_shape, dst_shape, rows))
     return tasks, droppable
 
 
@@ -166,7 +178,10 @@ def axis_sizes(layout: str, cfg: ModelConfig) -> dict[str, int]:
 
 
 def apply_layout(task: TensorTask, tensor: Any, cfg: ModelConfig) -> Any:
-    """Rearrange one numpy array or torch tensor (meta tensors included) into our layout."""
+    """Rearrange one numpy array or torch tensor (meta tensors included) into our layout,
+    after taking the task's rows of a fused source."""
+    if task.rows is not None:
+        tensor = tensor[task.rows[0] : task.rows[1]]
     return einops.rearrange(tensor, task.layout, **axis_sizes(task.layout, cfg))
 
 

@@ -1,11 +1,12 @@
 """The round trip: an export (ours, perhaps edited) back to an HF checkpoint folder.
 
 Each row of the family's map runs backwards: the einops layout is reversed ("(n h) m ->
-n m h" becomes "n m h -> (n h) m") and the HF name comes back. Bytes are only moved, so
-a conversion (without --dtype) and its round trip give tensors bit-identical to the
-source's. A tied export whose unembed.W_U was edited away from embed.W_E transposed is
-written untied (lm_head.weight, tie_word_embeddings: false): HF would otherwise rebuild the
-unembedding from the embedding and drop the edit.
+n m h" becomes "n m h -> (n h) m") and the HF name comes back; the parts of a fused source
+(Phi-3's qkv_proj) are concatenated back in row order. Bytes are only moved, so a conversion
+(without --dtype) and its round trip give tensors bit-identical to the source's. A tied
+export whose unembed.W_U was edited away from embed.W_E transposed is written untied
+(lm_head.weight, tie_word_embeddings: false): HF would otherwise rebuild the unembedding
+from the embedding and drop the edit.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from gqa_convert.export import (
     check_export_tensors,
     write_json,
 )
-from gqa_convert.mapping import axis_sizes, expected_tasks
+from gqa_convert.mapping import TensorTask, axis_sizes, expected_tasks
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,29 @@ def export_to_hf(
         )
         cfg = replace(cfg, tie_word_embeddings=False)
         hf_config = {**hf_config, "tie_word_embeddings": False}
-    tasks, _ = expected_tasks(cfg)
-    tasks = list({t.source: t for t in reversed(tasks)}.values())[::-1]  # tied: W_E wins
-    specs = [TensorSpec(t.source, ours[t.target].dtype, t.source_shape) for t in tasks]
+    by_source: dict[str, list[TensorTask]] = {}
+    for task in expected_tasks(cfg)[0]:
+        by_source.setdefault(task.source, []).append(task)
+    # A fused source comes back from all its parts, in row order; a source two targets read
+    # whole (tied embeddings) from the first, W_E.
+    sources = {
+        name: sorted(parts, key=lambda t: t.rows) if parts[0].rows else parts[:1]
+        for name, parts in by_source.items()
+    }
+    specs = [
+        TensorSpec(name, ours[parts[0].target].dtype, parts[0].source_shape)
+        for name, parts in sources.items()
+    ]
+
+    def back(task: TensorTask) -> np.ndarray:
+        layout = reverse_layout(task.layout)
+        array = read_array(ours[task.target])
+        return einops.rearrange(array, layout, **axis_sizes(layout, cfg))
 
     def arrays():
-        for task in tasks:
-            layout = reverse_layout(task.layout)
-            array = read_array(ours[task.target])
-            yield task.source, einops.rearrange(array, layout, **axis_sizes(layout, cfg))
+        for name, parts in sources.items():
+            pieces = [back(task) for task in parts]
+            yield name, pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
 
     with atomic_folder(Path(out), overwrite, (converted,)) as tmp:
         write_sharded(tmp, specs, arrays(), shard_bytes, progress)

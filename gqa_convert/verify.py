@@ -102,7 +102,23 @@ DEFAULT_SENTENCES = (
 )
 
 # Inside one block, in forward order.
-COMPONENTS = ("ln1", "q", "k", "v", "rot_q", "rot_k", "attn_out", "ln2", "mlp_out", "resid_post")
+# q_norm / k_norm only where the family has them (Qwen3, OLMo2). Post-norm blocks (OLMo2)
+# run ln1 after attention and ln2 after the MLP: POST_NORM_COMPONENTS.
+COMPONENTS = (
+    "ln1",
+    "q",
+    "k",
+    "v",
+    "q_norm",
+    "k_norm",
+    "rot_q",
+    "rot_k",
+    "attn_out",
+    "ln2",
+    "mlp_out",
+    "resid_post",
+)
+POST_NORM_COMPONENTS = (*COMPONENTS[1:9], "ln1", "mlp_out", "ln2", "resid_post")
 
 
 @dataclass
@@ -185,28 +201,29 @@ def tolerances_for(
     return replace(TOLERANCES[dtype], **overrides)
 
 
+def length_thresholds(cfg: ModelConfig) -> list[tuple[str, int]]:
+    """The sequence lengths past which the model computes differently: a sliding window,
+    llama3 / longrope's original_max_position_embeddings, dynamic NTK's n_ctx."""
+    found = [("sliding_window", cfg.sliding_window)]
+    if cfg.rope.type in ("llama3", "longrope"):
+        name = f"{cfg.rope.type}_original_max_position_embeddings"
+        found.append((name, cfg.rope.original_max_position_embeddings))
+    if cfg.rope.type == "dynamic":
+        found.append(("dynamic_max_position_embeddings", cfg.n_ctx))
+    return [(name, size) for name, size in found if size]
+
+
 def default_seq_len(cfg: ModelConfig) -> int:
-    """Long enough to cross a sliding window and llama3's original_max_position_embeddings
-    (by 64 tokens) when they are small; capped at MAX_DEFAULT_SEQ_LEN."""
-    need = DEFAULT_MIN_SEQ_LEN
-    if cfg.sliding_window:
-        need = max(need, cfg.sliding_window + 64)
-    if cfg.rope.type == "llama3" and cfg.rope.original_max_position_embeddings:
-        need = max(need, cfg.rope.original_max_position_embeddings + 64)
+    """Long enough to cross every length threshold (by 64 tokens) when they are small;
+    capped at MAX_DEFAULT_SEQ_LEN."""
+    need = max([DEFAULT_MIN_SEQ_LEN] + [size + 64 for _, size in length_thresholds(cfg)])
     return min(need, MAX_DEFAULT_SEQ_LEN)
 
 
 def regimes(cfg: ModelConfig, longest: int) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Which length-dependent behaviours the inputs reached, and those they did not."""
     found, missed = {}, []
-    checks = [("sliding_window", cfg.sliding_window)]
-    if cfg.rope.type == "llama3":
-        checks.append(
-            ("llama3_original_max_position_embeddings", cfg.rope.original_max_position_embeddings)
-        )
-    for name, size in checks:
-        if not size:
-            continue
+    for name, size in length_thresholds(cfg):
         exercised = longest > size
         found[name] = {"size": size, "exercised": exercised}
         if not exercised:
@@ -226,6 +243,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 def tokenizer_files(src: Path) -> list[str]:
     """The tokenizer files in `src` (see TOKENIZER_FILES)."""
     return [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+
+
+def _fresh_rotary(hf: nn.Module) -> None:
+    """Reset HF's dynamic-NTK rotary to its initial frequencies: it keeps those of the
+    longest sequence seen so far, so each input is compared as a fresh model runs it."""
+    rotary = hf.model.rotary_emb
+    if "dynamic" in str(getattr(rotary, "rope_type", "")) and hasattr(rotary, "original_inv_freq"):
+        rotary.inv_freq = rotary.original_inv_freq.clone()
+        rotary.max_seq_len_cached = rotary.original_max_seq_len
 
 
 def has_tokenizer(src: Path) -> bool:
@@ -342,21 +368,29 @@ def _hooks(pairs: Iterable[tuple[nn.Module, Callable[[Tensor], None]]]):
 
 
 def _hf_points(hf: nn.Module, blocks: Sequence[int]) -> dict[str, nn.Module]:
-    """HF modules whose outputs we compare: the stream, and the components of `blocks`."""
+    """HF modules whose outputs we compare: the stream, and the components of `blocks`.
+
+    Post-norm blocks (OLMo2: `post_feedforward_layernorm`) compare ln1 / attn_out with the
+    norm after attention and ln2 / mlp_out with the norm after the MLP, as our ln1 / ln2 are
+    those norms. A fused `qkv_proj` (Phi-3) is read whole and split in `_hf_rotated`."""
     body = hf.model
     points = {"embed": body.embed_tokens, "ln_final": body.norm}
     points.update({f"resid_post.{i}": block for i, block in enumerate(body.layers)})
     for i in blocks:
-        block = body.layers[i]
+        block, attn = body.layers[i], body.layers[i].self_attn
+        post = getattr(block, "post_feedforward_layernorm", None)
         parts = {
-            "ln1": block.input_layernorm,
-            "q": block.self_attn.q_proj,
-            "k": block.self_attn.k_proj,
-            "v": block.self_attn.v_proj,
-            "attn_out": block.self_attn,
-            "ln2": block.post_attention_layernorm,
-            "mlp_out": block.mlp,
+            "ln1": block.post_attention_layernorm if post else block.input_layernorm,
+            "attn_out": block.post_attention_layernorm if post else attn,
+            "ln2": post or block.post_attention_layernorm,
+            "mlp_out": post or block.mlp,
         }
+        for name in ("q", "k", "v", "qkv"):
+            if hasattr(attn, f"{name}_proj"):
+                parts[name] = getattr(attn, f"{name}_proj")
+        for name in ("q_norm", "k_norm"):
+            if isinstance(getattr(attn, name, None), nn.Module):
+                parts[name] = getattr(attn, name)
         points.update({f"{name}.{i}": module for name, module in parts.items()})
     return points
 
@@ -371,30 +405,45 @@ def _our_points(model: GQATransformer, blocks: Sequence[int]) -> dict[str, nn.Mo
             "q": block.attn.hook_q,
             "k": block.attn.hook_k,
             "v": block.attn.hook_v,
-            "rot_q": block.attn.hook_rot_q,
-            "rot_k": block.attn.hook_rot_k,
+            "q_norm": block.attn.q_norm,
+            "k_norm": block.attn.k_norm,
+            # None on a layer without rotary (SmolLM3's NoPE): the attention has no rot hooks.
+            "rot_q": getattr(block.attn, "hook_rot_q", None),
+            "rot_k": getattr(block.attn, "hook_rot_k", None),
             "attn_out": block.hook_attn_out,
             "ln2": block.ln2,
             "mlp_out": block.hook_mlp_out,
         }
-        points.update({f"{name}.{i}": module for name, module in parts.items()})
+        points.update({f"{name}.{i}": m for name, m in parts.items() if m is not None})
     return points
 
 
 def _hf_rotated(hf: nn.Module, blocks: Sequence[int], acts: dict[str, Any]) -> None:
     """Give HF's q / k / v our shape [batch, pos, head, d_head] and add q / k after HF's own
-    rotary (its `apply_rotary_pos_emb`, with the cos / sin its forward computed)."""
+    rotary (its `apply_rotary_pos_emb`, with the cos / sin its forward computed), applied to
+    q / k after their norm where the family has one, and not at all on a layer without
+    rotary (SmolLM3's `use_rope = False`)."""
     cos, sin = acts.pop("rotary")
     for i in blocks:
         attn = hf.model.layers[i].self_attn
+        if f"qkv.{i}" in acts:  # Phi-3's fused projection: rows q, then k, then v
+            n_kv = hf.config.num_key_value_heads * attn.head_dim
+            qkv = acts.pop(f"qkv.{i}")
+            sizes = [qkv.shape[-1] - 2 * n_kv, n_kv, n_kv]
+            acts[f"q.{i}"], acts[f"k.{i}"], acts[f"v.{i}"] = qkv.split(sizes, dim=-1)
         for name in ("q", "k", "v"):
             b, p, _ = acts[f"{name}.{i}"].shape
             acts[f"{name}.{i}"] = acts[f"{name}.{i}"].view(b, p, -1, attn.head_dim)
-        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         # HF rotates [batch, head, pos, d_head]; ours is [batch, pos, head, d_head].
-        q, k = (acts[f"{name}.{i}"].transpose(1, 2) for name in ("q", "k"))
-        rot_q, rot_k = apply_rotary(q, k, cos, sin)
-        acts[f"rot_q.{i}"], acts[f"rot_k.{i}"] = rot_q.transpose(1, 2), rot_k.transpose(1, 2)
+        q, k = (acts.get(f"{name}_norm.{i}", acts[f"{name}.{i}"]) for name in ("q", "k"))
+        q, k = (t.reshape(*t.shape[:2], -1, attn.head_dim) for t in (q, k))  # OLMo2's norms
+        if getattr(attn, "use_rope", True):
+            apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            q, k = (
+                t.transpose(1, 2)
+                for t in apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            )
+        acts[f"rot_q.{i}"], acts[f"rot_k.{i}"] = q, k
 
 
 def _nonfinite_position(x: Tensor) -> int | None:
@@ -436,6 +485,7 @@ def _compare(
         return record
 
     # rotary_emb returns (cos, sin); keep the pair, not its first element.
+    _fresh_rotary(hf)
     rotary = hf.model.rotary_emb.register_forward_hook(
         lambda _m, _i, out: acts.__setitem__("rotary", out)
     )
@@ -473,7 +523,8 @@ def _localise(
             for name, err in _compare(hf, ours, tokens, blocks)[2].items():
                 errors[name] = max(errors.get(name, 0.0), err)
         for layer in blocks:
-            parts = {name: errors[f"{name}.{layer}"] for name in COMPONENTS}
+            order = COMPONENTS if ours.cfg.norm_placement == "pre" else POST_NORM_COMPONENTS
+            parts = {n: errors[f"{n}.{layer}"] for n in order if f"{n}.{layer}" in errors}
             bad = next((name for name, err in parts.items() if not err <= rtol), None)
             if bad is not None:
                 return {"layer": layer, "component": bad}, parts

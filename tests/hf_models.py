@@ -7,9 +7,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+    SmolLM3Config,
+)
 
-CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+CONFIG_CLASSES = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "phi3": Phi3Config,
+    "olmo2": Olmo2Config,
+    "granite": GraniteConfig,
+    "smollm3": SmolLM3Config,
+}
+# Special token ids some config classes default to, beyond TINY's vocabulary.
+NO_SPECIAL_TOKENS = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+FAMILY_DEFAULTS = {f: NO_SPECIAL_TOKENS for f in ("phi3", "smollm3", "olmo2", "granite")}
+# Families whose config class reads `attention_bias`.
+ATTENTION_BIAS = {"llama", "olmo2", "granite", "smollm3"}
 
 TINY = dict(
     vocab_size=128,
@@ -27,8 +51,8 @@ TINY = dict(
 def make_hf_model(family: str = "llama", seed: int = 0, **overrides: Any):
     """A random HF model whose norms and biases are not 1 and 0 (so a dropped one shows)."""
     torch.manual_seed(seed)
-    params = {**TINY, **overrides}
-    if family != "llama":
+    params = {**TINY, **FAMILY_DEFAULTS.get(family, {}), **overrides}
+    if family not in ATTENTION_BIAS:
         params.pop("attention_bias", None)
     config = CONFIG_CLASSES[family](**params)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -153,3 +153,38 @@ def mutate_export(folder: Path, mutation: Mutation) -> Path:
         old.unlink(missing_ok=True)
     save_file({n: t.contiguous() for n, t in state.items()}, folder / "model.safetensors")
     return folder
+
+
+def qkv_split_shifted(layer: int = 1) -> Mutation:
+    """A fused qkv_proj (Phi-3) split one head too far: q takes heads 1..n of the rows, k
+    and v are shifted the same way (the last v head wraps round to q's first)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        n, k = cfg.n_heads, cfg.n_key_value_heads
+        names = [f"blocks.{layer}.attn.{name}" for name in ("W_Q", "_W_K", "_W_V")]
+        rows = torch.cat([state[name] for name in names]).roll(-1, dims=0)  # [n + 2k, m, h]
+        for name, part in zip(names, rows.split([n, k, k]), strict=True):
+            state[name] = part.clone()
+        return cfg, state
+
+    return mutate
+
+
+def norm_placement(placement: str) -> Mutation:
+    """ln1 / ln2 applied at the other end of their sublayer (OLMo2's post-norms moved before
+    attention and the MLP, as a converter that maps OLMo2 onto Llama's block would do)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        return replace(cfg, norm_placement=placement), state
+
+    return mutate
+
+
+def config_field(name: str, value: object) -> Mutation:
+    """One config field replaced: a quirk the converter did not read (a Granite multiplier
+    left at its Llama value, rotary on every layer of a SmolLM3)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        return replace(cfg, **{name: value}), state
+
+    return mutate

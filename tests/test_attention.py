@@ -12,6 +12,7 @@ from gqa_convert.errors import UnsupportedModelError
 from gqa_convert.model.attention import GroupedQueryAttention, causal_mask
 from gqa_convert.model.decoder import GQATransformer
 from gqa_convert.model.kv_cache import KeyValueCacheEntry
+from gqa_convert.model.norm import apply_qk_norm
 
 
 def tiny_cfg(n_heads=8, n_kv=2, window=None, **kw) -> ModelConfig:
@@ -311,5 +312,65 @@ def test_config_from_a_dict_with_transformer_lens_names():
     attn = GroupedQueryAttention(cfg)
     assert attn._W_K.shape == (2, 32, 4) and attn.W_K.shape == (8, 32, 4)
     assert not hasattr(attn, "hook_rot_q")  # TL's default positional type: no rotary here
-    with pytest.raises(UnsupportedModelError, match="use_qk_norm"):
-        GroupedQueryAttention({**cfg, "use_qk_norm": True})
+    assert GroupedQueryAttention({**cfg, "use_qk_norm": True}).q_norm.w.shape == (4,)
+    with pytest.raises(UnsupportedModelError, match="use_dynamic_ntk_rope"):
+        GroupedQueryAttention({**cfg, "use_dynamic_ntk_rope": True})
+
+
+LENGTH_DEPENDENT = {
+    "dynamic": RopeConfig(theta=500.0, type="dynamic", factor=2.0),
+    "longrope": RopeConfig(
+        theta=500.0,
+        type="longrope",
+        factor=4.0,
+        original_max_position_embeddings=6,
+        attention_factor=1.1,
+        long_factor=(1.0, 3.0, 9.0),
+        short_factor=(1.0, 1.5, 2.0),
+        partial_rotary_factor=1.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("rope", list(LENGTH_DEPENDENT))
+def test_length_dependent_rope_in_the_transformer_lens_entry(rope):
+    """dynamic / longrope past their threshold (n_ctx 6, original length 6): the TL-signature
+    call uses the whole sequence's frequencies, as the decoder's, also through a KV cache."""
+    cfg = dataclasses.replace(tiny_cfg(rope=LENGTH_DEPENDENT[rope]), n_ctx=6)
+    attn = random_attention(cfg)
+    x = torch.randn(2, 10, cfg.d_model)
+    decoder = GQATransformer(cfg)
+    full = attn(x, x, x, rotary=decoder.rotary(10, torch.float32))
+    torch.testing.assert_close(attn(x, x, x), full)
+    short = attn(x[:, :5], x[:, :5], x[:, :5], rotary=decoder.rotary(5, torch.float32))
+    assert not torch.allclose(full[:, :5], short, atol=1e-4)  # the scaling is engaged
+    torch.testing.assert_close(attn(x[:, :5], x[:, :5], x[:, :5]), short)
+    entry = KeyValueCacheEntry.init_cache_entry(cfg, batch_size=2)
+    attn(x[:, :5], x[:, :5], x[:, :5], past_kv_cache_entry=entry)
+    last = attn(x[:, 5:], x[:, 5:], x[:, 5:], past_kv_cache_entry=entry)
+    torch.testing.assert_close(last, full[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_family_attention_options_from_a_model_config():
+    """Granite's multiplier is the score scale; a NoPE layer has no rotary (nor its hooks);
+    OLMo2's projection-wide q/k norms run before the cache."""
+    cfg = tiny_cfg(attention_multiplier=0.25, qk_norm="proj", rope_layers=(True, False), n_kv=8)
+    rope_layer = GroupedQueryAttention(cfg, "global", 0)
+    assert rope_layer.attn_scale == 4.0 and rope_layer.k_norm.w.shape == (8 * 6,)
+    nope = GroupedQueryAttention(cfg, "global", 1)
+    with torch.no_grad():
+        for p in nope.parameters():
+            p.normal_(0, 0.3)
+    assert not hasattr(nope, "hook_rot_q") and hasattr(rope_layer, "hook_rot_q")
+    x = torch.randn(2, 7, cfg.d_model)
+    rope_layer.load_state_dict(nope.state_dict())
+    identity = rotary_identity(7, cfg.d_head)
+    torch.testing.assert_close(nope(x, x, x), rope_layer(x, x, x, rotary=identity))
+    with pytest.raises(ValueError, match="positional_embedding_type"):
+        nope(x, x, x, rotary=identity)
+    entry = KeyValueCacheEntry.init_cache_entry(cfg, batch_size=2)
+    steps = [nope(s, s, s, past_kv_cache_entry=entry) for s in (x[:, :3], x[:, 3:])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), nope(x, x, x), atol=1e-5, rtol=1e-5)
+    k = nope.calculate_qkv_matrices(x, x, x)[1]
+    assert not torch.allclose(entry.past_keys, k, atol=1e-3)
+    torch.testing.assert_close(entry.past_keys, apply_qk_norm(nope.k_norm, k))  # normed, cached

@@ -99,3 +99,20 @@ def test_the_verify_memory_estimate_bounds_a_measured_verify_run(tmp_path):
     tokens, peak = map(int, run.stdout.split())
     assert tokens == 964  # the default: 64 past the window
     assert peak <= estimate, (peak / 1e6, estimate / 1e6)
+
+
+def test_inspect_lists_the_family_quirks(tmp_path):
+    phi = make_hf_checkpoint(tmp_path / "phi", "phi3", partial_rotary_factor=0.5)
+    olmo = make_hf_checkpoint(tmp_path / "olmo", "olmo2")
+    granite = make_hf_checkpoint(tmp_path / "granite", "granite", logits_scaling=4.0)
+    assert inspect_checkpoint(phi)["quirks"] == {
+        "rotary_dim": "4 of 8 (partial rotary)",
+        "fused": {"qkv_proj": "W_Q, _W_K, _W_V", "gate_up_proj": "W_gate, W_in"},
+    }
+    assert set(inspect_checkpoint(olmo)["quirks"]) == {"qk_norm", "norm_placement"}
+    # GraniteConfig defaults attention_multiplier to 1.0: scores are not scaled by 1/sqrt(d)
+    assert inspect_checkpoint(granite)["quirks"] == {
+        "attention_multiplier": 1.0,
+        "logits_scaling": 4.0,
+    }
+    assert inspect_checkpoint(granite)["rope"] == {"theta": 10000.0, "type": "default"}

@@ -68,6 +68,31 @@ MODES = {
         "global",
         None,
     ),
+    "qk-norm": ({"use_qk_norm": True, "eps": 1e-6}, "global", None),
+    "yarn-rope": (
+        {
+            "use_yarn_rope": True,
+            "yarn_factor": 4.0,
+            "yarn_attention_factor": 1.2,
+            "yarn_original_max_position_embeddings": 16,
+        },
+        "global",
+        None,
+    ),
+    "yarn-global-only-on-local": (  # TL: a local layer without yarn
+        {
+            "window_size": 3,
+            "use_yarn_rope": True,
+            "yarn_factor": 4.0,
+            "yarn_attention_factor": 1.2,
+            "yarn_original_max_position_embeddings": 16,
+            "yarn_global_attn_only": True,
+        },
+        "local",
+        None,
+    ),
+    "linear-rope": ({"rotary_scaling_factor": 4.0}, "global", None),
+    "linear-rope-local": ({"rotary_scaling_factor": 4.0, "window_size": 3}, "local", None),
     "local-ungroup-result": (
         {"window_size": 4, "ungroup_grouped_query_attention": True, "use_attn_result": True},
         "local",
@@ -150,7 +175,9 @@ def test_forward(mode, kind):
         close(ours(x, x, x, use_fast_path=fast), expected)
 
 
-@pytest.mark.parametrize("mode", ["global", "local", "partial-rotary", "mqa", "ungroup"])
+@pytest.mark.parametrize(
+    "mode", ["global", "local", "partial-rotary", "mqa", "ungroup", "qk-norm", "yarn-rope"]
+)
 def test_two_steps_through_a_kv_cache_entry(mode):
     overrides, attn_type, layer_id = MODES[mode]
     theirs, ours, cfg = build(overrides, attn_type, layer_id)
@@ -190,7 +217,9 @@ def padded_mask() -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("mode", ["global", "local", "partial-rotary", "adjacent-pairs"])
+@pytest.mark.parametrize(
+    "mode", ["global", "local", "partial-rotary", "adjacent-pairs", "qk-norm", "yarn-rope"]
+)
 def test_left_padded_batch(mode):
     overrides, attn_type, layer_id = MODES[mode]
     theirs, ours, _ = build(overrides, attn_type, layer_id)
@@ -236,7 +265,9 @@ def record(module, names):
     return seen, handles
 
 
-@pytest.mark.parametrize("mode", ["global", "local-ungroup-result", "partial-rotary", "no-rotary"])
+@pytest.mark.parametrize(
+    "mode", ["global", "local-ungroup-result", "partial-rotary", "no-rotary", "qk-norm"]
+)
 @pytest.mark.parametrize("with_pattern", [True, False])
 def test_every_hook_sees_what_tl_sees(mode, with_pattern):
     """Same hook names; each activation equal to TL's. Without a hook on scores / pattern,
@@ -272,7 +303,20 @@ def test_hook_q_sees_kv_heads_unexpanded_unless_ungrouped():
 @pytest.mark.parametrize(
     "overrides, attn_type, layer_id, error, field",
     [
-        ({"use_qk_norm": True}, "global", None, UnsupportedModelError, "use_qk_norm"),
+        (
+            {"original_architecture": "Olmo2ForCausalLM"},  # TL's own OLMo q/k norms
+            "global",
+            None,
+            UnsupportedModelError,
+            "original_architecture",
+        ),
+        (
+            {"use_dynamic_ntk_rope": True},  # Qwen-1's, not transformers' dynamic
+            "global",
+            None,
+            UnsupportedModelError,
+            "use_dynamic_ntk_rope",
+        ),
         (
             {"positional_embedding_type": "alibi"},
             "global",
@@ -311,16 +355,31 @@ def test_what_is_not_implemented_is_refused_by_name(overrides, attn_type, layer_
         GroupedQueryAttention({**BASE, **overrides}, attn_type, layer_id)
 
 
+ROPES = {
+    "default": RopeConfig(theta=5e5),
+    "llama3": RopeConfig(5e5, "llama3", 8.0, 1.0, 4.0, original_max_position_embeddings=16),
+    "linear": RopeConfig(5e5, "linear", 4.0),
+    "yarn": RopeConfig(
+        5e5,
+        "yarn",
+        4.0,
+        original_max_position_embeddings=16,
+        attention_factor=1.2,
+        beta_fast=32.0,
+        beta_slow=1.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("qk_norm", [None, "head"])
 @pytest.mark.parametrize("attn_type", ["global", "local"])
-@pytest.mark.parametrize("rope", ["default", "llama3"])
-def test_our_decoder_entry_and_tl_entry_are_one_module(attn_type, rope):
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_our_decoder_entry_and_tl_entry_are_one_module(attn_type, rope, qk_norm):
     """Built from our ModelConfig, the module equals TL's built from the HookedTransformerConfig
     `to_hooked_transformer` uses; the decoder's entry (cos / sin passed in) equals the TL one."""
-    rope_cfg = (
-        RopeConfig(theta=5e5)
-        if rope == "default"
-        else RopeConfig(5e5, "llama3", 8.0, 1.0, 4.0, original_max_position_embeddings=16)
-    )
+    if rope == "linear" and attn_type == "local":
+        pytest.skip("TL skips linear scaling on local layers: interop refuses it")
+    rope_cfg = ROPES[rope]
     cfg = ModelConfig(
         architecture="LlamaForCausalLM",
         family="llama",
@@ -336,6 +395,7 @@ def test_our_decoder_entry_and_tl_entry_are_one_module(attn_type, rope):
         rope=rope_cfg,
         sliding_window=4,
         attn_types=(attn_type, attn_type),
+        qk_norm=qk_norm,
     )
     theirs = TLGroupedQueryAttention(hooked_transformer_config(cfg), attn_type, 1)
     ours = GroupedQueryAttention(cfg, attn_type, 1)

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from gqa_convert.config import ModelConfig
 from gqa_convert.model.attention_config import AttentionConfig, attention_config
 from gqa_convert.model.hooks import HookPoint
-from gqa_convert.model.rotary import apply_rotary, rotary_inv_freq, rotary_table
+from gqa_convert.model.norm import apply_qk_norm, qk_norm
+from gqa_convert.model.rotary import apply_rotary, length_dependent, rotary_inv_freq, rotary_table
 
 # Buffers TL's attention holds and derives from its config; we derive them per call.
 TL_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
@@ -68,10 +69,12 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         if attn_type not in ("global", "local"):
             raise ValueError(f"attn_type must be 'global' or 'local', got {attn_type!r}")
-        acfg = attention_config(cfg, attn_type)
+        acfg = attention_config(cfg, attn_type, layer_id)
         if attn_type == "local" and not isinstance(acfg.window_size, int):
             field = "sliding_window" if isinstance(cfg, ModelConfig) else "window_size"
             raise ValueError(f"attn_type='local' needs an int cfg.{field}")
+        if acfg.qk_norm == "proj" and acfg.ungroup_grouped_query_attention:
+            raise ValueError("a q/k norm over the whole projection needs K at n_kv heads")
         self.cfg: AttentionConfig = acfg
         self.attn_type, self.layer_id = attn_type, layer_id
         self.window = acfg.window_size if attn_type == "local" else None
@@ -87,7 +90,9 @@ class GroupedQueryAttention(nn.Module):
         self._b_K = nn.Parameter(torch.zeros(k, h, dtype=dt))
         self._b_V = nn.Parameter(torch.zeros(k, h, dtype=dt))
         self.b_O = nn.Parameter(torch.zeros(m, dtype=dt))
-        self.attn_scale = acfg.attn_scale
+        # RMSNorm of q and k before rotary (Qwen3 per head, OLMo2 over the projection), or None.
+        self.q_norm, self.k_norm = qk_norm(acfg, n), qk_norm(acfg, k)
+        self.attn_scale = acfg.attn_scale  # sqrt(d_head), or 1 / Granite's attention_multiplier
         if acfg.scale_attn_by_inverse_layer_idx:
             if layer_id is None:
                 raise ValueError("cfg.scale_attn_by_inverse_layer_idx needs a layer_id")
@@ -160,13 +165,16 @@ class GroupedQueryAttention(nn.Module):
     ]:
         """Q at n_heads, K and V at n_kv heads from the unexpanded `_W_K` / `_W_V` (at
         n_heads under `ungroup_grouped_query_attention`). Inputs are shared ([batch, pos,
-        d_model]) or per head ([batch, pos, heads, d_model], TL's `use_split_qkv_input`)."""
+        d_model]) or per head ([batch, pos, heads, d_model], TL's `use_split_qkv_input`).
+        Per-head q/k norms (TL's `use_qk_norm`) apply here, after hook_q / hook_k, as TL's."""
         ungroup = self.cfg.ungroup_grouped_query_attention
         q = self.hook_q(self._project(query_input, self.W_Q, self.b_Q))
         W_K, b_K = (self.W_K, self.b_K) if ungroup else (self._W_K, self._b_K)
         W_V, b_V = (self.W_V, self.b_V) if ungroup else (self._W_V, self._b_V)
         k = self.hook_k(self._project(key_input, W_K, b_K))
         v = self.hook_v(self._project(value_input, W_V, b_V))
+        if self.cfg.qk_norm == "head":
+            q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
         return q, k, v
 
     def calculate_attention_scores(
@@ -203,13 +211,22 @@ class GroupedQueryAttention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """cos, sin for keys 0..k_len-1: [k_len, rotary_dim], or with `attention_mask`
         [batch, k_len, rotary_dim] with TL's positions (each row counts from its first
-        attended token; pads before it sit at 0)."""
+        attended token; pads before it sit at 0).
+
+        dynamic and longrope frequencies are those of the whole sequence, cache included
+        (HF's rule: the largest position + 1), recomputed per call; keys are cached unrotated,
+        so every step rotates all keys and the queries with the same frequencies."""
         if attention_mask is None:
             positions = torch.arange(k_len, device=device)
         else:
             positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        inv_freq = rotary_inv_freq(self.cfg.rope, self.cfg.rotary_dim)
-        return rotary_table(inv_freq, positions, dtype, self.cfg.rotary_adjacent_pairs)
+        rope = self.cfg.rope
+        n_pos = None
+        if length_dependent(rope):
+            n_pos = k_len if attention_mask is None else int(positions.max()) + 1
+        inv_freq = rotary_inv_freq(rope, self.cfg.rotary_dim, n_pos, self.cfg.n_ctx)
+        pairs = self.cfg.rotary_adjacent_pairs
+        return rotary_table(inv_freq, positions, dtype, pairs, rope.attention_factor)
 
     def forward(
         self,
@@ -228,22 +245,26 @@ class GroupedQueryAttention(nn.Module):
         use_fast_path: bool | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """TL's forward. `past_kv_cache_entry` (ours, `KeyValueCacheEntry`, or TL's) gets the
-        new K/V appended (unrotated, at n_kv heads) and the queries' rotary positions start
-        after it; `attention_mask` [batch, cached + new positions] marks left padding (0);
-        `additive_attention_mask` is added to the masked scores. `position_bias` is ignored,
-        as TL ignores it outside relative positional bias.
+        new K/V appended (unrotated, after the q/k norms, at n_kv heads) and the queries'
+        rotary positions start after it; `attention_mask` [batch, cached + new positions]
+        marks left padding (0); `additive_attention_mask` is added to the masked scores.
+        `position_bias` is ignored, as TL ignores it outside relative positional bias.
 
         Ours, keyword-only: `rotary=(cos, sin)` [kv_pos, rotary_dim] for the key positions
-        (our decoder computes them once for every layer); `use_fast_path`: None picks SDPA
-        unless a hook reads scores or pattern, False forces the reference path.
+        (our decoder computes them once for every layer; None on a layer without rotary);
+        `use_fast_path`: None picks SDPA unless a hook reads scores or pattern, False forces
+        the reference path.
         """
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+        if self.cfg.qk_norm == "proj":  # where TL applies OLMo's norms: after calculate_qkv
+            q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
         if past_kv_cache_entry is not None:
             k, v = past_kv_cache_entry.append(k, v)
         q_len, k_len = q.shape[1], k.shape[1]
         if self.cfg.positional_embedding_type == "rotary":
             if rotary is None:
-                rotary = self.rotary(k_len, q.dtype, attention_mask, q.device)
+                dtype = torch.float32 if self.cfg.rotary_in_fp32 else q.dtype
+                rotary = self.rotary(k_len, dtype, attention_mask, q.device)
             cos, sin = rotary
             pairs = self.cfg.rotary_adjacent_pairs
             q = self.hook_rot_q(apply_rotary(q, cos[..., -q_len:, :], sin[..., -q_len:, :], pairs))

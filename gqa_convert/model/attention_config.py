@@ -3,7 +3,11 @@
 The module takes our `ModelConfig`, a dict with TL's field names, or a TL
 `HookedTransformerConfig`; the last two are read by duck typing (no transformer_lens import).
 TL options this module does not implement are refused with an error naming the field,
-never ignored.
+never ignored. TL options read with TL 3.9's exact semantics: `use_qk_norm` (RMSNorm of q and
+k over d_head, per head, weights `q_norm.w` / `k_norm.w`, after `hook_q` / `hook_k`, before
+rotary and the cache), `use_yarn_rope` and its `yarn_*` fields (not on local layers under
+`yarn_global_attn_only`), `rotary_scaling_factor` (linear scaling, global layers only) and
+`use_NTK_by_parts_rope` (llama3), in TL's precedence: NTK-by-parts, then yarn, then linear.
 """
 
 from __future__ import annotations
@@ -20,15 +24,12 @@ from gqa_convert.errors import UnsupportedModelError
 # TL fields whose non-default value changes attention in ways we do not implement:
 # field -> the predicate that says "set".
 NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
-    "use_qk_norm": bool,
     "clip_qkv": lambda v: v is not None,
     "use_logn_attn": bool,
-    "use_dynamic_ntk_rope": bool,
-    "use_yarn_rope": bool,
+    "use_dynamic_ntk_rope": bool,  # Qwen-1's dynamic NTK, not transformers' `dynamic`
     "load_in_4bit": bool,
     "use_attention_sinks": bool,
     "attn_scores_soft_cap": lambda v: v is not None and v > 0,
-    "rotary_scaling_factor": lambda v: v is not None and v != 1.0,
     "attention_dir": lambda v: v not in (None, "causal"),
     "original_architecture": lambda v: (
         v in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -39,8 +40,14 @@ POSITIONAL_TYPES = ("rotary", "standard")  # "standard": no rotary inside attent
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """The resolved attention settings (TL names; `rope` carries the base and any llama3
-    scaling). `attn_scale` is what scores are divided by before any layer-index scaling."""
+    """The resolved attention settings (TL names where TL has one; `rope` carries the base
+    and the scaling of every rope type). `attn_scale` is what scores are divided by before
+    any layer-index scaling (Granite: 1 / attention_multiplier).
+
+    Ours: `qk_norm` "head" is TL's `use_qk_norm` (Qwen3), "proj" one RMSNorm over all heads'
+    projection (OLMo2, where TL ties it to `original_architecture`); `norm_weight_in_fp32`
+    and `rotary_in_fp32` keep OLMo2's bf16 rounding; `n_ctx` is dynamic rope's threshold.
+    `positional_embedding_type` "standard": no rotary (also SmolLM3's NoPE layers)."""
 
     n_heads: int
     n_key_value_heads: int
@@ -57,6 +64,11 @@ class AttentionConfig:
     ungroup_grouped_query_attention: bool = False
     use_attn_result: bool = False
     dtype: torch.dtype | None = None  # None: torch's default dtype
+    n_ctx: int | None = None
+    qk_norm: str | None = None  # None, "head" or "proj"
+    eps: float = 1e-5  # the q / k norms'
+    norm_weight_in_fp32: bool = False
+    rotary_in_fp32: bool = False
 
     @property
     def rotary_base(self) -> float:
@@ -68,21 +80,34 @@ class AttentionConfig:
         return self.n_heads // self.n_key_value_heads
 
 
-def attention_config(cfg: ModelConfig | Mapping[str, Any] | Any, attn_type: str) -> AttentionConfig:
-    """Our `AttentionConfig` from a ModelConfig, a TL-style dict or a TL config object."""
+def attention_config(
+    cfg: ModelConfig | Mapping[str, Any] | Any, attn_type: str, layer_id: int | None = None
+) -> AttentionConfig:
+    """Our `AttentionConfig` from a ModelConfig, a TL-style dict or a TL config object.
+
+    For a ModelConfig, `layer_id` picks the layer's rotary (`rope_layers`; None or past
+    n_layers: a layer with rotary)."""
     if isinstance(cfg, AttentionConfig):
         return cfg
     if isinstance(cfg, ModelConfig):
+        rotary = layer_id is None or layer_id >= cfg.n_layers or cfg.rope_layers[layer_id]
+        multiplier = cfg.attention_multiplier  # Granite: scores times it, not / sqrt(d_head)
         return AttentionConfig(
             n_heads=cfg.n_heads,
             n_key_value_heads=cfg.n_key_value_heads,
             d_model=cfg.d_model,
             d_head=cfg.d_head,
-            attn_scale=cfg.d_head**0.5,
+            attn_scale=1 / multiplier if multiplier else cfg.d_head**0.5,
             window_size=cfg.sliding_window,
             scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
-            rotary_dim=cfg.d_head,
+            positional_embedding_type="rotary" if rotary else "standard",
+            rotary_dim=cfg.rotary_dim if rotary else None,
             rope=cfg.rope,
+            n_ctx=cfg.n_ctx,
+            qk_norm=cfg.qk_norm,
+            eps=cfg.eps,
+            norm_weight_in_fp32=cfg.norm_weight_in_fp32,
+            rotary_in_fp32=cfg.rotary_in_fp32,
         )
     if isinstance(cfg, Mapping):
         get = cfg.get
@@ -122,16 +147,7 @@ def attention_config(cfg: ModelConfig | Mapping[str, Any] | Any, attn_type: str)
     base = get("rotary_base", 10_000)
     if attn_type == "local" and get("rotary_base_local") is not None:
         base = get("rotary_base_local")
-    rope = RopeConfig(theta=float(base))
-    if get("use_NTK_by_parts_rope"):  # TL's name for llama3 scaling, the same formula
-        rope = RopeConfig(
-            theta=float(base),
-            type="llama3",
-            factor=get("NTK_by_parts_factor", 8.0),
-            low_freq_factor=get("NTK_by_parts_low_freq_factor", 1.0),
-            high_freq_factor=get("NTK_by_parts_high_freq_factor", 4.0),
-            original_max_position_embeddings=get("NTK_original_ctx_len", 8192),
-        )
+    rope = _tl_rope(get, float(base), attn_type)
     dtype = get("dtype")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
@@ -151,7 +167,39 @@ def attention_config(cfg: ModelConfig | Mapping[str, Any] | Any, attn_type: str)
         ungroup_grouped_query_attention=bool(get("ungroup_grouped_query_attention", False)),
         use_attn_result=bool(get("use_attn_result", False)),
         dtype=dtype,
+        n_ctx=get("n_ctx"),
+        qk_norm="head" if get("use_qk_norm") else None,
+        eps=float(get("eps", 1e-5)),
     )
+
+
+def _tl_rope(get: Callable[..., Any], base: float, attn_type: str) -> RopeConfig:
+    """TL's rope scalings as our RopeConfig, in the precedence of TL's
+    `calculate_sin_cos_rotary`: NTK-by-parts (llama3), yarn, linear."""
+    if get("use_NTK_by_parts_rope"):  # TL's name for llama3 scaling, the same formula
+        return RopeConfig(
+            theta=base,
+            type="llama3",
+            factor=get("NTK_by_parts_factor", 8.0),
+            low_freq_factor=get("NTK_by_parts_low_freq_factor", 1.0),
+            high_freq_factor=get("NTK_by_parts_high_freq_factor", 4.0),
+            original_max_position_embeddings=get("NTK_original_ctx_len", 8192),
+        )
+    if get("use_yarn_rope") and not (get("yarn_global_attn_only") and attn_type == "local"):
+        return RopeConfig(
+            theta=base,
+            type="yarn",
+            factor=float(get("yarn_factor", 1.0)),
+            attention_factor=float(get("yarn_attention_factor", 1.0)),
+            beta_fast=float(get("yarn_beta_fast", 32.0)),
+            beta_slow=float(get("yarn_beta_slow", 1.0)),
+            truncate=bool(get("yarn_truncate", True)),
+            original_max_position_embeddings=get("yarn_original_max_position_embeddings", 4096),
+        )
+    factor = get("rotary_scaling_factor", 1.0)
+    if factor is not None and factor != 1.0 and attn_type != "local":
+        return RopeConfig(theta=base, type="linear", factor=float(factor))
+    return RopeConfig(theta=base)
 
 
 def _int(get: Callable[..., Any], name: str) -> int:

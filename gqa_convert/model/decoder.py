@@ -1,5 +1,10 @@
 """GQATransformer: embedding, RMSNorm, rotary, GQA blocks, gated SiLU MLP, unembedding.
 
+The families differ by a few named options of `ModelConfig`, each a line or two here or in
+the attention: `qk_norm` (model/norm.py), `norm_placement` "post" (ln1 / ln2 on the
+sublayer's output, OLMo2), Granite's four multipliers, `rope_layers` (no rotary on SmolLM3's
+NoPE layers), partial rotary and the rope scalings (model/rotary.py).
+
 Parameter names are TransformerLens HookedTransformer names (`embed.W_E`,
 `blocks.{l}.attn.W_Q`, `blocks.{l}.mlp.W_gate`, `unembed.W_U`, ...). The numerics follow
 HF's Llama: RMSNorm in fp32 then cast back, rotary cos/sin computed in fp32 then cast to
@@ -18,19 +23,10 @@ from torch import Tensor, nn
 from gqa_convert.config import ModelConfig
 from gqa_convert.model.attention import GroupedQueryAttention
 from gqa_convert.model.hooks import HookPoint
-from gqa_convert.model.rotary import rotary_inv_freq, rotary_table
+from gqa_convert.model.norm import RMSNorm
+from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_table
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, d_model: int, eps: float):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(d_model))
-        self.eps = eps
-
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.w * x32.to(x.dtype)
+__all__ = ["GQATransformer", "RMSNorm", "rotary_inv_freq"]
 
 
 class GatedMLP(nn.Module):
@@ -70,10 +66,12 @@ class Unembed(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.cfg = cfg
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
         self.attn = GroupedQueryAttention(cfg, cfg.attn_types[layer_id], layer_id)
-        self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
         self.mlp = GatedMLP(cfg)
+        self.use_rope = cfg.rope_layers[layer_id]  # False: a NoPE layer, no rotary at all
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
@@ -83,11 +81,19 @@ class TransformerBlock(nn.Module):
     def forward(
         self, resid: Tensor, cos: Tensor, sin: Tensor, use_fast_path: bool | None = None
     ) -> Tensor:
+        """Pre-norm: resid + m * sublayer(ln(resid)); post-norm: resid + m * ln(sublayer(resid)),
+        m being Granite's residual_multiplier (1 elsewhere). hook_attn_out / hook_mlp_out
+        see the sublayer's output before m (after the post-norm, as TransformerLens)."""
+        pre, m = self.cfg.norm_placement == "pre", self.cfg.residual_multiplier
         resid = self.hook_resid_pre(resid)
-        x = self.ln1(resid)
-        attn_out = self.attn(x, x, x, rotary=(cos, sin), use_fast_path=use_fast_path)
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
-        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
+        x = self.ln1(resid) if pre else resid
+        rotary = (cos, sin) if self.use_rope else None
+        attn_out = self.attn(x, x, x, rotary=rotary, use_fast_path=use_fast_path)
+        attn_out = self.hook_attn_out(attn_out if pre else self.ln1(attn_out))
+        resid = self.hook_resid_mid(resid + attn_out * m)
+        mlp_out = self.mlp(self.ln2(resid) if pre else resid)
+        mlp_out = self.hook_mlp_out(mlp_out if pre else self.ln2(mlp_out))
+        return self.hook_resid_post(resid + mlp_out * m)
 
 
 class GQATransformer(nn.Module):
@@ -99,27 +105,36 @@ class GQATransformer(nn.Module):
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
         self.unembed = Unembed(cfg)
         # fp32 always, as HF's: a plain tensor, not a buffer, so `.to(bfloat16)` cannot round
         # the frequencies (a phase error growing with position). rotary() moves its device.
-        self.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.d_head)
+        self.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.rotary_dim, None, cfg.n_ctx)
 
     def rotary(self, n_pos: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [n_pos, d_head] in HF's convention (frequencies repeated twice)."""
+        """cos, sin [n_pos, rotary_dim] in HF's convention (frequencies repeated twice).
+
+        dynamic and longrope frequencies depend on n_pos: recomputed for each call, as a
+        fresh HF model does for a sequence of this length."""
+        rope = self.cfg.rope
+        inv_freq = self.rotary_inv_freq
+        if length_dependent(rope):
+            inv_freq = rotary_inv_freq(rope, self.cfg.rotary_dim, n_pos, self.cfg.n_ctx)
         pos = torch.arange(n_pos, device=self.embed.W_E.device)
-        return rotary_table(self.rotary_inv_freq, pos, dtype)
+        return rotary_table(inv_freq, pos, dtype, attention_factor=rope.attention_factor)
 
     def forward(
         self, tokens: Int[Tensor, "batch pos"], use_fast_path: bool | None = None
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits. `use_fast_path`: None picks SDPA unless a hook reads scores or pattern;
         False forces the reference path (explicit scores, pattern, repeat_interleave)."""
-        resid = self.hook_embed(self.embed(tokens))
-        cos, sin = self.rotary(tokens.shape[1], resid.dtype)
+        resid = self.hook_embed(self.embed(tokens)) * self.cfg.embedding_multiplier
+        cos, sin = self.rotary(
+            tokens.shape[1], torch.float32 if self.cfg.rotary_in_fp32 else resid.dtype
+        )
         for block in self.blocks:
             resid = block(resid, cos, sin, use_fast_path)
-        return self.unembed(self.ln_final(resid))
+        return self.unembed(self.ln_final(resid)) / self.cfg.logits_scaling
 
     @classmethod
     def from_pretrained(
@@ -161,7 +176,7 @@ class GQATransformer(nn.Module):
         for name in zero:
             full[name] = torch.zeros(model.get_parameter(name).shape, dtype=ref_dtype)
         model.load_state_dict(full, assign=True, strict=True)
-        model.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.d_head)
+        model.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.rotary_dim, None, cfg.n_ctx)
         return model.to(device=device, dtype=dtype) if dtype else model.to(device)
 
 

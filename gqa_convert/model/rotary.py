@@ -1,4 +1,20 @@
-"""Rotary position embedding: HF's inverse frequencies, cos/sin tables, the rotation itself.
+"""Rotary position embedding: the inverse frequencies of every rope type, computed as
+transformers' `ROPE_INIT_FUNCTIONS` compute them (fp32, the same operations in the same
+order), the cos / sin tables, and the rotation itself.
+
+    type      inv_freq                                          depends on the length
+    default   1 / theta^(2i/dim)                                no
+    linear    default / factor                                  no
+    dynamic   default at theta * (factor*L/n_ctx - factor + 1)^(dim/(dim-2)), L > n_ctx
+                                                                yes: past n_ctx
+    yarn      default and default/factor blended by a ramp (beta_fast, beta_slow)
+                                                                no
+    longrope  1 / (ext * theta^(2i/dim)), ext = short_factor,
+              or long_factor past original_max_position_embeddings
+                                                                yes: past the original
+    llama3    NTK-by-parts smoothing of default                 no
+
+yarn and longrope also multiply cos and sin by `attention_factor`.
 
 Two pairings, as TransformerLens's `rotary_adjacent_pairs`:
 
@@ -19,11 +35,61 @@ from torch import Tensor
 from gqa_convert.config import RopeConfig
 
 
-def rotary_inv_freq(rope: RopeConfig, rotary_dim: int) -> Float[Tensor, " half_rotary_dim"]:
-    """Inverse frequencies computed as HF does, in fp32 (llama3 smoothing included)."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-    if rope.type == "default":
-        return inv_freq
+def length_dependent(rope: RopeConfig) -> bool:
+    """True when the frequencies depend on the sequence length (dynamic, longrope)."""
+    return rope.type in ("dynamic", "longrope")
+
+
+def rotary_inv_freq(
+    rope: RopeConfig, dim: int, n_pos: int | None = None, n_ctx: int | None = None
+) -> Float[Tensor, " half_dim"]:
+    """Inverse frequencies for `dim` rotary dims, in fp32; `n_pos` is the sequence length
+    (None: short, as HF's model at init), `n_ctx` the dynamic threshold."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    base = rope.theta
+    if rope.type == "dynamic":
+        if n_ctx is None:
+            raise ValueError("dynamic rope needs n_ctx (its original context length)")
+        # HF's init uses seq_len = n_ctx in Python floats; past n_ctx its forward recomputes
+        # from a tensor seq_len (torch.max(position_ids) + 1), so in fp32.
+        seq_len: float | Tensor = n_ctx
+        if n_pos is not None and n_pos > n_ctx:
+            seq_len = torch.tensor(n_pos)
+        base = base * ((rope.factor * seq_len / n_ctx) - (rope.factor - 1)) ** (dim / (dim - 2))
+    if rope.type == "longrope":
+        long = n_pos is not None and n_pos > rope.original_max_position_embeddings
+        ext = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
+        return 1.0 / (ext * base**exponent)
+    if rope.type == "yarn":
+        return _yarn(rope, dim)
+    inv_freq = 1.0 / (base**exponent)
+    if rope.type == "linear":
+        return inv_freq / rope.factor
+    if rope.type == "llama3":
+        return _llama3(rope, inv_freq)
+    return inv_freq
+
+
+def _yarn(rope: RopeConfig, dim: int) -> Tensor:
+    base, factor, old_len = rope.theta, rope.factor, rope.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # HF: prevent a division by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # share of the unscaled frequency
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+def _llama3(rope: RopeConfig, inv_freq: Tensor) -> Tensor:
     factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
     old_len = rope.original_max_position_embeddings
     wavelen = 2 * math.pi / inv_freq
@@ -39,8 +105,10 @@ def rotary_table(
     positions: Tensor,
     dtype: torch.dtype,
     adjacent_pairs: bool = False,
+    attention_factor: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """cos, sin [*positions.shape, rotary_dim], angles in fp32 then cast to `dtype`.
+    """cos, sin [*positions.shape, rotary_dim], times `attention_factor` (yarn, longrope),
+    angles in fp32 then cast to `dtype`.
 
     `positions` is [pos] (one table for the batch) or [batch, pos] (per-row positions, for
     left-padded batches).
@@ -50,16 +118,23 @@ def rotary_table(
         emb = freqs.repeat_interleave(2, dim=-1)  # f0 f0 f1 f1 ...
     else:
         emb = torch.cat((freqs, freqs), dim=-1)  # f0 f1 ... f0 f1 ...
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(
     x: Float[Tensor, "batch pos head d_head"],
-    cos: Float[Tensor, "pos rotary_dim"] | Float[Tensor, "batch pos rotary_dim"],
-    sin: Float[Tensor, "pos rotary_dim"] | Float[Tensor, "batch pos rotary_dim"],
+    cos: Float[Tensor, "pos rotary_dim"] | Float[Tensor, "batch pos rotary_dim"] | None,
+    sin: Float[Tensor, "pos rotary_dim"] | Float[Tensor, "batch pos rotary_dim"] | None,
     adjacent_pairs: bool = False,
 ) -> Float[Tensor, "batch pos head d_head"]:
-    """Rotate the first `cos.shape[-1]` features of every head; the rest pass through."""
+    """Rotate the first `cos.shape[-1]` features of every head; the rest pass through.
+    `cos` None: no rotary (NoPE layers). fp32 cos / sin rotate in fp32 (OLMo2), then the
+    result is cast back to x's dtype."""
+    if cos is None:
+        return x
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
     if adjacent_pairs:  # [x0, x1] -> [-x1, x0] for each adjacent pair
@@ -69,5 +144,5 @@ def apply_rotary(
         x1, x2 = x_rot.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    out = x_rot * cos + rotated * sin
+    out = (x_rot * cos + rotated * sin).to(x.dtype)
     return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
