@@ -236,7 +236,7 @@ def test_a_float32_source_converted_to_bfloat16_equals_torchs_cast(tmp_path):
     tensors["model.norm.weight"][3] = float("nan")
     tensors["model.layers.0.mlp.up_proj.weight"].view(-1)[:16] = special_floats()[:16]
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    out = convert(src, tmp_path / "out", dtype="bfloat16", allow_nonfinite=True)
+    out = convert(src, tmp_path / "out", dtype="bfloat16", allow_nonfinite=True, verify=False)
     written = load_file(out / "model.safetensors")
     up = written["blocks.0.mlp.W_in"]  # [d_model, d_mlp] = up_proj.T
     expected = tensors["model.layers.0.mlp.up_proj.weight"].T.to(torch.bfloat16)

@@ -507,7 +507,13 @@ def add_a_layer(cfg, state):
     last = cfg.n_layers - 1
     for name in [n for n in state if n.startswith(f"blocks.{last}.")]:
         state[name.replace(f"blocks.{last}.", f"blocks.{cfg.n_layers}.", 1)] = state[name].clone()
-    return replace(cfg, n_layers=cfg.n_layers + 1, attn_types=(*cfg.attn_types, "global")), state
+    grown = replace(
+        cfg,
+        n_layers=cfg.n_layers + 1,
+        attn_types=(*cfg.attn_types, "global"),
+        rope_layers=(*cfg.rope_layers, True),
+    )
+    return grown, state
 
 
 def edit_export_config(folder, **changes):
@@ -532,15 +538,27 @@ def test_an_export_with_one_layer_more_than_src_is_bad_input(tmp_path, llama):
     [
         ({"d_mlp": 100}, ("9 problems", "blocks.0.mlp.W_gate", "[64, 96]", "[64, 100]")),
         (
-            {"n_layers": 2, "attn_types": ["global"] * 2},
+            {"n_layers": 2, "attn_types": ["global"] * 2, "rope_layers": [True] * 2},
             ("not implied by config.json", "blocks.2."),
         ),
-        ({"n_layers": 4, "attn_types": ["global"] * 4}, ("missing from the export", "blocks.3.")),
+        (
+            {"n_layers": 4, "attn_types": ["global"] * 4, "rope_layers": [True] * 4},
+            ("missing from the export", "blocks.3."),
+        ),
         ({"attn_types": ["global"] * 2}, ("attn_types", "2 entries", "n_layers = 3")),
         ({"attn_types": ["global", "local", "global"]}, ("attn_types", "sliding_window")),
         ({"rope": {"thetta": 1.0}}, ("config.json", "thetta")),
+        ({"rope_layers": [True] * 2}, ("rope_layers", "2 entries", "n_layers = 3")),
     ],
-    ids=["shape", "fewer-layers", "more-layers", "attn_types-length", "local-no-window", "rope"],
+    ids=[
+        "shape",
+        "fewer-layers",
+        "more-layers",
+        "attn_types-length",
+        "local-no-window",
+        "rope",
+        "rope_layers-length",
+    ],
 )
 def test_an_export_disagreeing_with_its_config_is_bad_input(tmp_path, llama, edit, names):
     from gqa_convert.errors import BadInputError
