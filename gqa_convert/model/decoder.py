@@ -119,9 +119,12 @@ class GQATransformer(nn.Module):
         # the frequencies (a phase error growing with position). rotary() moves its device.
         self.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.d_head)
 
-    def rotary(self, n_pos: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [n_pos, d_head] in HF's convention (frequencies repeated twice)."""
-        inv_freq = self.rotary_inv_freq.to(self.embed.W_E.device, torch.float32)
+    def rotary(
+        self, n_pos: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """cos, sin [n_pos, d_head] in HF's convention (frequencies repeated twice), on
+        `device` (default: the embedding's)."""
+        inv_freq = self.rotary_inv_freq.to(device or self.embed.W_E.device, torch.float32)
         pos = torch.arange(n_pos, device=inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)  # [pos, d_head / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
