@@ -276,7 +276,9 @@ def placement_from_device_map(device_map: dict[str, Any]) -> Callable[[Part], to
                 where = device_map[name]
                 if where == "disk":
                     raise UsageError("the device map offloads to disk; give more memory")
-                return torch.device("cuda", where) if isinstance(where, int) else torch.device(where)
+                if isinstance(where, int):
+                    return torch.device("cuda", where)
+                return torch.device(where)
             if not name:
                 return torch.device("cpu")
             name = name.rpartition(".")[0]

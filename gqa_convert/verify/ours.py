@@ -101,7 +101,8 @@ class Ours:
         problems = [f"missing tensor {n}" for n in sorted(wanted - have)]
         problems += [f"unexpected tensor {n}" for n in sorted(have - set(self.model.state_dict()))]
         if problems:
-            raise BadInputError(listing(f"{self.where}: the tensors do not match config.json", problems))
+            what = f"{self.where}: the tensors do not match config.json"
+            raise BadInputError(listing(what, problems))
 
     def modules(self, part: Part) -> dict[str, nn.Module]:
         if part == "embed":
