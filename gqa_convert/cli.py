@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from gqa_convert import __version__
@@ -53,7 +60,7 @@ def root(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--shard-size") -> int:
     """'5GB', '500MB', '2GiB' or a plain byte count -> bytes."""
     units = {
         "": 1,
@@ -67,10 +74,10 @@ def parse_size(text: str) -> int:
     }
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).upper() not in units:
-        raise UsageError(f"--shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+        raise UsageError(f"{option}: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
     size = int(float(match.group(1)) * units[match.group(2).upper()])
     if size <= 0:
-        raise UsageError("--shard-size must be positive")
+        raise UsageError(f"{option} must be positive")
     return size
 
 
@@ -95,6 +102,24 @@ MinTop1Opt = Annotated[float | None, typer.Option(help="Tolerance: min top-1 agr
 ActRtolOpt = Annotated[
     float | None, typer.Option(help="Tolerance: relative error of each compared activation.")
 ]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Memory budget of the check, e.g. 6GB (default: what is available). Whole-model "
+        "when it fits, else layer-streamed; exit 3 if even streaming does not fit."
+    ),
+]
+StreamingOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--streaming/--no-streaming",
+        help="Force layer-streamed / whole-model verification (default: by the budget).",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(help="Where to verify: cpu, cuda, cuda:N or auto (several GPUs: cuda)."),
+]
 
 
 def _verify_kwargs(
@@ -105,6 +130,9 @@ def _verify_kwargs(
     max_kl: float | None,
     min_top1: float | None,
     activation_rtol: float | None,
+    max_memory: str | None = None,
+    streaming: bool | None = None,
+    device: str = "cpu",
 ) -> dict:
     """The keyword arguments of `verify.verify` that the options shared by `verify` and
     `convert` set (unset tolerances: the compute dtype's defaults)."""
@@ -117,7 +145,31 @@ def _verify_kwargs(
         "min_top1_agreement": min_top1,
         "activation_rtol": activation_rtol,
     }
-    return {"prompts": prompts or None, "seq_len": seq_len, "tolerances": tolerances}
+    return {
+        "prompts": prompts or None,
+        "seq_len": seq_len,
+        "tolerances": tolerances,
+        "max_memory": parse_size(max_memory, "--max-memory") if max_memory else None,
+        "streaming": streaming,
+        "device": device,
+    }
+
+
+@contextmanager
+def layer_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient rich bar over layers on stderr; yields verify's `progress(done, total)`."""
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _show_report(report: VerifyReport) -> None:
@@ -126,7 +178,10 @@ def _show_report(report: VerifyReport) -> None:
 
     limits = report.tolerances
     act = max([report.embed_rel_err, *report.layer_rel_err, report.ln_final_rel_err])
-    title = f"parity with HF ({report.dtype}, {report.tokens} tokens, {report.inputs} inputs)"
+    title = (
+        f"parity with HF ({report.dtype}, {report.tokens} tokens, {report.inputs} inputs, "
+        f"{report.mode}, peak {_gb(report.peak_memory_bytes)})"
+    )
     table = Table("check", "value", "tolerance", title=title, title_justify="left")
     rows = [
         ("max |logit diff|", report.max_abs_logit_diff, f"<= {limits.max_abs_logit_diff:.3g}"),
@@ -208,6 +263,9 @@ def convert(
     max_kl: MaxKlOpt = None,
     min_top1: MinTop1Opt = None,
     activation_rtol: ActRtolOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    streaming: StreamingOpt = None,
+    device: DeviceOpt = "cpu",
     revision: Annotated[
         str | None, typer.Option(help="Branch, tag or commit of a Hub SRC (default: main).")
     ] = None,
@@ -253,15 +311,25 @@ def convert(
     report = None
     if verify:
         options = _verify_kwargs(
-            prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
+            prompt,
+            prompts_file,
+            seq_len,
+            max_logit_diff,
+            max_kl,
+            min_top1,
+            activation_rtol,
+            max_memory,
+            streaming,
+            device,
         )
-        with err.status("verifying parity with the HF model"):
+        with layer_progress("verifying parity with the HF model") as advance:
             report = check_parity(
                 plan,
                 out,
                 overwrite=overwrite,
                 allow_nonfinite=allow_nonfinite,
                 dtype=verify_dtype,
+                progress=advance,
                 **options,
             )
         _show_report(report)
@@ -312,6 +380,9 @@ def verify_command(
     max_kl: MaxKlOpt = None,
     min_top1: MinTop1Opt = None,
     activation_rtol: ActRtolOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    streaming: StreamingOpt = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Compare logits (and activations) of our model with the HF model's; exit 5 on failure."""
     import json
@@ -319,10 +390,19 @@ def verify_command(
     from gqa_convert.verify import verify
 
     options = _verify_kwargs(
-        prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
+        prompt,
+        prompts_file,
+        seq_len,
+        max_logit_diff,
+        max_kl,
+        min_top1,
+        activation_rtol,
+        max_memory,
+        streaming,
+        device,
     )
-    with err.status("comparing with the HF model"):
-        report = verify(src, converted, dtype=dtype, **options)
+    with layer_progress("comparing with the HF model") as advance:
+        report = verify(src, converted, dtype=dtype, progress=advance, **options)
     if json_output:
         print(json.dumps(report.to_dict(), indent=2))
     else:

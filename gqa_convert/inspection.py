@@ -12,10 +12,10 @@ from typing import Any
 
 from gqa_convert.checkpoint import DTYPES
 from gqa_convert.mapping import ConversionPlan, plan_conversion
+from gqa_convert.memory import estimate
 
 # Rough fixed costs of the processes, measured on this project's machines (see README).
 CONVERT_BASE_BYTES = 150 * 2**20  # python + numpy + our code, no torch
-VERIFY_BASE_BYTES = 700 * 2**20  # python + torch + transformers
 
 
 def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str, Any]:
@@ -40,9 +40,9 @@ def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str
     # Convert, an upper bound: one source tensor and its rearranged copy at a time, up to two
     # written tensors waiting for the background sha256, or an fp32 temporary to cast.
     convert_peak = CONVERT_BASE_BYTES + 2 * largest + 2 * largest
-    # Verify: the HF model in fp32, ours built from views of the same weights, activations
-    # dominated by a few [tokens, d_vocab] fp32 logit tensors on each side.
-    verify_peak = VERIFY_BASE_BYTES + 4 * n_params + 6 * 4 * verify_tokens * cfg.d_vocab
+    # Verify (float32, SRC converted in memory): whole-model and layer-streamed (memory.py).
+    storage = max(DTYPES[i.dtype][0].itemsize for i in infos)
+    need = estimate(cfg, dtype="float32", storage_bytes=storage, tokens=verify_tokens)
     return {
         "source": str(Path(src)),
         "architecture": cfg.architecture,
@@ -67,7 +67,11 @@ def inspect_checkpoint(src: str | Path, *, verify_tokens: int = 256) -> dict[str
         "files": files,
         "dropped_tensors": list(plan.dropped),
         "truncated_files": truncated,  # shorter than their headers say: convert refuses them
-        "estimated_peak_memory_bytes": {"convert": convert_peak, "verify": verify_peak},
+        "estimated_peak_memory_bytes": {
+            "convert": convert_peak,
+            "verify": need.whole,  # whole-model
+            "verify_streamed": need.streamed,
+        },
     }
 
 
