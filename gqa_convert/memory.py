@@ -121,6 +121,29 @@ def current_rss() -> int:
         return 0
 
 
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system.
+
+    glibc serves an allocation of 128 kB or more by mmap and unmaps it on free, but after the
+    first such free it raises that threshold up to 32 MB (its "dynamic threshold"): the
+    per-layer tensors of a streamed run (16-60 MB each) then come from the heap, whose holes
+    are not returned, and the resident set creeps up layer by layer (971 MB against 547 MB on
+    a 16-layer test model). Setting the threshold explicitly (1 MB) turns that off. No-op
+    off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
 def peak_rss() -> int:
     """This process's peak resident set so far, in bytes (ru_maxrss)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -41,8 +41,7 @@ SHARD_BYTES = 4_100_000_000  # 4 shards
 ROWS = 4096  # rows drawn at a time
 
 
-def hf_config() -> dict:
-    s = SHAPE
+def hf_config(s: dict = SHAPE) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -60,14 +59,13 @@ def hf_config() -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "dtype": "bfloat16",
     }
 
 
-def specs() -> list[TensorSpec]:
-    s = SHAPE
+def specs(s: dict = SHAPE) -> list[TensorSpec]:
     m, f, v = s["d_model"], s["d_mlp"], s["vocab"]
     q, kv = s["n_heads"] * s["d_head"], s["n_kv"] * s["d_head"]
     out = [TensorSpec("model.embed_tokens.weight", "BF16", (v, m))]
@@ -101,18 +99,20 @@ def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def build(folder: Path) -> Path:
+def build(folder: Path, shape: dict = SHAPE, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write the checkpoint of `shape` into `folder` (kept if it is there already)."""
     if (folder / "config.json").exists():
         return folder
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng = np.random.default_rng(8)
-    all_specs = specs()
-    shards = shard_specs(all_specs, SHARD_BYTES)
+    all_specs = specs(shape)
+    shards = shard_specs(all_specs, shard_bytes)
     names = shard_names(len(shards))
     for name, shard in zip(names, shards, strict=True):
-        print(f"writing {name} ({len(shard)} tensors)", file=sys.stderr, flush=True)
+        if shard_bytes == SHARD_BYTES:
+            print(f"writing {name} ({len(shard)} tensors)", file=sys.stderr, flush=True)
         writer = SafetensorsWriter(tmp / name, shard)
         for spec in shard:
             if spec.name.endswith("norm.weight"):
@@ -125,7 +125,7 @@ def build(folder: Path) -> Path:
     weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
     index = {"metadata": {"total_size": sum(s.nbytes for s in all_specs)}, "weight_map": weight_map}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config(), indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
     os.replace(tmp, folder)
     return folder
 

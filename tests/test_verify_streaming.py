@@ -141,3 +141,39 @@ def test_convert_takes_the_same_memory_options(tmp_path, llama):
     assert run.code == 0, run.stderr
     manifest = json.loads((tmp_path / "out" / "conversion.json").read_text())
     assert manifest["verification"]["report"]["mode"] == "streamed"
+
+
+# A checkpoint whose float32 weights (1.04 GB) exceed the budget below: random bf16, built
+# tensor by tensor (scripts/build_llama8b_shaped.py with a smaller shape).
+MID_SHAPE = dict(layers=16, d_model=1024, n_heads=8, n_kv=2, d_head=128, d_mlp=4096, vocab=8000)
+BUDGET = 1_300_000_000
+
+
+@pytest.mark.slow
+def test_streaming_verifies_within_a_budget_the_whole_model_exceeds(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_llama8b_shaped.py"
+    spec = importlib.util.spec_from_file_location("build_llama8b_shaped", path)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    src = builder.build(tmp_path / "mid", MID_SHAPE, shard_bytes=200_000_000)
+
+    bounded = run_cli("verify", src, "--json", "--max-memory", str(BUDGET), timeout=600)
+    assert bounded.code == 0, bounded.stderr
+    streamed = json.loads(bounded.stdout)
+    assert streamed["mode"] == "streamed" and streamed["passed"] is True
+    assert (
+        streamed["memory"]["estimate"]["whole"]
+        > BUDGET
+        >= streamed["memory"]["estimate"]["streamed"]
+    )
+    whole_run = run_cli("verify", src, "--json", "--no-streaming", timeout=600)
+    assert whole_run.code == 0, whole_run.stderr
+    whole = json.loads(whole_run.stdout)
+    assert whole["mode"] == "whole"
+    # Peak RSS is each child's own ru_maxrss: whole-model would not have kept to the budget.
+    assert whole["peak_memory_bytes"] > BUDGET > streamed["peak_memory_bytes"]
+    assert streamed["peak_memory_bytes"] < 0.6 * whole["peak_memory_bytes"]
+    assert streamed["max_abs_logit_diff"] == pytest.approx(whole["max_abs_logit_diff"], abs=1e-6)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from gqa_convert.config import load_hf_config
 from gqa_convert.errors import BadInputError, UsageError
-from gqa_convert.memory import Estimate, choose_mode, estimate, peak_rss
+from gqa_convert.memory import Estimate, choose_mode, estimate, peak_rss, return_freed_memory
 from gqa_convert.verify.compare import COMPONENTS, rel_err, run_hf_layer, run_our_block
 from gqa_convert.verify.inputs import (
     DEFAULT_SENTENCES,
@@ -135,6 +135,8 @@ def verify(
         need = _estimate(src, converted, source_cfg, dtype, seq_len, 1 + len(prompts or ()))
         mode, budget, _ = choose_mode(need, max_memory, streaming)
     streamed = mode == "streamed"
+    if streamed:
+        return_freed_memory()
     inputs, kind = make_inputs(src, source_cfg, prompts, seq_len)
 
     ref = Reference(src, dtype, model=reference, streaming=streamed)
