@@ -369,7 +369,7 @@ def _step(
     localising = result.localised is None
     worst, parts = 0.0, dict.fromkeys(COMPONENTS, 0.0) if localising else None
     for s in range(len(hf_h)):
-        acts = None
+        acts, forced = None, None
         if layer is not None:
             where = ref.device(i)
             hidden = hf_h[s].to(where)
@@ -379,8 +379,7 @@ def _step(
         if block is not None:
             where = ours.device(i)
             cos, sin = ours.rotary(hf_h[s].shape[1], i)
-            forced = None
-            if localising and acts is not None:
+            if localising and acts is not None and hf_h[s].shape[-1] == ours.cfg.d_model:
                 forced, errors = run_our_block(block, hf_h[s].to(where), cos, sin, acts)
                 parts = {c: max(parts[c], errors[c]) for c in COMPONENTS}
             if forced is not None and torch.equal(our_h[s], hf_h[s]):
@@ -389,9 +388,9 @@ def _step(
                 new_ours = block(our_h[s].to(where), cos, sin)
         else:
             new_ours = our_h[s]
+        if localising and forced is None:  # a layer one side lacks, or another d_model
+            parts = dict.fromkeys(COMPONENTS, math.inf)
         if layer is None or block is None:
-            if localising:
-                parts = dict.fromkeys(COMPONENTS, math.inf)
             worst = math.inf
         else:
             worst = max(worst, rel_err(new_ours, new_hf))
