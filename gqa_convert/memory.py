@@ -6,8 +6,8 @@ alone; the parts are named so the README and `inspect` can say what dominates:
   whole-model  the HF model in the compute dtype, plus ours (views of HF's tensors when SRC
                is converted in memory, a second copy when an export's files are read)
   streamed     the largest of three phases, each holding one part on each side:
-               embedding (HF's table cast + the bytes read), one decoder layer,
-               final norm + unembedding (+ the logits of every input)
+               embedding (HF's table cast + the bytes read), one decoder layer on
+               each side, final norm + unembedding (one side's at a time) + the logits
 
 plus the interpreter with torch and transformers, and the activations of all inputs.
 """
@@ -80,7 +80,7 @@ def estimate(
     phases = (
         table * (c + s),  # HF's embedding cast from the bytes read; ours indexes the bytes
         ours * layer * c + read,
-        table * (c + s) + (table * c if second_copy else 0),
+        table * (c + s),  # one unembedding at a time (ours are views, or read after HF's)
     )
     return Estimate(whole=whole, streamed=BASE_BYTES + acts + max(phases))
 
