@@ -149,6 +149,31 @@ MID_SHAPE = dict(layers=16, d_model=1024, n_heads=8, n_kv=2, d_head=128, d_mlp=4
 BUDGET = 1_300_000_000
 
 
+# A child's ru_maxrss starts at its parent's high-water mark (fork, or vfork + exec, carry
+# it over), and pytest may be gigabytes by now: the CLI is spawned by a tiny launcher
+# (`python -S`, ~10 MB) instead, as scripts/bench.py does, so the peak it reports is its own.
+LAUNCHER = """
+import os, sys
+out, err, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+actions = [(os.POSIX_SPAWN_OPEN, 1, out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+           (os.POSIX_SPAWN_OPEN, 2, err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)]
+pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def spawn_cli(tmp_path, *args):
+    import subprocess
+    import sys
+
+    from tests.cli_subprocess import Run, cli_command, cli_env
+
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    argv = [sys.executable, "-S", "-c", LAUNCHER, str(out), str(err), *cli_command(*args)]
+    code = subprocess.run(argv, env=cli_env()).returncode
+    return Run(code, out.read_text(), err.read_text())
+
+
 @pytest.mark.slow
 def test_streaming_verifies_within_a_budget_the_whole_model_exceeds(tmp_path):
     import importlib.util
@@ -160,7 +185,7 @@ def test_streaming_verifies_within_a_budget_the_whole_model_exceeds(tmp_path):
     spec.loader.exec_module(builder)
     src = builder.build(tmp_path / "mid", MID_SHAPE, shard_bytes=200_000_000)
 
-    bounded = run_cli("verify", src, "--json", "--max-memory", str(BUDGET), timeout=600)
+    bounded = spawn_cli(tmp_path, "verify", src, "--json", "--max-memory", str(BUDGET))
     assert bounded.code == 0, bounded.stderr
     streamed = json.loads(bounded.stdout)
     assert streamed["mode"] == "streamed" and streamed["passed"] is True
@@ -169,7 +194,7 @@ def test_streaming_verifies_within_a_budget_the_whole_model_exceeds(tmp_path):
         > BUDGET
         >= streamed["memory"]["estimate"]["streamed"]
     )
-    whole_run = run_cli("verify", src, "--json", "--no-streaming", timeout=600)
+    whole_run = spawn_cli(tmp_path, "verify", src, "--json", "--no-streaming")
     assert whole_run.code == 0, whole_run.stderr
     whole = json.loads(whole_run.stdout)
     assert whole["mode"] == "whole"
