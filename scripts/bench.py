@@ -576,7 +576,9 @@ def target_5(layers: int, runs: int, notes: list[str]) -> list[Row]:
 def target_6(notes: list[str]) -> list[Row]:
     """The Llama-3.1-8B-shaped checkpoint (16 GB bf16, scripts/build_llama8b_shaped.py):
     `verify SRC OUT` of a --no-verify export, `convert SRC OUT` with its default float32
-    gate, and `convert` of a copy with two KV heads of layer 20's k_proj swapped."""
+    gate, and `verify BAD OUT`, BAD a copy of SRC with two KV heads of layer 20's k_proj
+    swapped (a converter that swaps them writes OUT from SRC; `convert BAD` itself would pass:
+    HF and ours then read the same swapped weights)."""
     sys.path.insert(0, str(REPO / "scripts"))
     import build_llama8b_shaped as b8
 
@@ -609,15 +611,14 @@ def target_6(notes: list[str]) -> list[Row]:
         notes.append(
             f"Target 6, {label}: exit 0, wall {fmt_s(child.wall_s)}, CPU {child.cpu_s:.0f} s."
         )
-    shutil.rmtree(work / "plain", ignore_errors=True)
     shutil.rmtree(work / "out", ignore_errors=True)
     failing = subprocess.run(
-        [*cli(), "convert", str(bad), str(work / "bad")], capture_output=True, text=True
+        [*cli(), "verify", str(bad), str(work / "plain")], capture_output=True, text=True
     )
     named = "first divergence: layer 20, k" in failing.stderr
     rows.append(
         Row(
-            "6. 8B-shaped, layer 20 KV heads swapped: `convert`",
+            "6. 8B-shaped, layer 20 KV heads swapped: `verify BAD OUT`",
             f"exit {failing.returncode}",
             "-",
             "-",

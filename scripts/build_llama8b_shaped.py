@@ -8,7 +8,8 @@ norms 1. Rope: theta 500000, no llama3 scaling, so verify's default input stays 
     python scripts/build_llama8b_shaped.py [FOLDER]  # default $GQA_CONVERT_CACHE/llama8b-shaped
     python scripts/build_llama8b_shaped.py FOLDER --swap-kv 20 # also FOLDER-swap-kv20: a copy
         # (hard links, but the shard holding layer 20's k_proj is copied) with KV heads 0 and 1
-        # of that k_proj swapped in place
+        # of that k_proj swapped in place. `verify FOLDER-swap-kv20 OUT`, OUT converted from
+        # FOLDER, must fail at layer 20, k (`convert` of the copy passes: both sides read it)
 
 Peak memory is the largest tensor (the 1.05 GB embedding) plus the random draw of one block
 of rows.
