@@ -16,6 +16,9 @@ from gqa_convert.verify import placement_from_device_map, resolve_device, verify
 from tests import mutations as M
 from tests.cli_subprocess import run_cli
 from tests.hf_models import make_hf_checkpoint
+from tests.test_families import CASES as FAMILY_CASES
+from tests.test_families import MUTATIONS as FAMILY_MUTATIONS
+from tests.test_families import source as family_source
 from tests.test_parity import CASES
 from tests.test_verify import EXPORT_MUTATIONS
 
@@ -60,6 +63,34 @@ def test_streamed_and_whole_model_reports_agree(tmp_path, case):
     # And reading an export's files, the bytes `convert` ships.
     out = convert(src, tmp_path / "out")
     assert_same_report(verify(src, out, streaming=True), verify(src, out, streaming=False))
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_streamed_and_whole_model_reports_agree_on_every_family(tmp_path, case):
+    """Qwen3, Phi-3, OLMo2, Granite, SmolLM3 and each rope type: the streamed HF side (its
+    layer classes, per-layer masks and rotary, what its forward does around the layers)
+    gives the whole model's report, at a length past every threshold of the case."""
+    src, n_pos = family_source(tmp_path, case)
+    whole = verify(src, seq_len=n_pos, streaming=False)
+    streamed = verify(src, seq_len=n_pos, streaming=True)
+    assert whole.passed, whole.summary()
+    assert_same_report(streamed, whole)
+    out = convert(src, tmp_path / "out")
+    assert_same_report(
+        verify(src, out, seq_len=n_pos, streaming=True),
+        verify(src, out, seq_len=n_pos, streaming=False),
+    )
+
+
+@pytest.mark.parametrize("name", FAMILY_MUTATIONS)
+def test_every_family_mutation_fails_streamed_at_the_same_place(tmp_path, name):
+    case, mutation, (layer, component) = FAMILY_MUTATIONS[name]
+    src, _ = family_source(tmp_path, case)
+    out = M.mutate_export(convert(src, tmp_path / "out"), mutation)
+    streamed = verify(src, out, seq_len=40, streaming=True)
+    assert not streamed.passed
+    assert streamed.first_divergence == {"layer": layer, "component": component}
+    assert_same_report(streamed, verify(src, out, seq_len=40, streaming=False))
 
 
 @pytest.fixture(scope="module")
