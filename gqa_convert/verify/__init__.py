@@ -251,7 +251,8 @@ def verify_plan(
     plan: ConversionPlan, *, allow_nonfinite: bool = False, **kwargs: Any
 ) -> VerifyReport:
     """`verify` of `plan`'s mapping applied to the source tensors (our weights are views of
-    the HF reference's, one copy in memory); convert's gate."""
+    the HF reference's, one copy in memory). Convert's gate checks the written files
+    instead (`api.convert_plan`: `verify(plan.src, tmp, ...)`)."""
     return verify(plan.src, plan=plan, allow_nonfinite=allow_nonfinite, **kwargs)
 
 

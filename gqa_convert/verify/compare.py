@@ -1,15 +1,18 @@
 """Comparing one decoder layer: HF's components against ours, on the same input.
 
 The components of a block, in forward order: ln1 (attention input), q / k / v (projections,
-before rotary), rot_q / rot_k (after rotary), attn_out (after W_O), ln2 (MLP input),
-mlp_out, resid_post. Both layers are run on HF's hidden state entering the layer (teacher
-forcing), so each component's error is that layer's own, whatever came before; the first
-component over tolerance, in forward order of the first such layer, is `first_divergence`.
+before rotary), q_norm / k_norm (where the family has them), rot_q / rot_k (after rotary;
+none on a NoPE layer), attn_out (after W_O), ln2 (MLP input), mlp_out, resid_post; a
+post-norm block (OLMo2) in its own order, POST_NORM_COMPONENTS. Both layers are run on
+HF's hidden state entering the layer (teacher forcing), so each component's error is that
+layer's own, whatever came before; the first component over tolerance, in forward order of
+the first such layer, is `first_divergence`.
 
 HF's q / k after rotary are not a tensor its forward exposes: we hook `q_proj` / `k_proj`
-and apply HF's own `apply_rotary_pos_emb` (from the family's modelling module) with the
-cos / sin its forward passed the layer. So rot_q / rot_k compare our rotary against HF's
-rotary code and frequencies on HF's own projections.
+(or split a fused `qkv_proj`), and their norms, and apply HF's own `apply_rotary_pos_emb`
+(from the family's modelling module) with the cos / sin its forward passed the layer. So
+rot_q / rot_k compare our rotary against HF's rotary code and frequencies on HF's own
+projections.
 """
 
 from __future__ import annotations
