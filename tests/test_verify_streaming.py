@@ -108,6 +108,26 @@ def test_every_mutation_fails_streamed_at_the_same_place(tmp_path, llama, name):
     assert_same_report(streamed, verify(llama, out, seq_len=64, streaming=False))
 
 
+def test_a_nan_in_an_export_is_named_alike_streamed(tmp_path, llama):
+    """A NaN weight in block 1: both modes name the same first non-finite stream point,
+    position and side, and fail with the same lines."""
+
+    def nan_weight(cfg, state):
+        state["blocks.1.mlp.W_out"][0, 0] = float("nan")
+        return cfg, state
+
+    out = M.mutate_export(convert(llama, tmp_path / "out"), nan_weight)
+    streamed = verify(llama, out, seq_len=32, streaming=True)
+    whole = verify(llama, out, seq_len=32, streaming=False)
+    assert not streamed.passed and streamed.mode == "streamed"
+    assert "resid_post.1" in streamed.nonfinite_activations
+    assert "resid_post.0" not in streamed.nonfinite_activations
+    assert streamed.nonfinite_activations["resid_post.1"]["side"] == "ours"
+    assert streamed.nonfinite_activations == whole.nonfinite_activations
+    assert streamed.nonfinite_logits == whole.nonfinite_logits
+    assert streamed.failures == whole.failures
+
+
 def test_sliding_window_ignored_fails_streamed(tmp_path):
     mistral = make_hf_checkpoint(tmp_path / "src", "mistral", sliding_window=8)
     out = M.mutate_export(convert(mistral, tmp_path / "out"), M.sliding_window_ignored())
