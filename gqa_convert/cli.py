@@ -8,7 +8,7 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -19,8 +19,10 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
@@ -70,7 +72,7 @@ def root(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--shard-size") -> int:
     """'5GB', '500MB', '2GiB' or a plain byte count -> bytes."""
     units = {
         "": 1,
@@ -84,10 +86,10 @@ def parse_size(text: str) -> int:
     }
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).upper() not in units:
-        raise UsageError(f"--shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+        raise UsageError(f"{option}: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
     size = int(float(match.group(1)) * units[match.group(2).upper()])
     if size <= 0:
-        raise UsageError("--shard-size must be positive")
+        raise UsageError(f"{option} must be positive")
     return size
 
 
@@ -113,6 +115,24 @@ MinTop1Opt = Annotated[float | None, typer.Option(help="Tolerance: min top-1 agr
 ActRtolOpt = Annotated[
     float | None, typer.Option(help="Tolerance: relative error of each compared activation.")
 ]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Memory budget of the check, e.g. 6GB (default: what is available). Whole-model "
+        "when it fits, else layer-streamed; exit 3 if even streaming does not fit."
+    ),
+]
+StreamingOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--streaming/--no-streaming",
+        help="Force layer-streamed / whole-model verification (default: by the budget).",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(help="Where to verify: cpu, cuda, cuda:N or auto (several GPUs: cuda)."),
+]
 
 
 def _verify_kwargs(
@@ -123,6 +143,9 @@ def _verify_kwargs(
     max_kl: float | None,
     min_top1: float | None,
     activation_rtol: float | None,
+    max_memory: str | None = None,
+    streaming: bool | None = None,
+    device: str = "cpu",
 ) -> dict:
     """The keyword arguments of `verify.verify` that the options shared by `verify` and
     `convert` set (unset tolerances: the compute dtype's defaults)."""
@@ -135,7 +158,31 @@ def _verify_kwargs(
         "min_top1_agreement": min_top1,
         "activation_rtol": activation_rtol,
     }
-    return {"prompts": prompts or None, "seq_len": seq_len, "tolerances": tolerances}
+    return {
+        "prompts": prompts or None,
+        "seq_len": seq_len,
+        "tolerances": tolerances,
+        "max_memory": parse_size(max_memory, "--max-memory") if max_memory else None,
+        "streaming": streaming,
+        "device": device,
+    }
+
+
+@contextmanager
+def layer_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient rich bar over layers on stderr; yields verify's `progress(done, total)`."""
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _show_report(report: VerifyReport) -> None:
@@ -144,7 +191,10 @@ def _show_report(report: VerifyReport) -> None:
 
     limits = report.tolerances
     act = max([report.embed_rel_err, *report.layer_rel_err, report.ln_final_rel_err])
-    title = f"parity with HF ({report.dtype}, {report.tokens} tokens, {report.inputs} inputs)"
+    title = (
+        f"parity with HF ({report.dtype}, {report.tokens} tokens, {report.inputs} inputs, "
+        f"{report.mode}, peak {_gb(report.peak_memory_bytes)})"
+    )
     table = Table("check", "value", "tolerance", title=title, title_justify="left")
     rows = [
         ("max |logit diff|", report.max_abs_logit_diff, f"<= {limits.max_abs_logit_diff:.3g}"),
@@ -231,6 +281,9 @@ def convert(
     max_kl: MaxKlOpt = None,
     min_top1: MinTop1Opt = None,
     activation_rtol: ActRtolOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    streaming: StreamingOpt = None,
+    device: DeviceOpt = "cpu",
     revision: Annotated[
         str | None, typer.Option(help="Branch, tag or commit of a Hub SRC (default: main).")
     ] = None,
@@ -277,7 +330,16 @@ def convert(
     options = {}
     if verify:  # (imports torch: --no-verify moves bytes only)
         options = _verify_kwargs(
-            prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
+            prompt,
+            prompts_file,
+            seq_len,
+            max_logit_diff,
+            max_kl,
+            min_top1,
+            activation_rtol,
+            max_memory,
+            streaming,
+            device,
         )
     if verify_dtype is not None:
         options["dtype"] = verify_dtype
@@ -287,6 +349,11 @@ def convert(
         if not report.passed and force:
             err.print("[yellow]warning:[/yellow] parity failed; writing anyway (--force)")
 
+    def verifying(done: int, total: int) -> None:
+        bar.describe(f"verifying parity with the HF model: layer {done}/{total}")
+
+    if verify:
+        options["progress"] = verifying
     total = sum(output_bytes(plan.sources[t.source], out_dtype) for t in plan.tasks)
     with progress_bar("converting", total) as bar:  # advanced by written bytes too
         try:
@@ -346,6 +413,9 @@ def verify_command(
     activation_rtol: ActRtolOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    streaming: StreamingOpt = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Compare logits (and activations) of our model with the HF model's; exit 5 on failure."""
     import json
@@ -353,10 +423,21 @@ def verify_command(
     from gqa_convert.verify import verify
 
     options = _verify_kwargs(
-        prompt, prompts_file, seq_len, max_logit_diff, max_kl, min_top1, activation_rtol
+        prompt,
+        prompts_file,
+        seq_len,
+        max_logit_diff,
+        max_kl,
+        min_top1,
+        activation_rtol,
+        max_memory,
+        streaming,
+        device,
     )
-    with err.status("comparing with the HF model"):
-        report = verify(src, converted, dtype=dtype, revision=revision, token=token, **options)
+    with layer_progress("comparing with the HF model") as advance:
+        report = verify(
+            src, converted, dtype=dtype, revision=revision, token=token, progress=advance, **options
+        )
     if json_output:
         print(json.dumps(report.to_dict(), indent=2))
     else:

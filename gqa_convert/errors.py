@@ -23,6 +23,10 @@ class BadInputError(GQAConvertError):
     exit_code = 3
 
 
+class InsufficientMemoryError(BadInputError):
+    """Verification would need more memory than the budget (`--max-memory`, or what is free)."""
+
+
 class UnsupportedModelError(GQAConvertError):
     """A well-formed checkpoint of an architecture, rope type or feature we do not handle."""
 

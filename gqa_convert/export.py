@@ -587,10 +587,16 @@ def load_state_dict(
     }
 
 
-def load_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of an export folder written by `write_export`."""
+def refuse_foreign_work_folder(folder: Path) -> None:
+    """A work folder is read only by the process writing it (convert's gate reads its own
+    temp folder); another's is an unfinished or replaced export."""
     if WORK_FOLDER.fullmatch(Path(folder).name) and not _own_work_folder(Path(folder).name):
         raise BadInputError(f"{folder}: the work folder of an unfinished or replaced export")
+
+
+def load_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of an export folder written by `write_export`."""
+    refuse_foreign_work_folder(folder)
     data = read_json(folder / "config.json")
     data.pop("hf_config", None)
     cfg = ModelConfig.from_dict(data)

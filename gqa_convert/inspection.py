@@ -13,14 +13,10 @@ from typing import Any
 from gqa_convert.checkpoint import DTYPES
 from gqa_convert.config import ModelConfig, RopeConfig
 from gqa_convert.mapping import ConversionPlan, plan_conversion
+from gqa_convert.memory import estimate
 
 # Rough fixed costs of the processes, measured on this project's machines (see README).
 CONVERT_BASE_BYTES = 150 * 2**20  # python + numpy + our code, no torch
-VERIFY_BASE_BYTES = 700 * 2**20  # python + torch + transformers
-# The logit statistics' float64 temporaries: about a dozen [positions, vocab] chunks of
-# verify.STATS_CHUNK_ELEMENTS (2^22) elements. Measured: +375 MB peak at [1024, 32000],
-# +265 MB at [1024, 128256] (whole, before chunking: 1.9 GB and 8.2 GB).
-VERIFY_STATS_BYTES = 16 * 8 * (1 << 22)
 
 
 def inspect_checkpoint(
@@ -85,13 +81,11 @@ def _describe(
     # Convert, an upper bound: one source tensor and its rearranged copy at a time, up to two
     # written tensors waiting for the background sha256, or an fp32 temporary to cast.
     convert_peak = CONVERT_BASE_BYTES + 2 * largest + 2 * largest
-    # Verify: the HF model in fp32, ours built from views of the same weights, activations
-    # dominated by a few [tokens, d_vocab] fp32 logit tensors on each side (tokens: the
-    # default input length), and the logit statistics' temporaries.
+    # Verify (float32, SRC converted in memory, the default input length): whole-model and
+    # layer-streamed, each with the logit statistics' float64 temporaries (memory.py).
+    storage = max(DTYPES[i.dtype][0].itemsize for i in infos)
     tokens = verify_tokens or _default_seq_len(cfg)
-    verify_peak = (
-        VERIFY_BASE_BYTES + 4 * n_params + 6 * 4 * tokens * cfg.d_vocab + VERIFY_STATS_BYTES
-    )
+    need = estimate(cfg, dtype="float32", storage_bytes=storage, tokens=tokens)
     return {
         "source": str(Path(src)),
         "architecture": cfg.architecture,
@@ -121,7 +115,11 @@ def _describe(
         "files": files,
         "dropped_tensors": list(plan.dropped),
         "truncated_files": truncated,  # shorter than their headers say: convert refuses them
-        "estimated_peak_memory_bytes": {"convert": convert_peak, "verify": verify_peak},
+        "estimated_peak_memory_bytes": {
+            "convert": convert_peak,
+            "verify": need.whole,  # whole-model
+            "verify_streamed": need.streamed,
+        },
     }
 
 

@@ -12,6 +12,9 @@ this process's. The table is printed and written into BENCHMARKS.md between the
     3. `gqa-convert convert SRC OUT` (verifies) peak RSS  vs  HF alone (`from_pretrained` +
        one forward on the same tokens, same dtype)
     4. GroupedQueryAttention.forward (SDPA fast path)  vs  HF LlamaAttention (SDPA), fp32 CPU
+    5. `gqa-convert verify SRC --streaming` wall and peak RSS  vs  `--no-streaming` (issue 10)
+    6. (only with --only 6) the Llama-3.1-8B-shaped checkpoint of scripts/build_llama8b_shaped.py:
+       `verify SRC OUT` and `convert SRC OUT` peak RSS <= 6 GB; layer 20's KV swap exits 5
 
 The source is a Llama-style bf16 checkpoint of random weights (d_model 2048, 16 heads / 4 KV
 heads, d_head 128, d_mlp 5632, vocab 32000, untied; 16 layers = 1.71 GB in 4 shards), written
@@ -19,7 +22,7 @@ shard by shard without building a model, cached in $GQA_CONVERT_CACHE/bench-llam
 (default ~/.cache/gqa-convert; 16 + 8 layers = 2.7 GB). Outputs go to
 $GQA_CONVERT_CACHE/bench-scratch and are removed after each run.
 
-Usage: python scripts/bench.py [--only 1,2,3,4] [--runs N] [--layers 16] [--no-write]
+Usage: python scripts/bench.py [--only 1,2,3,4,5] [--runs N] [--layers 16] [--no-write]
 """
 
 from __future__ import annotations
@@ -531,6 +534,103 @@ def target_3(layers: int, runs: int, notes: list[str]) -> list[Row]:
     return rows
 
 
+# --------------------------------------------------------------------------- 5 and 6
+
+
+def target_5(layers: int, runs: int, notes: list[str]) -> list[Row]:
+    """Streamed against whole-model `gqa-convert verify SRC`, interleaved, same checkpoint."""
+    src = checkpoint(layers)
+    warm(src)
+    whole, streamed = [], []
+    for _ in range(runs):
+        whole.append(run_child([*cli(), "verify", str(src), "--no-streaming"]))
+        streamed.append(run_child([*cli(), "verify", str(src), "--streaming"]))
+    ratios = [s.wall_s / w.wall_s for s, w in zip(streamed, whole, strict=True)]
+    wall, rss = median(ratios), median([c.rss_bytes for c in streamed])
+    rss_whole = median([c.rss_bytes for c in whole])
+    notes.append(
+        f"Target 5 runs (s): streamed {spread([c.wall_s for c in streamed])}, whole-model "
+        f"{spread([c.wall_s for c in whole])}; CPU s: streamed "
+        f"{median([c.cpu_s for c in streamed]):.1f}, whole {median([c.cpu_s for c in whole]):.1f}."
+    )
+    return [
+        Row(
+            f"5. `verify SRC --streaming` wall, {layers}L",
+            fmt_s(median([c.wall_s for c in streamed])),
+            f"`--no-streaming` {fmt_s(median([c.wall_s for c in whole]))}",
+            f"{wall:.2f}x",
+            "<= 1.3x",
+            wall <= 1.3,
+        ),
+        Row(
+            f"5. `verify SRC --streaming` peak RSS, {layers}L",
+            fmt_mb(rss),
+            f"`--no-streaming` {fmt_mb(rss_whole)}",
+            f"{rss / rss_whole:.2f}x",
+            "<= 0.35x",
+            rss <= 0.35 * rss_whole,
+        ),
+    ]
+
+
+def target_6(notes: list[str]) -> list[Row]:
+    """The Llama-3.1-8B-shaped checkpoint (16 GB bf16, scripts/build_llama8b_shaped.py):
+    `verify SRC OUT` of a --no-verify export, `convert SRC OUT` with its default float32
+    gate, and `verify BAD OUT`, BAD a copy of SRC with two KV heads of layer 20's k_proj
+    swapped (a converter that swaps them writes OUT from SRC; `convert BAD` itself would pass:
+    HF and ours then read the same swapped weights)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import build_llama8b_shaped as b8
+
+    src = b8.build(cache_dir() / "llama8b-shaped")
+    bad = b8.swap_kv(src, 20)
+    work = scratch()
+    rows = []
+    run_child([*cli(), "convert", str(src), str(work / "plain"), "--no-verify"])
+    runs = {
+        "`verify SRC OUT` (OUT: --no-verify export)": [
+            *cli(),
+            "verify",
+            str(src),
+            str(work / "plain"),
+        ],
+        "`convert SRC OUT`": [*cli(), "convert", str(src), str(work / "out")],
+    }
+    for label, argv in runs.items():
+        child = run_child(argv)
+        rows.append(
+            Row(
+                f"6. 8B-shaped {label} peak RSS",
+                fmt_mb(child.rss_bytes),
+                "-",
+                "-",
+                "<= 6 GB, exit 0",
+                child.rss_bytes <= 6e9,
+            )
+        )
+        notes.append(
+            f"Target 6, {label}: exit 0, wall {fmt_s(child.wall_s)}, CPU {child.cpu_s:.0f} s."
+        )
+    shutil.rmtree(work / "out", ignore_errors=True)
+    failing = subprocess.run(
+        [*cli(), "verify", str(bad), str(work / "plain")], capture_output=True, text=True
+    )
+    named = "first divergence: layer 20, k" in failing.stderr
+    rows.append(
+        Row(
+            "6. 8B-shaped, layer 20 KV heads swapped: `verify BAD OUT`",
+            f"exit {failing.returncode}",
+            "-",
+            "-",
+            "exit 5, names layer 20",
+            failing.returncode == 5 and named,
+        )
+    )
+    shutil.rmtree(work)
+    shutil.rmtree(bad)
+    return rows
+
+
 # --------------------------------------------------------------------------- 4
 
 
@@ -678,7 +778,7 @@ def write_report(section: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="1,2,3,4", help="targets to run, e.g. 1,4")
+    parser.add_argument("--only", default="1,2,3,4,5", help="targets to run, e.g. 1,4")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--layers", type=int, default=16, help="layers of the main checkpoint")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
@@ -694,6 +794,10 @@ def main() -> None:
         rows += target_3(args.layers, args.runs, notes)
     if 4 in only:
         rows += target_4(args.runs, args.threads, notes)
+    if 5 in only:
+        rows += target_5(args.layers, args.runs, notes)
+    if 6 in only:  # not in the default: builds 16 GB and takes ~15 minutes on 2 cores
+        rows += target_6(notes)
     command = " ".join(["python scripts/bench.py", *sys.argv[1:]])
     section = "\n".join(
         [

@@ -272,12 +272,23 @@ def test_phi3_fused_rows_land_where_hf_reads_them(tmp_path):
 def test_every_component_matches_on_a_correct_conversion(tmp_path, case):
     """The gate's localisation reads the family's own points (q_norm, fused qkv_proj,
     post-norms, no rotary on NoPE layers): on a correct conversion all of them agree."""
-    from gqa_convert.verify import _compare
+    from gqa_convert.verify.compare import run_hf_layer, run_our_block
+    from gqa_convert.verify.ours import Ours
+    from gqa_convert.verify.reference import Reference
 
     src, n_pos = source(tmp_path, case)
     model = convert_in_memory(src)
-    blocks = range(model.cfg.n_layers)
-    _, _, errors = _compare(load_hf(src), model, random_tokens(n_pos, batch=1), blocks)
+    ref = Reference(src, "float32", model=load_hf(src))
+    ours = Ours("float32", model=model, reference=ref)
+    errors = {}
+    with torch.no_grad():
+        hidden, calls = ref.layer_calls(ref.embed(random_tokens(n_pos, batch=1)))
+        for i in range(model.cfg.n_layers):  # each block on HF's input to it, as the gate
+            out, acts = run_hf_layer(ref.body.layers[i], hidden, calls[i], True)
+            cos, sin = ours.rotary(n_pos, i)
+            _, errs = run_our_block(model.blocks[i], hidden, cos, sin, acts)
+            errors.update({f"{name}.{i}": err for name, err in errs.items()})
+            hidden = out
     names = {name.rsplit(".", 1)[0] for name in errors}
     assert {"q", "k", "v", "rot_q", "rot_k", "attn_out", "ln1", "ln2", "mlp_out"} <= names
     assert ("q_norm" in names) == (model.cfg.qk_norm is not None)

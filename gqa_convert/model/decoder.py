@@ -111,8 +111,11 @@ class GQATransformer(nn.Module):
         # the frequencies (a phase error growing with position). rotary() moves its device.
         self.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.rotary_dim, None, cfg.n_ctx)
 
-    def rotary(self, n_pos: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [n_pos, rotary_dim] in HF's convention (frequencies repeated twice).
+    def rotary(
+        self, n_pos: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """cos, sin [n_pos, rotary_dim] in HF's convention (frequencies repeated twice), on
+        `device` (default: the embedding's).
 
         dynamic and longrope frequencies depend on n_pos: recomputed for each call, as a
         fresh HF model does for a sequence of this length."""
@@ -120,7 +123,7 @@ class GQATransformer(nn.Module):
         inv_freq = self.rotary_inv_freq
         if length_dependent(rope):
             inv_freq = rotary_inv_freq(rope, self.cfg.rotary_dim, n_pos, self.cfg.n_ctx)
-        pos = torch.arange(n_pos, device=self.embed.W_E.device)
+        pos = torch.arange(n_pos, device=device or self.embed.W_E.device)
         return rotary_table(inv_freq, pos, dtype, attention_factor=rope.attention_factor)
 
     def forward(

@@ -1,0 +1,181 @@
+"""How much memory verification needs, how much there is, and how much it took.
+
+Torch-free (read by `inspect` too). The estimates are upper bounds in bytes, from the config
+alone; the parts are named so the README and `inspect` can say what dominates:
+
+  whole-model  the HF model in the compute dtype, plus ours (views of HF's tensors when SRC
+               is converted in memory, a second copy when an export's files are read)
+  streamed     the largest of three phases, each holding one part on each side:
+               embedding (HF's table cast + the bytes read), one decoder layer on
+               each side, final norm + unembedding (one side's at a time) + the logits
+
+plus the interpreter with torch and transformers, and the activations of all inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gqa_convert.config import ModelConfig
+from gqa_convert.errors import InsufficientMemoryError
+
+BASE_BYTES = 700 * 2**20  # python + torch + transformers + our code, measured ~600 MB
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Elements of each float64 [positions, vocab] temporary of the logit statistics (32 MB):
+# positions are compared this many vocab rows at a time ([1024, 128k] in one go took 8.2 GB).
+STATS_CHUNK_ELEMENTS = 1 << 22
+
+
+def layer_params(cfg: ModelConfig) -> int:
+    """Parameters of one decoder layer (norms, attention with biases, gated MLP)."""
+    q, kv = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
+    attn = cfg.d_model * (2 * q + 2 * kv) + q + 2 * kv + cfg.d_model
+    return 2 * cfg.d_model + attn + 3 * cfg.d_model * cfg.d_mlp
+
+
+def largest_layer_tensor(cfg: ModelConfig) -> int:
+    """Elements of the largest tensor of one layer (read whole before the cast)."""
+    return max(cfg.d_model * cfg.d_mlp, cfg.d_model * cfg.n_heads * cfg.d_head)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    whole: int
+    streamed: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"whole": self.whole, "streamed": self.streamed}
+
+
+def estimate(
+    cfg: ModelConfig,
+    *,
+    dtype: str = "float32",
+    storage_bytes: int = 2,
+    tokens: int = 128,
+    sequences: int = 1,
+    second_copy: bool = False,
+) -> Estimate:
+    """Peak bytes of `verify` for `sequences` inputs of up to `tokens` tokens.
+
+    `storage_bytes` per element of the files read; `second_copy`: our weights are read from
+    an export's files (not views of the HF model's).
+    """
+    c, s = DTYPE_BYTES[dtype], storage_bytes
+    table = cfg.d_vocab * cfg.d_model
+    layer = layer_params(cfg)
+    ours = 2 if second_copy else 1
+    t, n = tokens, sequences
+    # Activations: three streams of every input, one layer's intermediates for one input
+    # (MLP, q/k/v and their captures, an attention mask or scores), every input's logits
+    # on one side and one on the other, the float64 statistics over STATS_CHUNK_ELEMENTS.
+    streams = 3 * n * t * cfg.d_model * c
+    inner = 4 * t * cfg.d_mlp * c + 12 * t * cfg.d_model * c + 2 * cfg.n_heads * t * t * 4
+    logits = (n + 1) * t * cfg.d_vocab * c + 8 * min(t * cfg.d_vocab, STATS_CHUNK_ELEMENTS) * 8
+    acts = streams + inner + logits
+    read = largest_layer_tensor(cfg) * s
+    whole = BASE_BYTES + acts + ours * (2 * table + cfg.n_layers * layer) * c + table * s
+    phases = (
+        table * (c + s),  # HF's embedding cast from the bytes read; ours indexes the bytes
+        ours * layer * c + read,
+        table * (c + s),  # one unembedding at a time (ours are views, or read after HF's)
+    )
+    return Estimate(whole=whole, streamed=BASE_BYTES + acts + max(phases))
+
+
+def available_bytes() -> int:
+    """What this process may still grow to: MemAvailable (and a cgroup limit, if lower),
+    plus what it holds already."""
+    free = _meminfo("MemAvailable")
+    limit = _cgroup_room()
+    if limit is not None:
+        free = min(free, limit)
+    return free + current_rss()
+
+
+def _meminfo(key: str) -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _cgroup_room() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+    except OSError:
+        return None
+    return None if limit == "max" else max(0, int(limit) - int(used))
+
+
+def current_rss() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system.
+
+    glibc serves an allocation of 128 kB or more by mmap and unmaps it on free, but after the
+    first such free it raises that threshold up to 32 MB (its "dynamic threshold"): the
+    per-layer tensors of a streamed run (16-60 MB each) then come from the heap, whose holes
+    are not returned, and the resident set creeps up layer by layer (971 MB against 547 MB on
+    a 16-layer test model). Setting the threshold explicitly (1 MB) turns that off. No-op
+    off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def peak_rss() -> int:
+    """This process's peak resident set so far, in bytes (ru_maxrss)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def choose_mode(
+    need: Estimate, budget: int | None, streaming: bool | None
+) -> tuple[str, int, bool]:
+    """("whole" or "streamed", the budget, whether it was given), or InsufficientMemoryError.
+
+    Without `budget` it is what is available now. `streaming` None picks whole-model when it
+    fits, else streamed; True / False force one. A forced whole-model run is refused only
+    against a budget the caller gave (they asked for it); streamed always must fit.
+    """
+    given = budget is not None
+    if budget is None:
+        budget = available_bytes()
+    if streaming is None:
+        streaming = need.whole > budget
+    mode, want = ("streamed", need.streamed) if streaming else ("whole", need.whole)
+    if want > budget and (streaming or given):
+        source = "--max-memory" if given else "available memory"
+        hint = "" if streaming else "; drop --no-streaming"
+        raise InsufficientMemoryError(
+            f"{mode} verification needs about {gb(want)}, more than the budget of {gb(budget)} "
+            f"({source}){hint}; nothing was loaded"
+        )
+    return mode, budget, given
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

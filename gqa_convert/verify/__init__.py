@@ -1,0 +1,533 @@
+"""Logit parity with the HF model, as a gate: run both on the same tokens and compare.
+
+One loop, whatever the model size (`_compare_models`): the HF reference (reference.py) and
+our model (ours.py) advance together one decoder layer at a time over the hidden states of
+all inputs. At each layer HF's layer runs on HF's stream, ours runs on our stream (the
+free-running figures: residual stream errors and, at the end, the logits) and, until a
+divergence is found, on HF's stream too, where its components are compared with HF's
+(teacher forcing, compare.py). A part is materialised when the stream reaches it:
+
+  whole     every part is read once and kept (or a model in memory is used as is)
+  streamed  a part is released when the stream has passed it: peak memory is about one
+            layer on each side, the embedding or the unembedding, and the activations
+
+The mode is chosen from `memory.estimate` against the budget (`max_memory`, default what
+is available): whole-model when it fits. `first_divergence["layer"]` is a block index; -1
+means the embedding, n_layers the final norm or unembedding (every block matched, the logits
+did not).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from gqa_convert.config import load_hf_config
+from gqa_convert.errors import BadInputError, UsageError
+from gqa_convert.memory import Estimate, choose_mode, estimate, peak_rss, return_freed_memory
+from gqa_convert.verify.compare import (
+    COMPONENTS,
+    POST_NORM_COMPONENTS,
+    component_order,
+    note_nonfinite,
+    rel_err,
+    run_hf_layer,
+    run_our_block,
+)
+from gqa_convert.verify.inputs import (
+    DEFAULT_SENTENCES,
+    TOKENIZER_FILES,
+    default_seq_len,
+    has_tokenizer,
+    inputs_detail,
+    length_thresholds,
+    make_inputs,
+    read_prompts_file,
+    regimes,
+    tokenizer_files,
+)
+from gqa_convert.verify.ours import Ours
+from gqa_convert.verify.reference import Part, Reference, load_reference
+from gqa_convert.verify.report import (
+    COMPUTE_DTYPES,
+    TOLERANCES,
+    ParityFailure,
+    Tolerances,
+    VerifyReport,
+    _LogitStats,
+    judge,
+    make_report,
+    stream_points,
+    tolerances_for,
+)
+
+if TYPE_CHECKING:
+    from gqa_convert.mapping import ConversionPlan
+    from gqa_convert.model.decoder import GQATransformer
+
+__all__ = [
+    "COMPONENTS",
+    "COMPUTE_DTYPES",
+    "DEFAULT_SENTENCES",
+    "POST_NORM_COMPONENTS",
+    "TOKENIZER_FILES",
+    "TOLERANCES",
+    "ParityFailure",
+    "Tolerances",
+    "VerifyReport",
+    "default_seq_len",
+    "has_tokenizer",
+    "length_thresholds",
+    "load_reference",
+    "make_inputs",
+    "read_prompts_file",
+    "regimes",
+    "rel_err",
+    "tokenizer_files",
+    "tolerances_for",
+    "verify",
+    "verify_plan",
+]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (layers done, layers in all)
+
+
+def verify(
+    src: str | Path,
+    converted: str | Path | None = None,
+    *,
+    dtype: str = "float32",
+    prompts: Sequence[str] | None = None,
+    seq_len: int | None = None,
+    tolerances: Tolerances | dict[str, float] | None = None,
+    model: GQATransformer | None = None,
+    reference: nn.Module | None = None,
+    streaming: bool | None = None,
+    max_memory: int | None = None,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    plan: ConversionPlan | None = None,
+    allow_nonfinite: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+) -> VerifyReport:
+    """Compare our conversion of the HF checkpoint `src` with the HF model itself.
+
+    `src` may be a Hub repo id, fetched at `revision` with `token` as `convert` fetches it
+    (`hub.resolve_source`: the HF cache, HF_HUB_OFFLINE=1 works from it).
+
+    Ours is `model` if given (cast in place to `dtype`), else the export folder `converted`
+    (config.json + safetensors, read part by part), else `src` mapped through the weight map
+    (`plan`, default `plan_conversion(src)`; a NaN / Inf weight is an error unless
+    `allow_nonfinite`). `reference` is a preloaded HF model of `src` in `dtype`.
+    `prompts` are extra texts (they need a tokenizer in `src`); `seq_len` defaults to
+    `default_seq_len`. `tolerances` overrides some or all of TOLERANCES[dtype].
+
+    `streaming`: True / False force the mode, None picks whole-model when its estimate fits
+    `max_memory` bytes (default: what is available), else streamed; a streamed need over the
+    budget raises InsufficientMemoryError before anything is loaded. A preloaded `model` or
+    `reference` means whole-model. `device`: cpu, cuda, cuda:N or auto; with several GPUs a
+    whole-model reference is spread over them by accelerate's device map. `progress(done,
+    total)` is called after each layer.
+    """
+    from gqa_convert.hub import resolve_source
+
+    limits = tolerances_for(dtype, tolerances)
+    source = resolve_source(src, revision=revision, token=token)
+    src = source.path
+    source_cfg = load_hf_config(src)
+    if seq_len is None:
+        seq_len = default_seq_len(source_cfg)
+    if seq_len < 1:
+        raise UsageError(f"--seq-len must be positive, got {seq_len}")
+    target = resolve_device(device)
+
+    need = None
+    if model is not None or reference is not None:
+        if streaming:
+            raise UsageError("streaming reads both models from files: pass no model/reference")
+        mode, budget = "whole", None
+    else:
+        need = _estimate(src, converted, source_cfg, dtype, seq_len, 1 + len(prompts or ()))
+        mode, budget, _ = choose_mode(need, max_memory, streaming)
+    streamed = mode == "streamed"
+    if streamed:
+        return_freed_memory()
+    inputs, kind = make_inputs(src, source_cfg, prompts, seq_len)
+
+    ref = Reference(src, dtype, model=reference, streaming=streamed)
+    place = placement(target, ref.model, streamed, dtype)
+    ref.place(place)
+    if model is None and converted is None and plan is None:
+        from gqa_convert.mapping import plan_conversion
+
+        plan = plan_conversion(src)
+    ours = Ours(
+        dtype,
+        model=model,
+        files=Path(converted) if converted is not None and model is None else None,
+        plan=plan,
+        reference=ref,
+        streaming=streamed,
+        allow_nonfinite=allow_nonfinite,
+        device_of=place,
+    )
+    _check_shape(ours.cfg, source_cfg, converted, src)
+    result = _compare_models(ref, ours, inputs, limits.activation_rtol, progress)
+    if result.logit_shapes is not None:
+        theirs, mine = result.logit_shapes
+        raise BadInputError(
+            f"{converted or src}: our logits have shape {mine}, the HF model's {theirs}: "
+            f"not a conversion of {src}"
+        )
+    failures, first, components = judge(
+        result.stats,
+        limits,
+        result.embed_err,
+        result.layer_errs,
+        result.final_err,
+        result.localised,
+        result.nonfinite,
+    )
+    found, missed = regimes(source_cfg, max(t.shape[1] for t in inputs))
+    for line in missed:
+        log.warning("%s", line)
+    memory: dict[str, Any] = {"device": str(target)}
+    if need is not None:
+        memory.update(estimate=need.to_dict(), budget=budget)
+    if target.type == "cuda":
+        memory["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return make_report(
+        result.stats,
+        limits,
+        dtype,
+        sequences=len(inputs),
+        inputs=kind,
+        inputs_detail=inputs_detail(src, kind, seq_len, prompts),
+        failures=failures,
+        first_divergence=first,
+        embed_rel_err=result.embed_err,
+        layer_rel_err=result.layer_errs,
+        ln_final_rel_err=result.final_err,
+        components=components,
+        regimes=found,
+        not_exercised=missed,
+        nonfinite_activations={
+            n: result.nonfinite[n] for n in stream_points(ours.n_layers) if n in result.nonfinite
+        },
+        reference={
+            "source": source.repo_id or src.name,
+            "revision": source.revision,
+            **ref.info(),
+        },
+        mode=mode,
+        peak_memory_bytes=peak_rss(),
+        memory=memory,
+    )
+
+
+def _check_shape(cfg: Any, source_cfg: Any, converted: str | Path | None, src: Path) -> None:
+    """Our model's shape must be SRC's: an edited export (a layer more, another d_model) is
+    bad input, named in one line, before anything is compared."""
+    shape_fields = ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp")
+    for name in (*shape_fields, "d_vocab"):
+        if getattr(cfg, name) != getattr(source_cfg, name):
+            raise BadInputError(
+                f"{converted or 'the model'}: {name} = {getattr(cfg, name)}, "
+                f"{src / 'config.json'} says {getattr(source_cfg, name)}: not a conversion of {src}"
+            )
+
+
+def verify_plan(
+    plan: ConversionPlan, *, allow_nonfinite: bool = False, **kwargs: Any
+) -> VerifyReport:
+    """`verify` of `plan`'s mapping applied to the source tensors (our weights are views of
+    the HF reference's, one copy in memory). Convert's gate checks the written files
+    instead (`api.convert_plan`: `verify(plan.src, tmp, ...)`)."""
+    return verify(plan.src, plan=plan, allow_nonfinite=allow_nonfinite, **kwargs)
+
+
+def _estimate(
+    src: Path, converted: str | Path | None, cfg: Any, dtype: str, seq_len: int, sequences: int
+) -> Estimate:
+    from gqa_convert.checkpoint import DTYPES, read_weights
+
+    storage = max(DTYPES[i.dtype][0].itemsize for i in read_weights(src).values())
+    return estimate(
+        cfg,
+        dtype=dtype,
+        storage_bytes=storage,
+        tokens=seq_len,
+        sequences=sequences,
+        second_copy=converted is not None,
+    )
+
+
+# ---- devices ---------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """cpu, cuda, cuda:N or auto (cuda when there is one) as a torch device; a CUDA device
+    that is not there is a UsageError."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if target.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto")
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {device}: no CUDA device here (use cpu or auto)")
+        if target.index is not None and target.index >= count:
+            raise UsageError(f"--device {device}: there are {count} CUDA device(s)")
+    return target
+
+
+def placement(
+    target: torch.device, skeleton: nn.Module, streamed: bool, dtype: str
+) -> Callable[[Part], torch.device]:
+    """Where each part goes: `target`, or for `cuda` (no index) with several GPUs and the
+    whole model, accelerate's device map of the reference over all of them."""
+    if target.type != "cuda" or target.index is not None or streamed:
+        one = torch.device("cuda", 0) if target.type == "cuda" and target.index is None else target
+        return lambda part: one
+    if torch.cuda.device_count() < 2:
+        return lambda part: torch.device("cuda", 0)
+    from accelerate import infer_auto_device_map
+
+    device_map = infer_auto_device_map(
+        skeleton,
+        no_split_module_classes=getattr(skeleton, "_no_split_modules", None),
+        dtype=COMPUTE_DTYPES[dtype],
+    )
+    return placement_from_device_map(device_map)
+
+
+def placement_from_device_map(device_map: dict[str, Any]) -> Callable[[Part], torch.device]:
+    """Parts -> devices from an accelerate device map ({"model.layers.3": 1, ...})."""
+    names = {"embed": "model.embed_tokens", "final": "lm_head"}
+
+    def device_of(part: Part) -> torch.device:
+        name = names[part] if isinstance(part, str) else f"model.layers.{part}"
+        while True:
+            if name in device_map:
+                where = device_map[name]
+                if where == "disk":
+                    raise UsageError("the device map offloads to disk; give more memory")
+                if isinstance(where, int):
+                    return torch.device("cuda", where)
+                return torch.device(where)
+            if not name:
+                return torch.device("cpu")
+            name = name.rpartition(".")[0]
+
+    return device_of
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors in (nested tuples / dicts of) `value` moved to `device`."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+# ---- the loop --------------------------------------------------------------------------
+
+
+@dataclass
+class _Comparison:
+    stats: _LogitStats
+    embed_err: float = math.inf
+    layer_errs: list[float] = field(default_factory=list)
+    final_err: float = math.inf
+    localised: tuple[dict[str, Any], dict[str, float] | None] | None = None
+    worst_component: float = 0.0  # over every component compared (measure_parity.py)
+    logit_shapes: tuple[list[int], list[int]] | None = None  # (HF's, ours) if they differ
+    # Stream points (report.stream_points) where either side first holds NaN / Inf.
+    nonfinite: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _compare_models(
+    ref: Reference,
+    ours: Ours,
+    inputs: Sequence[Tensor],
+    rtol: float,
+    progress: Progress | None = None,
+) -> _Comparison:
+    """Both models over `inputs`, layer by layer (see the module docstring)."""
+    result = _Comparison(_LogitStats())
+    views = not ours.preloaded and not ours.files  # ours are views of HF's held tensors
+    with torch.no_grad():
+        with ref.holding("embed"):
+            hf_h = [ref.embed(tokens) for tokens in inputs]
+            if views:
+                with ours.holding("embed"):
+                    our_h = [ours.embed(tokens) for tokens in inputs]
+        if not views:
+            with ours.holding("embed"):
+                our_h = [ours.embed(tokens) for tokens in inputs]
+        # What the family's forward does before the first layer (Granite's multiplier) is
+        # in the stream both sides compare; HF's from its own forward.
+        entries = [ref.layer_calls(h) for h in hf_h]
+        hf_h = [entry for entry, _ in entries]
+        calls = [layer_calls for _, layer_calls in entries]
+        result.embed_err = max(rel_err(o, h) for o, h in zip(our_h, hf_h, strict=True))
+        for s, tokens in enumerate(inputs):
+            note_nonfinite(result.nonfinite, "embed", s, tokens, our_h[s], hf_h[s])
+        n = max(ref.n_layers, ours.n_layers)
+        result.layer_errs = [0.0] * ours.n_layers
+        for i in range(n):
+            with ref.holding(i) as layer, ours.holding(i) as block:
+                err, parts = _step(ref, ours, i, layer, block, hf_h, our_h, calls, result)
+            if i < ours.n_layers:
+                result.layer_errs[i] = err
+                if i < ref.n_layers:
+                    for s, tokens in enumerate(inputs):
+                        name = f"resid_post.{i}"
+                        note_nonfinite(result.nonfinite, name, s, tokens, our_h[s], hf_h[s])
+            if parts:
+                result.worst_component = max(result.worst_component, *parts.values())
+                bad = next((c for c in parts if not parts[c] <= rtol), None)
+                if bad is not None:
+                    result.localised = ({"layer": i, "component": bad}, parts)
+            if progress is not None:
+                progress(i + 1, n)
+        _final(ref, ours, inputs, hf_h, our_h, views, rtol, result)
+    return result
+
+
+def _step(
+    ref: Reference,
+    ours: Ours,
+    i: int,
+    layer: nn.Module | None,
+    block: nn.Module | None,
+    hf_h: list[Tensor],
+    our_h: list[Tensor],
+    calls: list[list[Any]],
+    result: _Comparison,
+) -> tuple[float, dict[str, float] | None]:
+    """Layer `i` on every input: advance both streams (in place), and while nothing has
+    diverged compare our block's components with HF's on HF's input. Returns the residual
+    error after the layer and the components' errors (None once localised)."""
+    localising = result.localised is None
+    order = component_order(ours.cfg.norm_placement)
+    worst, parts = 0.0, {} if localising else None
+    for s in range(len(hf_h)):
+        acts, forced = None, None
+        if layer is not None:
+            where = ref.device(i)
+            hidden = hf_h[s].to(where)
+            new_hf, acts = run_hf_layer(layer, hidden, _to(calls[s][i], where), localising)
+        else:
+            new_hf = hf_h[s]
+        if block is not None:
+            where = ours.device(i)
+            cos, sin = ours.rotary(hf_h[s].shape[1], i)
+            if localising and acts is not None and hf_h[s].shape[-1] == ours.cfg.d_model:
+                forced, errors = run_our_block(block, hf_h[s].to(where), cos, sin, acts)
+                parts = {c: max(parts.get(c, 0.0), errors[c]) for c in errors}
+            if forced is not None and torch.equal(our_h[s], hf_h[s]):
+                new_ours = forced  # same input: the free-running output is the same
+            else:
+                new_ours = block(our_h[s].to(where), cos, sin)
+        else:
+            new_ours = our_h[s]
+        if localising and forced is None:  # a layer one side lacks, or another d_model
+            parts = dict.fromkeys(order, math.inf)
+        if layer is None or block is None:
+            worst = math.inf
+        else:
+            worst = max(worst, rel_err(new_ours, new_hf))
+        hf_h[s], our_h[s] = new_hf, new_ours
+    return worst, parts
+
+
+def _final(
+    ref: Reference,
+    ours: Ours,
+    inputs: Sequence[Tensor],
+    hf_h: list[Tensor],
+    our_h: list[Tensor],
+    views: bool,
+    rtol: float,
+    result: _Comparison,
+) -> None:
+    """Final norm and logits on each side (the unembedding of one side held at a time,
+    unless ours are views of HF's), the logit statistics, and the final norm on HF's
+    stream when no block diverged."""
+    theirs: list[tuple[Tensor, Tensor] | None] = []
+    mine: list[tuple[Tensor, Tensor, Tensor | None]] = []
+
+    def run_ours() -> None:
+        for s, hidden in enumerate(our_h):
+            normed, logits = ours.final(hidden)
+            forced = None
+            if result.localised is None:
+                forced = ours.model.ln_final(hf_h[s].to(normed.device))
+            mine.append((normed, logits, forced))
+
+    with ref.holding("final"):
+        theirs = [ref.final(h) for h in hf_h]
+        if views:
+            with ours.holding("final"):
+                run_ours()
+    if not views:
+        with ours.holding("final"):
+            run_ours()
+    final_errs, forced_errs = [], []
+    for s, tokens in enumerate(inputs):
+        (hf_normed, hf_logits), (normed, logits, forced) = theirs[s], mine[s]
+        if logits.shape != hf_logits.shape:
+            result.logit_shapes = (list(hf_logits.shape), list(logits.shape))
+            return
+        final_errs.append(rel_err(normed, hf_normed))
+        note_nonfinite(result.nonfinite, "ln_final", s, tokens, normed, hf_normed)
+        if forced is not None:
+            forced_errs.append(rel_err(forced, hf_normed))
+        result.stats.add(s, tokens, logits, hf_logits)
+        theirs[s] = mine[s] = None  # type: ignore[call-overload]
+    result.final_err = max(final_errs)
+    if result.localised is None and forced_errs and not max(forced_errs) <= rtol:
+        result.localised = ({"layer": len(result.layer_errs), "component": "ln_final"}, None)
+
+
+def model_from_reference(
+    plan: ConversionPlan, hf: nn.Module, *, allow_nonfinite: bool = False
+) -> GQATransformer:
+    """Our whole model whose weights are views of the preloaded HF model `hf`'s: each row of
+    the plan's weight map applied to the HF tensor in torch (a reshape / permute is a view)."""
+    from gqa_convert.mapping import apply_layout
+    from gqa_convert.model.decoder import GQATransformer
+
+    hf_state = hf.state_dict()
+    missing = sorted({t.source for t in plan.tasks} - set(hf_state))
+    if missing:
+        raise BadInputError(f"{plan.src}: the HF model has no {missing[:5]}")
+    state = {}
+    for task in plan.tasks:
+        tensor = hf_state[task.source]
+        if not allow_nonfinite and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BadInputError(
+                f"{plan.sources[task.source].path}: tensor {task.source!r} has {bad} NaN/Inf "
+                f"value(s) of {tensor.numel()}; convert with --allow-nonfinite to keep them"
+            )
+        state[task.target] = apply_layout(task, tensor.detach(), plan.config)
+    return GQATransformer.from_state_dict(plan.config, state)

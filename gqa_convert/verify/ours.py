@@ -1,0 +1,211 @@
+"""Our side of the comparison: a GQATransformer whose parts are held one at a time.
+
+Its tensors come from one of three places:
+  model     a GQATransformer already in memory (whole; `verify(..., model=)`)
+  files     an export folder (CONVERTED, or convert's temporary folder): each part's
+            tensors read from its safetensors files, so the gate checks the bytes shipped
+  views     SRC mapped through the weight map: each row's einops layout applied to the HF
+            reference's tensor of the part being held (a view, no second copy)
+The model is built on the meta device from the config and a part (embedding, block i, final
+norm + unembedding) is loaded into it while held, then moved back to meta when streaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from gqa_convert.checkpoint import TensorInfo, read_array, read_weights
+from gqa_convert.config import ModelConfig
+from gqa_convert.errors import BadInputError, listing
+from gqa_convert.verify.reference import Part, Reference
+from gqa_convert.verify.report import COMPUTE_DTYPES
+
+if TYPE_CHECKING:
+    from gqa_convert.mapping import ConversionPlan, TensorTask
+    from gqa_convert.model.decoder import GQATransformer
+
+
+def part_of(name: str) -> Part:
+    """Which part a parameter of ours belongs to: "embed", a block index, or "final"."""
+    if name.startswith("embed."):
+        return "embed"
+    if name.startswith("blocks."):
+        return int(name.split(".")[1])
+    return "final"
+
+
+def count_nonfinite(tensor: Tensor, chunk: int = 1 << 22) -> int:
+    """NaN / Inf values in `tensor`, `chunk` elements at a time (`torch.isfinite` of a whole
+    128k-vocabulary embedding allocates 2.5 GB of temporaries: an fp32 `abs` and two masks)."""
+    flat = tensor.reshape(-1)  # a view when contiguous, as HF's parameters are
+    return sum(
+        int((~torch.isfinite(flat[i : i + chunk])).sum()) for i in range(0, flat.numel(), chunk)
+    )
+
+
+def read_export_config(folder: Path) -> ModelConfig:
+    """The config of an export folder (this process's own work folder too: convert's gate;
+    another process's is refused, as `load_export` does)."""
+    from gqa_convert.config import read_json
+    from gqa_convert.export import refuse_foreign_work_folder
+
+    refuse_foreign_work_folder(Path(folder))
+    data = read_json(Path(folder) / "config.json")
+    data.pop("hf_config", None)
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError, KeyError) as e:
+        raise BadInputError(f"{folder}/config.json: not a config of ours ({e})") from None
+
+
+class Ours:
+    """Our model, held part by part (see the module docstring)."""
+
+    def __init__(
+        self,
+        dtype: str,
+        *,
+        model: GQATransformer | None = None,
+        files: Path | None = None,
+        plan: ConversionPlan | None = None,
+        reference: Reference | None = None,
+        streaming: bool = False,
+        allow_nonfinite: bool = False,
+        device_of: Callable[[Part], torch.device] = lambda part: torch.device("cpu"),
+    ):
+        from gqa_convert.model.decoder import GQATransformer, rotary_inv_freq
+
+        self.dtype, self.streaming, self.device_of = dtype, streaming, device_of
+        self.allow_nonfinite = allow_nonfinite
+        self.preloaded = model is not None
+        self.plan, self.reference = plan, reference
+        self.files: dict[str, TensorInfo] = {}
+        if model is not None:
+            self.model = model.to(COMPUTE_DTYPES[dtype]).eval()
+            self.cfg = model.cfg
+            self.where = "the model given"
+        else:
+            if files is not None:
+                from gqa_convert.export import check_export_tensors
+
+                self.cfg = read_export_config(files)
+                self.files = read_weights(files)
+                check_export_tensors(files, self.cfg, self.files)
+                self.where = str(files)
+            else:
+                self.cfg = plan.config
+                self.tasks: dict[str, TensorTask] = {t.target: t for t in plan.tasks}
+                self.where = str(plan.src)
+            with torch.device("meta"):
+                self.model = GQATransformer(self.cfg).eval()
+            self.model.rotary_inv_freq = rotary_inv_freq(
+                self.cfg.rope, self.cfg.rotary_dim, None, self.cfg.n_ctx
+            )
+            self._check_names()
+        self.n_layers = len(self.model.blocks)
+        self._held: set[Part] = set()
+
+    def _check_names(self) -> None:
+        from gqa_convert.model.decoder import _zero_by_config
+
+        wanted = {n for n in self.model.state_dict() if not _zero_by_config(self.cfg, n)}
+        have = set(self.files) if self.files else set(self.tasks)
+        problems = [f"missing tensor {n}" for n in sorted(wanted - have)]
+        problems += [f"unexpected tensor {n}" for n in sorted(have - set(self.model.state_dict()))]
+        if problems:
+            what = f"{self.where}: the tensors do not match config.json"
+            raise BadInputError(listing(what, problems))
+
+    def modules(self, part: Part) -> dict[str, nn.Module]:
+        if part == "embed":
+            return {"embed": self.model.embed}
+        if part == "final":
+            return {"ln_final": self.model.ln_final, "unembed": self.model.unembed}
+        return {f"blocks.{part}": self.model.blocks[part]}
+
+    @contextmanager
+    def holding(self, part: Part) -> Iterator[nn.Module | None]:
+        if isinstance(part, int) and part >= self.n_layers:
+            yield None
+            return
+        if not self.preloaded and part not in self._held:
+            self._materialise(part)
+            self._held.add(part)
+        try:
+            yield self.model.blocks[part] if isinstance(part, int) else None
+        finally:
+            if self.streaming and part in self._held:
+                for module in self.modules(part).values():
+                    module.to("meta")
+                self._held.discard(part)
+
+    def _materialise(self, part: Part) -> None:
+        from gqa_convert.model.decoder import _zero_by_config
+
+        device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
+        for prefix, module in self.modules(part).items():
+            state = {}
+            for name, param in module.state_dict(keep_vars=True).items():
+                full = f"{prefix}.{name}"
+                if _zero_by_config(self.cfg, full) and full not in (self.files or self.tasks):
+                    tensor = torch.zeros(param.shape, dtype=dtype)
+                else:
+                    tensor = self._tensor(part, full)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise BadInputError(
+                        f"{self.where}: {full} has shape {list(tensor.shape)}, config.json "
+                        f"implies {list(param.shape)}"
+                    )
+                # The embedding is only indexed: it stays in its storage dtype and the rows
+                # taken are cast (a cast commutes with indexing), not the whole table.
+                keep = part == "embed" and self.files
+                state[name] = tensor.to(device=device, dtype=None if keep else dtype)
+            module.load_state_dict(state, assign=True, strict=True)
+
+    def _tensor(self, part: Part, name: str) -> Tensor:
+        from gqa_convert.export import to_torch
+        from gqa_convert.mapping import apply_layout
+
+        if self.files:
+            info = self.files[name]
+            return to_torch(read_array(info), info.dtype)
+        task = self.tasks[name]
+        source = self.reference.tensor_of_source(part, task.source)
+        bad = 0 if self.allow_nonfinite else count_nonfinite(source)  # before the permute
+        tensor = apply_layout(task, source, self.cfg)
+        if bad:
+            raise BadInputError(
+                f"{self.plan.sources[task.source].path}: tensor {task.source!r} has {bad} "
+                f"NaN/Inf value(s) of {tensor.numel()}; convert with --allow-nonfinite to keep them"
+            )
+        return tensor
+
+    # ---- running ----------------------------------------------------------------------
+
+    def device(self, part: Part) -> torch.device:
+        if self.preloaded:
+            return next(next(iter(self.modules(part).values())).parameters()).device
+        return self.device_of(part)
+
+    # What GQATransformer.forward does around its blocks, part by part.
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """The stream entering block 0 (Granite: times embedding_multiplier)."""
+        out = self.model.hook_embed(self.model.embed(tokens.to(self.device("embed"))))
+        return out.to(COMPUTE_DTYPES[self.dtype]) * self.cfg.embedding_multiplier
+
+    def rotary(self, n_pos: int, part: Part) -> tuple[Tensor, Tensor]:
+        """cos / sin for a sequence of `n_pos` (OLMo2: kept in fp32)."""
+        dtype = torch.float32 if self.cfg.rotary_in_fp32 else COMPUTE_DTYPES[self.dtype]
+        return self.model.rotary(n_pos, dtype, self.device(part))
+
+    def final(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The final norm and the logits (Granite: divided by logits_scaling)."""
+        normed = self.model.ln_final(hidden.to(self.device("final")))
+        return normed, self.model.unembed(normed) / self.cfg.logits_scaling

@@ -1,0 +1,295 @@
+"""The HF reference: transformers' own model of SRC, whole or one decoder layer at a time.
+
+The model is built from config.json on the meta device (accelerate's `init_empty_weights`:
+parameters on meta, buffers such as the rotary frequencies real), by the family's stock
+transformers class, `trust_remote_code` never. A part (the embedding, layer i, the final
+norm with the unembedding) is materialised from SRC's files by our checkpoint reader, cast
+to the compute dtype, and moved back to meta when the stream has passed it.
+
+What each decoder layer is called with (attention mask of its layer type, rotary cos / sin,
+position ids) is taken from the family's own forward: the base model runs once per input on
+the embeddings with every layer replaced by a recorder that keeps its arguments, and the
+hidden state the first layer receives (Granite's embedding_multiplier is applied there).
+So masks, sliding windows, per-layer rotary (SmolLM3's NoPE layers, dynamic / longrope
+frequencies of this length) come from transformers' code for whatever
+`model.model.layers[i]` is, and a new family needs no change here. Likewise the logits are
+the family's `ForCausalLM.forward` on the final norm's output, the base model stubbed out
+(Granite divides them by logits_scaling there).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gqa_convert.checkpoint import TensorInfo, read_array, read_weights
+from gqa_convert.errors import BadInputError, listing
+from gqa_convert.verify.report import COMPUTE_DTYPES
+
+log = logging.getLogger(__name__)
+
+Part = str | int  # "embed", a layer index, or "final"
+
+
+@contextmanager
+def _loading(src: str | Path, what: str):
+    """transformers' own failures to read `src` become a BadInputError naming it (exit 3)."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BadInputError(
+            f"{src}: transformers cannot load the reference {what} ({type(e).__name__}: {e})"
+        ) from e
+
+
+@contextmanager
+def _quiet_hf():
+    """transformers' "Loading weights" bars would cut into our output."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_reference(src: str | Path, dtype: str = "float32") -> nn.Module:
+    """The whole HF model of `src` in `dtype`, by transformers' `from_pretrained` (never
+    remote code). `verify(..., reference=)` takes it as is."""
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_hf(), _loading(src, "model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=COMPUTE_DTYPES[dtype], trust_remote_code=False
+        )
+    return model.eval()
+
+
+def skeleton(src: str | Path, dtype: str = "float32") -> nn.Module:
+    """The HF model of `src` with every parameter on the meta device (no weight read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _quiet_hf(), _loading(src, "model"):
+        config = AutoConfig.from_pretrained(src, trust_remote_code=False)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=COMPUTE_DTYPES[dtype], trust_remote_code=False
+            )
+    return model.eval()
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: keeps its arguments, returns its input unchanged.
+    Other attributes (`attention_type`, ...) are the real layer's, for forwards that read
+    them."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        self.call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self.call = (args, kwargs)
+        return hidden_states
+
+
+class _Stub(nn.Module):
+    """Stands in for the base model under ForCausalLM.forward: returns a given stream."""
+
+    def __init__(self, hidden: Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+
+
+def _fresh_rotary(body: nn.Module) -> None:
+    """Reset HF's dynamic-NTK rotary to its initial frequencies: it keeps those of the
+    longest sequence seen so far, so each input is compared as a fresh model runs it."""
+    rotary = getattr(body, "rotary_emb", None)
+    if "dynamic" in str(getattr(rotary, "rope_type", "")) and hasattr(rotary, "original_inv_freq"):
+        rotary.inv_freq = rotary.original_inv_freq.clone()
+        rotary.max_seq_len_cached = rotary.original_max_seq_len
+
+
+class Reference:
+    """HF's model of `src` as parts that can be held and released.
+
+    `model` is a preloaded HF model (whole, nothing released); otherwise a skeleton whose
+    parts are read from `src` on demand, kept once read when not `streaming`. `device_of`
+    maps a part to its device (one device, or accelerate's device map over several GPUs).
+    """
+
+    def __init__(
+        self,
+        src: Path,
+        dtype: str,
+        *,
+        model: nn.Module | None = None,
+        streaming: bool = False,
+        device_of: Callable[[Part], torch.device] = lambda part: torch.device("cpu"),
+    ):
+        self.src, self.dtype, self.streaming, self.device_of = src, dtype, streaming, device_of
+        self.preloaded = model is not None
+        self.model = model if model is not None else skeleton(src, dtype)
+        self.body = self.model.model
+        self.n_layers = len(self.body.layers)
+        self.sources: dict[str, TensorInfo] = {} if self.preloaded else read_weights(src)
+        self.tied: dict[str, str] = dict(getattr(self.model, "_tied_weights_keys", None) or {})
+        self._held: set[Part] = set()
+        if not self.preloaded:
+            self._check_sources()
+
+    def place(self, device_of: Callable[[Part], torch.device]) -> None:
+        """Put parts on devices; the skeleton's real buffers (rotary frequencies) go with
+        the embedding, where the family's forward computes masks and cos / sin."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        self.device_of = device_of
+        if self.preloaded:
+            return
+        first = device_of("embed")
+        for name, buffer in self.model.named_buffers():
+            if buffer.device.type != "meta" and buffer.device != first:
+                set_module_tensor_to_device(self.model, name, first)
+
+    # ---- which tensors make which part ------------------------------------------------
+
+    def modules(self, part: Part) -> dict[str, nn.Module]:
+        """The HF modules of a part, by their name in the model."""
+        if part == "embed":
+            return {"model.embed_tokens": self.model.get_input_embeddings()}
+        if part == "final":
+            return {"model.norm": self.body.norm, "lm_head": self.model.get_output_embeddings()}
+        return {f"model.layers.{part}": self.body.layers[part]}
+
+    def _parameters(self, part: Part) -> Iterator[tuple[str, nn.Module, str]]:
+        for prefix, module in self.modules(part).items():
+            for name, _ in module.named_parameters(remove_duplicate=False):
+                yield f"{prefix}.{name}", module, name
+
+    def _source(self, name: str) -> TensorInfo | None:
+        return self.sources.get(name) or self.sources.get(self.tied.get(name, ""))
+
+    def _check_sources(self) -> None:
+        parts: list[Part] = ["embed", *range(self.n_layers), "final"]
+        missing = [n for p in parts for n, _, _ in self._parameters(p) if not self._source(n)]
+        if missing:
+            raise BadInputError(
+                listing(f"{self.src}: tensors the {type(self.model).__name__} needs", missing)
+            )
+
+    # ---- holding parts ----------------------------------------------------------------
+
+    @contextmanager
+    def holding(self, part: Part) -> Iterator[nn.Module | None]:
+        """The part materialised for the duration (None for a layer the model lacks)."""
+        if isinstance(part, int) and part >= self.n_layers:
+            yield None
+            return
+        if not self.preloaded and part not in self._held:
+            self._materialise(part)
+            self._held.add(part)
+        try:
+            yield self.body.layers[part] if isinstance(part, int) else None
+        finally:
+            if self.streaming and part in self._held:
+                for module in self.modules(part).values():
+                    module.to("meta")
+                self._held.discard(part)
+
+    def _materialise(self, part: Part) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        from gqa_convert.export import to_torch
+
+        device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
+        for full, module, name in self._parameters(part):
+            info = self._source(full)
+            tensor = to_torch(read_array(info), info.dtype)
+            if tuple(tensor.shape) != tuple(module.get_parameter(name).shape):
+                raise BadInputError(
+                    f"{info.path}: {info.name} has shape {list(tensor.shape)}, the "
+                    f"{type(self.model).__name__} expects {list(module.get_parameter(name).shape)}"
+                )
+            tensor = tensor.to(device=device, dtype=dtype)
+            set_module_tensor_to_device(module, name, device, value=tensor)
+
+    def tensor_of_source(self, part: Part, source: str) -> Tensor:
+        """The held HF tensor that was read from the source tensor `source` (a tied
+        `lm_head.weight` is read from the embedding's)."""
+        for full, module, name in self._parameters(part):
+            if source in (full, self.tied.get(full)):
+                return module.get_parameter(name).detach()
+        raise BadInputError(f"{self.src}: no tensor {source!r} in the {part} part of the model")
+
+    def device(self, part: Part) -> torch.device:
+        if self.preloaded:
+            module = next(iter(self.modules(part).values()))
+            return next(module.parameters()).device
+        return self.device_of(part)
+
+    # ---- running ----------------------------------------------------------------------
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """[1, pos] -> [1, pos, d_model], by the held embedding."""
+        module = self.model.get_input_embeddings()
+        return module(tokens.to(self.device("embed")))
+
+    def layer_calls(
+        self, embeds: Tensor
+    ) -> tuple[Tensor, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+        """The hidden state the family's forward gives the first decoder layer for these
+        embeddings, and the arguments it passes each layer (mask of the layer's type,
+        rotary cos / sin, position ids), from its own code."""
+        recorders = nn.ModuleList(_Recorder(layer) for layer in self.body.layers)
+        layers, norm = self.body.layers, self.body.norm
+        self.body.layers, self.body.norm = recorders, nn.Identity()
+        _fresh_rotary(self.body)
+        try:
+            with torch.no_grad():
+                out = self.body(inputs_embeds=embeds, use_cache=False)
+        finally:
+            self.body.layers, self.body.norm = layers, norm
+        # Recorders return their input: the output is what entered the first layer.
+        return out.last_hidden_state, [r.call for r in recorders]
+
+    def final(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The final norm and logits of a held "final" part: the logits by the family's
+        ForCausalLM forward with the base model replaced by the normed stream."""
+        normed = self.body.norm(hidden.to(self.device("final")))
+        prefix = self.model.base_model_prefix
+        stub = _Stub(normed)
+        setattr(self.model, prefix, stub)
+        try:
+            ids = torch.zeros(normed.shape[:2], dtype=torch.long, device=normed.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            setattr(self.model, prefix, self.body)
+        return normed, logits
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "transformers_class": type(self.model).__name__,
+            "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+        }

@@ -1,0 +1,323 @@
+"""The verdict: tolerances, the running logit statistics, and the report `verify` returns.
+
+What is compared, in the compute dtype, over every position of every input:
+  logits       max / mean |diff|, max |log-prob diff| (over the whole vocabulary),
+               KL(HF || ours) per position (mean, max), top-1 agreement, top-5 overlap,
+               and the worst position;
+  activations  the relative error, max over positions of ||ours - hf|| / ||hf|| (the norm
+               over the trailing axes of one position), of the embedding, the residual
+               stream after every block and the final norm (both models free-running), and
+               the components of each block on HF's input to it (see compare.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from gqa_convert.errors import ParityError, UsageError
+from gqa_convert.memory import STATS_CHUNK_ELEMENTS
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass limits. `activation_rtol` bounds the relative error of every compared activation."""
+
+    max_abs_logit_diff: float
+    kl_max: float
+    min_top1_agreement: float
+    activation_rtol: float
+
+
+# From scripts/measure_parity.py (table in the README): fp32 sits 200x above the worst
+# correct conversion and 20x or more below the smallest mutation (rope theta off by 1%).
+# bf16 / fp16 sit about twice above HF's own rounding noise (HF in that dtype against HF in
+# fp32, on SmolLM2), so any reordering of low-precision arithmetic passes, and still 3x or
+# more below every mutation but the 1% theta, which only fp32 can see.
+TOLERANCES = {
+    "float32": Tolerances(
+        max_abs_logit_diff=1e-3, kl_max=1e-6, min_top1_agreement=0.99, activation_rtol=1e-4
+    ),
+    "bfloat16": Tolerances(
+        max_abs_logit_diff=3.0, kl_max=0.03, min_top1_agreement=0.9, activation_rtol=0.15
+    ),
+    "float16": Tolerances(
+        max_abs_logit_diff=0.5, kl_max=2e-3, min_top1_agreement=0.95, activation_rtol=0.05
+    ),
+}
+
+
+@dataclass
+class VerifyReport:
+    """The result of `verify`; `to_dict()` is the `--json` output."""
+
+    passed: bool
+    dtype: str
+    tokens: int
+    sequences: int
+    inputs: str  # "tokenizer" (real text) or "random" (token ids)
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    max_abs_logprob_diff: float
+    kl_mean: float
+    kl_max: float
+    top1_agreement: float
+    top5_overlap: float
+    worst_position: dict[str, Any]
+    tolerances: Tolerances
+    failures: list[str]  # each check over tolerance, in words; empty when passed
+    first_divergence: dict[str, Any] | None
+    embed_rel_err: float
+    layer_rel_err: list[float]  # residual stream after each block
+    ln_final_rel_err: float
+    components: dict[str, float] | None  # of the first diverging block, in forward order
+    regimes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inputs_detail: str = ""  # which inputs, in words: the tokenizer files, or why random
+    # Positions whose logits hold NaN / Inf (the first few; side "ours", "hf" or "both"),
+    # and per compared stream point the first such position. Any of them fails the gate.
+    nonfinite_logits: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite_activations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    not_exercised: list[str] = field(default_factory=list)
+    reference: dict[str, Any] = field(default_factory=dict)
+    mode: str = "whole"  # "whole" (both models held) or "streamed" (one layer at a time)
+    peak_memory_bytes: int = 0  # this process's peak RSS (ru_maxrss) when verify returned
+    memory: dict[str, Any] = field(default_factory=dict)  # estimates, budget, device(s)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: _finite(v) for k, v in data.items()}
+
+    def summary(self) -> str:
+        """One line: passed or what failed and where."""
+        if self.passed:
+            return f"parity passed ({self.dtype}, {self.tokens} tokens)"
+        where = self.first_divergence
+        at = f"; first divergence: layer {where['layer']}, {where['component']}" if where else ""
+        return f"parity failed ({self.dtype}): {'; '.join(self.failures)}{at}"
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf / nan: they become strings, everything else is kept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+class ParityFailure(ParityError):
+    """A parity check failed; `report` holds the full VerifyReport."""
+
+    def __init__(self, report: VerifyReport):
+        super().__init__(report.summary())
+        self.report = report
+
+
+def tolerances_for(
+    dtype: str, overrides: Tolerances | dict[str, float] | None = None
+) -> Tolerances:
+    """The default tolerances of a compute dtype, with `overrides` (None values ignored)."""
+    if dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"dtype {dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    if isinstance(overrides, Tolerances):
+        return overrides
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(overrides) - {f.name for f in fields(Tolerances)}
+    if unknown:
+        raise UsageError(f"unknown tolerance(s): {', '.join(sorted(unknown))}")
+    return replace(TOLERANCES[dtype], **overrides)
+
+
+@dataclass
+class _LogitStats:
+    """Running totals of the logit comparison over all sequences.
+
+    Maxima propagate NaN (Python's `max(0.0, nan)` is 0.0: a NaN must never read as a
+    match). Positions where either side's logits hold NaN / Inf are listed in `nonfinite`
+    (the first few) and counted in `n_nonfinite`; the gate fails on any.
+    """
+
+    n: int = 0
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    count_abs: int = 0
+    max_logprob: float = 0.0
+    kl_sum: float = 0.0
+    kl_max: float = 0.0
+    top1: int = 0
+    top5: float = 0.0
+    worst: dict[str, Any] = field(default_factory=dict)
+    nonfinite: list[dict[str, Any]] = field(default_factory=list)
+    n_nonfinite: int = 0
+
+    def add(
+        self,
+        seq: int,
+        tokens: Int[Tensor, "1 pos"],
+        ours: Float[Tensor, "1 pos vocab"],
+        theirs: Float[Tensor, "1 pos vocab"],
+    ) -> None:
+        """Fold in one sequence, STATS_CHUNK_ELEMENTS at a time: float64 temporaries of
+        [1024, 128k] in one go took 8.2 GB; in chunks of 2^22 elements (32 positions of 128k),
+        0.27 GB (measured)."""
+        step = max(1, STATS_CHUNK_ELEMENTS // ours.shape[-1])
+        for start in range(0, ours.shape[1], step):
+            end = start + step
+            self._add(seq, tokens, ours[0, start:end], theirs[0, start:end], start)
+
+    def _add(
+        self,
+        seq: int,
+        tokens: Int[Tensor, "1 pos"],
+        ours: Float[Tensor, "chunk vocab"],
+        theirs: Float[Tensor, "chunk vocab"],
+        offset: int,
+    ) -> None:
+        ours, theirs = ours.double().cpu(), theirs.double().cpu()  # [chunk, vocab]
+        bad_ours, bad_hf = ~torch.isfinite(ours).all(-1), ~torch.isfinite(theirs).all(-1)
+        for i in (bad_ours | bad_hf).nonzero().flatten().tolist():
+            self.n_nonfinite += 1
+            if len(self.nonfinite) < 5:
+                side = "both" if bad_ours[i] and bad_hf[i] else "ours" if bad_ours[i] else "hf"
+                pos = offset + i
+                self.nonfinite.append(
+                    {
+                        "sequence": seq,
+                        "position": pos,
+                        "token_id": int(tokens[0, pos]),
+                        "side": side,
+                    }
+                )
+        abs_diff = (ours - theirs).abs()
+        lp_ours, lp_theirs = ours.log_softmax(-1), theirs.log_softmax(-1)
+        kl = (lp_theirs.exp() * (lp_theirs - lp_ours)).sum(-1)  # KL(HF || ours), [chunk]
+        per_pos = abs_diff.amax(-1)  # [chunk], NaN where either side has a NaN
+        worst = int(per_pos.argmax())  # argmax takes NaN as the largest
+        if not self.worst or not per_pos[worst] <= self.worst["max_abs_logit_diff"]:
+            self.worst = {
+                "sequence": seq,
+                "position": offset + worst,
+                "token_id": int(tokens[0, offset + worst]),
+                "max_abs_logit_diff": float(per_pos[worst]),
+                "kl": float(kl[worst]),
+            }
+        self.n += ours.shape[0]
+        self.max_abs = _nanmax(self.max_abs, float(per_pos.max()))
+        self.sum_abs += float(abs_diff.sum())
+        self.count_abs += abs_diff.numel()
+        self.max_logprob = _nanmax(self.max_logprob, float((lp_ours - lp_theirs).abs().max()))
+        self.kl_sum += float(kl.sum())
+        self.kl_max = _nanmax(self.kl_max, float(kl.max()))
+        self.top1 += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        top5_ours, top5_theirs = ours.topk(5, -1).indices, theirs.topk(5, -1).indices
+        shared = (top5_ours[:, :, None] == top5_theirs[:, None, :]).any(-1).sum(-1)  # [chunk]
+        self.top5 += float(shared.sum()) / 5
+
+
+def _nanmax(a: float, b: float) -> float:
+    """max(a, b), NaN if either is NaN."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+_SIDES = {"ours": "our model", "hf": "the HF model", "both": "both models"}
+
+
+def _nan_to_inf(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
+def stream_points(n_layers: int) -> list[str]:
+    """The free-running stream's compared points, in order."""
+    return ["embed", *(f"resid_post.{i}" for i in range(n_layers)), "ln_final"]
+
+
+def judge(
+    stats: _LogitStats,
+    limits: Tolerances,
+    embed_err: float,
+    layer_errs: list[float],
+    final_err: float,
+    localised: tuple[dict[str, Any], dict[str, float]] | None,
+    nonfinite: dict[str, dict[str, Any]] | None = None,
+) -> tuple[list[str], dict[str, Any] | None, dict[str, float] | None]:
+    """The failures in words, and on a failure where it starts: the embedding (layer -1),
+    the first block with a component over tolerance (`localised`), else the final norm or
+    the unembedding (layer n_layers). `nonfinite`: the stream points holding NaN / Inf
+    (stream_points order), from `_Comparison.nonfinite`."""
+    failures = []
+    if stats.n_nonfinite:
+        at = stats.nonfinite[0]
+        failures.append(
+            f"non-finite logits at {stats.n_nonfinite} position(s), first: sequence "
+            f"{at['sequence']} position {at['position']} (token {at['token_id']}) in "
+            f"{_SIDES[at['side']]}"
+        )
+    points = stream_points(len(layer_errs))
+    bad_point = next((name for name in points if name in (nonfinite or {})), None)
+    if bad_point is not None:
+        at = nonfinite[bad_point]
+        failures.append(
+            f"non-finite activation {bad_point}: sequence {at['sequence']} position "
+            f"{at['position']} (token {at['token_id']}) in {_SIDES[at['side']]}"
+        )
+    figures = {
+        "max_abs_logit_diff": _nan_to_inf(stats.max_abs),
+        "kl_max": _nan_to_inf(stats.kl_max),
+    }
+    for name, value in figures.items():
+        if not value <= getattr(limits, name):
+            failures.append(f"{name} {value:.3g} > {getattr(limits, name):.3g}")
+    top1 = stats.top1 / stats.n
+    if top1 < limits.min_top1_agreement:
+        failures.append(f"top1_agreement {top1:.4f} < {limits.min_top1_agreement:.4f}")
+    over = [i for i, e in enumerate(layer_errs) if not e <= limits.activation_rtol]
+    if over:
+        failures.append(
+            f"residual stream after block {over[0]}: relative error {layer_errs[over[0]]:.3g} "
+            f"> {limits.activation_rtol:.3g}"
+        )
+    first, components = None, None
+    if not embed_err <= limits.activation_rtol:
+        failures.append(f"embedding: relative error {embed_err:.3g}")
+        first = {"layer": -1, "component": "embed"}
+    elif failures:
+        if localised is not None:
+            first, components = localised
+        else:
+            name = "ln_final" if not final_err <= limits.activation_rtol else "unembed"
+            first = {"layer": len(layer_errs), "component": name}
+    return failures, first, components
+
+
+def make_report(
+    stats: _LogitStats,
+    limits: Tolerances,
+    dtype: str,
+    **fields_: Any,
+) -> VerifyReport:
+    """A VerifyReport from the statistics and the remaining fields (passed from failures)."""
+    return VerifyReport(
+        passed=not fields_["failures"],
+        dtype=dtype,
+        tokens=stats.n,
+        max_abs_logit_diff=_nan_to_inf(stats.max_abs),
+        mean_abs_logit_diff=_nan_to_inf(stats.sum_abs / stats.count_abs),
+        max_abs_logprob_diff=_nan_to_inf(stats.max_logprob),
+        kl_mean=_nan_to_inf(stats.kl_sum / stats.n),
+        kl_max=_nan_to_inf(stats.kl_max),
+        top1_agreement=stats.top1 / stats.n,
+        top5_overlap=stats.top5 / stats.n,
+        worst_position=stats.worst,
+        nonfinite_logits=stats.nonfinite,
+        tolerances=limits,
+        **fields_,
+    )
