@@ -19,7 +19,6 @@ _LAZY = {
     "GroupedQueryAttention": "gqa_convert.model.attention",
     "ModelConfig": "gqa_convert.config",
     "plan_conversion": "gqa_convert.mapping",
-    "write_export": "gqa_convert.export",
     "load_export": "gqa_convert.export",
     "convert": "gqa_convert.api",
     "convert_in_memory": "gqa_convert.api",

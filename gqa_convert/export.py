@@ -349,47 +349,6 @@ PASSTHROUGH = (
 MANIFEST_NAME = "conversion.json"
 
 
-def write_export(
-    plan: ConversionPlan,
-    out: str | Path,
-    *,
-    overwrite: bool = False,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    dtype: str | None = None,
-    verification: dict[str, Any] | None = None,
-    source_id: str | None = None,
-    source_revision: str | None = None,
-    progress: Callable[[int], None] | None = None,
-    allow_nonfinite: bool = False,
-) -> Path:
-    """Stream `plan`'s tensors into an export folder at `out`, with no gate in between
-    (`api.convert` is the gated sequence): `write_files`, `write_provenance`, commit.
-
-    `verification` is the parity report to record (None: verification was skipped).
-    """
-    with atomic_folder(Path(out), overwrite, (plan.src,)) as tmp, hashing_sources(plan) as hashes:
-        written = write_files(
-            plan,
-            tmp,
-            shard_bytes=shard_bytes,
-            dtype=dtype,
-            progress=progress,
-            allow_nonfinite=allow_nonfinite,
-        )
-        write_provenance(
-            plan,
-            tmp,
-            written,
-            hashes.result(),
-            dtype=dtype,
-            verification=verification,
-            source_id=source_id,
-            source_revision=source_revision,
-        )
-    log.info("wrote %s (%d tensors)", out, len(plan.tasks))
-    return Path(out)
-
-
 def write_files(
     plan: ConversionPlan,
     folder: Path,
@@ -595,7 +554,7 @@ def refuse_foreign_work_folder(folder: Path) -> None:
 
 
 def load_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of an export folder written by `write_export`."""
+    """The config and tensors of an export folder written by `api.convert_plan`."""
     refuse_foreign_work_folder(folder)
     data = read_json(folder / "config.json")
     data.pop("hf_config", None)

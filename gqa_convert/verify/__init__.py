@@ -506,28 +506,3 @@ def _final(
     result.final_err = max(final_errs)
     if result.localised is None and forced_errs and not max(forced_errs) <= rtol:
         result.localised = ({"layer": len(result.layer_errs), "component": "ln_final"}, None)
-
-
-def model_from_reference(
-    plan: ConversionPlan, hf: nn.Module, *, allow_nonfinite: bool = False
-) -> GQATransformer:
-    """Our whole model whose weights are views of the preloaded HF model `hf`'s: each row of
-    the plan's weight map applied to the HF tensor in torch (a reshape / permute is a view)."""
-    from gqa_convert.mapping import apply_layout
-    from gqa_convert.model.decoder import GQATransformer
-
-    hf_state = hf.state_dict()
-    missing = sorted({t.source for t in plan.tasks} - set(hf_state))
-    if missing:
-        raise BadInputError(f"{plan.src}: the HF model has no {missing[:5]}")
-    state = {}
-    for task in plan.tasks:
-        tensor = hf_state[task.source]
-        if not allow_nonfinite and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise BadInputError(
-                f"{plan.sources[task.source].path}: tensor {task.source!r} has {bad} NaN/Inf "
-                f"value(s) of {tensor.numel()}; convert with --allow-nonfinite to keep them"
-            )
-        state[task.target] = apply_layout(task, tensor.detach(), plan.config)
-    return GQATransformer.from_state_dict(plan.config, state)

@@ -12,8 +12,7 @@ norm + unembedding) is loaded into it while held, then moved back to meta when s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from gqa_convert.checkpoint import TensorInfo, read_array, read_weights
 from gqa_convert.config import ModelConfig
 from gqa_convert.errors import BadInputError, listing
-from gqa_convert.verify.reference import Part, Reference
+from gqa_convert.verify.reference import Part, PartHolder, Reference
 from gqa_convert.verify.report import COMPUTE_DTYPES
 
 if TYPE_CHECKING:
@@ -64,7 +63,7 @@ def read_export_config(folder: Path) -> ModelConfig:
         raise BadInputError(f"{folder}/config.json: not a config of ours ({e})") from None
 
 
-class Ours:
+class Ours(PartHolder):
     """Our model, held part by part (see the module docstring)."""
 
     def __init__(
@@ -129,21 +128,8 @@ class Ours:
             return {"ln_final": self.model.ln_final, "unembed": self.model.unembed}
         return {f"blocks.{part}": self.model.blocks[part]}
 
-    @contextmanager
-    def holding(self, part: Part) -> Iterator[nn.Module | None]:
-        if isinstance(part, int) and part >= self.n_layers:
-            yield None
-            return
-        if not self.preloaded and part not in self._held:
-            self._materialise(part)
-            self._held.add(part)
-        try:
-            yield self.model.blocks[part] if isinstance(part, int) else None
-        finally:
-            if self.streaming and part in self._held:
-                for module in self.modules(part).values():
-                    module.to("meta")
-                self._held.discard(part)
+    def layer(self, part: int) -> nn.Module:
+        return self.model.blocks[part]
 
     def _materialise(self, part: Part) -> None:
         from gqa_convert.model.decoder import _zero_by_config

@@ -132,7 +132,45 @@ def _fresh_rotary(body: nn.Module) -> None:
         rotary.max_seq_len_cached = rotary.original_max_seq_len
 
 
-class Reference:
+class PartHolder:
+    """Holds the parts of a model ("embed", layer i, "final") materialised while in use:
+    all of them, once read, in whole-model mode; one at a time, sent back to the meta device
+    after use, when `streaming`. Subclasses give `n_layers`, `preloaded`, `streaming`,
+    `modules(part)`, `layer(i)` and `_materialise(part)`, and start `_held` empty."""
+
+    n_layers: int
+    preloaded: bool
+    streaming: bool
+    _held: set[Part]
+
+    def modules(self, part: Part) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def layer(self, part: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _materialise(self, part: Part) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def holding(self, part: Part) -> Iterator[nn.Module | None]:
+        """The part materialised for the duration (None for a layer the model lacks)."""
+        if isinstance(part, int) and part >= self.n_layers:
+            yield None
+            return
+        if not self.preloaded and part not in self._held:
+            self._materialise(part)
+            self._held.add(part)
+        try:
+            yield self.layer(part) if isinstance(part, int) else None
+        finally:
+            if self.streaming and part in self._held:
+                for module in self.modules(part).values():
+                    module.to("meta")
+                self._held.discard(part)
+
+
+class Reference(PartHolder):
     """HF's model of `src` as parts that can be held and released.
 
     `model` is a preloaded HF model (whole, nothing released); otherwise a skeleton whose
@@ -201,22 +239,8 @@ class Reference:
 
     # ---- holding parts ----------------------------------------------------------------
 
-    @contextmanager
-    def holding(self, part: Part) -> Iterator[nn.Module | None]:
-        """The part materialised for the duration (None for a layer the model lacks)."""
-        if isinstance(part, int) and part >= self.n_layers:
-            yield None
-            return
-        if not self.preloaded and part not in self._held:
-            self._materialise(part)
-            self._held.add(part)
-        try:
-            yield self.body.layers[part] if isinstance(part, int) else None
-        finally:
-            if self.streaming and part in self._held:
-                for module in self.modules(part).values():
-                    module.to("meta")
-                self._held.discard(part)
+    def layer(self, part: int) -> nn.Module:
+        return self.body.layers[part]
 
     def _materialise(self, part: Part) -> None:
         from accelerate.utils import set_module_tensor_to_device
