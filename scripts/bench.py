@@ -47,17 +47,21 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gqa_convert.checkpoint import (  # noqa: E402
-    INDEX_NAME,
-    SafetensorsWriter,
-    TensorSpec,
-    shard_names,
-    shard_specs,
-)
+import build_llama8b_shaped as builder  # noqa: E402  (scripts/, beside this file)
 
 MB = 10**6
-RECIPE = 1  # bump to regenerate cached checkpoints when the recipe below changes
-SHAPE = dict(d_model=2048, n_heads=16, n_kv=4, d_head=128, d_mlp=5632, vocab=32000)
+RECIPE = 2  # bump to regenerate cached checkpoints when the recipe changes
+# The builder's Llama, smaller: 2048 wide, 16 / 4 heads, rope theta 1e4, 2048 positions.
+SHAPE = dict(
+    d_model=2048,
+    n_heads=16,
+    n_kv=4,
+    d_head=128,
+    d_mlp=5632,
+    vocab=32000,
+    rope_theta=10000.0,
+    max_position=2048,
+)
 SHARD_BYTES = 500 * MB
 MARKER = ".bench-complete"
 
@@ -70,89 +74,20 @@ def cache_dir() -> Path:
     return Path(cache).expanduser()
 
 
-def hf_config(layers: int) -> dict:
-    s = SHAPE
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": s["d_model"],
-        "intermediate_size": s["d_mlp"],
-        "num_hidden_layers": layers,
-        "num_attention_heads": s["n_heads"],
-        "num_key_value_heads": s["n_kv"],
-        "head_dim": s["d_head"],
-        "vocab_size": s["vocab"],
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "dtype": "bfloat16",
-    }
-
-
-def hf_specs(layers: int) -> list[TensorSpec]:
-    """HF names and shapes, in the order save_pretrained writes a Llama."""
-    m, f, v = SHAPE["d_model"], SHAPE["d_mlp"], SHAPE["vocab"]
-    q, kv = SHAPE["n_heads"] * SHAPE["d_head"], SHAPE["n_kv"] * SHAPE["d_head"]
-    specs = [TensorSpec("model.embed_tokens.weight", "BF16", (v, m))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        specs += [
-            TensorSpec(p + "self_attn.q_proj.weight", "BF16", (q, m)),
-            TensorSpec(p + "self_attn.k_proj.weight", "BF16", (kv, m)),
-            TensorSpec(p + "self_attn.v_proj.weight", "BF16", (kv, m)),
-            TensorSpec(p + "self_attn.o_proj.weight", "BF16", (m, q)),
-            TensorSpec(p + "mlp.gate_proj.weight", "BF16", (f, m)),
-            TensorSpec(p + "mlp.up_proj.weight", "BF16", (f, m)),
-            TensorSpec(p + "mlp.down_proj.weight", "BF16", (m, f)),
-            TensorSpec(p + "input_layernorm.weight", "BF16", (m,)),
-            TensorSpec(p + "post_attention_layernorm.weight", "BF16", (m,)),
-        ]
-    specs += [
-        TensorSpec("model.norm.weight", "BF16", (m,)),
-        TensorSpec("lm_head.weight", "BF16", (v, m)),
-    ]
-    return specs
-
-
-def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """bf16 bit patterns (as uint16) of +-[2^-8, 2^-4): random sign, exponent and mantissa."""
-    r = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
-    exponent = ((r >> 7) & 3) + np.uint16(127 - 8)
-    return (r & np.uint16(0x807F)) | (exponent << np.uint16(7))
+def bench_shape(layers: int) -> dict:
+    return {**SHAPE, "layers": layers}
 
 
 def checkpoint(layers: int) -> Path:
-    """The cached checkpoint folder, generated on first use (shard by shard, no model)."""
+    """The cached checkpoint folder, generated on first use by scripts/build_llama8b_shaped.py
+    (shard by shard, no model) at the bench shape."""
     folder = cache_dir() / f"bench-llama-{layers}L"
     if (folder / MARKER).exists() and (folder / MARKER).read_text().strip() == str(RECIPE):
         return folder
     print(f"generating {folder} ...", file=sys.stderr, flush=True)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = np.random.default_rng(layers)
-    specs = hf_specs(layers)
-    shards = shard_specs(specs, SHARD_BYTES)
-    names = shard_names(len(shards))
-    for name, shard in zip(names, shards, strict=True):
-        writer = SafetensorsWriter(tmp / name, shard)
-        for spec in shard:
-            if spec.name.endswith("norm.weight"):
-                array = np.full(spec.shape, 0x3F80, dtype=np.uint16)  # 1.0
-            else:
-                array = random_bf16(rng, spec.shape)
-            writer.write(spec.name, array)
-        writer.close()
-    weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
-    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
-    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config(layers), indent=2))
+    builder.build(tmp, bench_shape(layers), SHARD_BYTES, seed=layers)
     (tmp / MARKER).write_text(f"{RECIPE}\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
@@ -580,10 +515,8 @@ def target_6(notes: list[str]) -> list[Row]:
     swapped (a converter that swaps them writes OUT from SRC; `convert BAD` itself would pass:
     HF and ours then read the same swapped weights)."""
     sys.path.insert(0, str(REPO / "scripts"))
-    import build_llama8b_shaped as b8
-
-    src = b8.build(cache_dir() / "llama8b-shaped")
-    bad = b8.swap_kv(src, 20)
+    src = builder.build(cache_dir() / "llama8b-shaped")
+    bad = builder.swap_kv(src, 20)
     work = scratch()
     rows = []
     run_child([*cli(), "convert", str(src), str(work / "plain"), "--no-verify"])

@@ -53,9 +53,9 @@ def hf_config(s: dict = SHAPE) -> dict:
         "num_key_value_heads": s["n_kv"],
         "head_dim": s["d_head"],
         "vocab_size": s["vocab"],
-        "max_position_embeddings": 131072,
+        "max_position_embeddings": s.get("max_position", 131072),
         "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
+        "rope_theta": s.get("rope_theta", 500000.0),
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -100,14 +100,15 @@ def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def build(folder: Path, shape: dict = SHAPE, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write the checkpoint of `shape` into `folder` (kept if it is there already)."""
+def build(folder: Path, shape: dict = SHAPE, shard_bytes: int = SHARD_BYTES, seed: int = 8) -> Path:
+    """Write the checkpoint of `shape` into `folder` (kept if it is there already): random
+    bf16 weights from `seed`, norms 1.0. `shape` may also set `rope_theta`, `max_position`."""
     if (folder / "config.json").exists():
         return folder
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    rng = np.random.default_rng(8)
+    rng = np.random.default_rng(seed)
     all_specs = specs(shape)
     shards = shard_specs(all_specs, shard_bytes)
     names = shard_names(len(shards))
