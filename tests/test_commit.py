@@ -97,14 +97,20 @@ def one_error_line(run: Run) -> str:
     return run.message
 
 
-def test_a_folder_created_at_out_mid_run_is_left_alone(sources, tmp_path):
-    out = tmp_path / "out"
-    run = Held(tmp_path / "fifo", "convert", sources["a"], out, "--no-verify")
+def user_folder_appears_at_commit(run: Held, out: Path):
+    """Hold `run` just before its commit, make a user's folder with a file at `out`, then
+    let it finish; its result."""
     run.wait_at_commit()
     out.mkdir()
     (out / "notes.txt").write_text("the user's own file")
     run.release()
-    done = run.result()
+    return run.result()
+
+
+def test_a_folder_created_at_out_mid_run_is_left_alone(sources, tmp_path):
+    out = tmp_path / "out"
+    run = Held(tmp_path / "fifo", "convert", sources["a"], out, "--no-verify")
+    done = user_folder_appears_at_commit(run, out)
 
     assert done.code == 6
     message = one_error_line(done)
@@ -122,11 +128,7 @@ def test_a_folder_created_at_out_mid_run_is_left_alone(sources, tmp_path):
 def test_overwrite_never_replaces_a_non_checkpoint_that_appears_mid_run(sources, tmp_path):
     out = tmp_path / "out"
     run = Held(tmp_path / "fifo", "convert", sources["a"], out, "--no-verify", "--overwrite")
-    run.wait_at_commit()
-    out.mkdir()
-    (out / "notes.txt").write_text("the user's own file")
-    run.release()
-    done = run.result()
+    done = user_folder_appears_at_commit(run, out)
 
     assert done.code == 6
     assert "was replaced during the conversion by a non-checkpoint" in one_error_line(done)
