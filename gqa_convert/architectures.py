@@ -14,14 +14,14 @@ the one it takes (`part = 1`).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
 
 from gqa_convert.errors import UnsupportedModelError
 
-SLIDING_WINDOW_RULES = ("never", "always", "qwen2", "no_rope_layers")
+SLIDING_WINDOW_RULES = ("never", "always", "qwen2", "no_rope_layers", "pattern")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ class Family:
     defaults: dict[str, Any]  # config.json fields it reads beyond Llama's, with their defaults
     rope_aliases: dict[str, str]  # rope_type spellings its config class renames
     rows: tuple[TensorRow, ...]
+    # The config.json field its MLP reads the activation from (Gemma 2/3: hidden_activation),
+    # and the activation spellings its config class renames (Gemma: gelu -> gelu_pytorch_tanh).
+    activation_field: str = "hidden_act"
+    activation_aliases: dict[str, str] = field(default_factory=dict)
 
 
 def _read_table(name: str) -> dict[str, Any]:
@@ -90,6 +94,13 @@ def _build(name: str) -> Family:
         defaults={**(parent.defaults if parent else {}), **table.get("defaults", {})},
         rope_aliases={**(parent.rope_aliases if parent else {}), **table.get("rope_aliases", {})},
         rows=tuple(rows),
+        activation_field=table.get(
+            "activation_field", parent.activation_field if parent else "hidden_act"
+        ),
+        activation_aliases={
+            **(parent.activation_aliases if parent else {}),
+            **table.get("activation_aliases", {}),
+        },
     )
 
 

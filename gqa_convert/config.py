@@ -17,7 +17,7 @@ from gqa_convert.errors import BadInputError, UnsupportedModelError
 
 FORMAT = "gqa-convert/1"
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
-ACTIVATIONS = ("silu",)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # HF ACT2FN names
 # transformers' Qwen2Config default: with use_sliding_window and no max_window_layers,
 # layers from 28 on use the window (0: every layer does).
 QWEN2_MAX_WINDOW_LAYERS = 28
@@ -90,6 +90,15 @@ class ModelConfig:
     rope_layers: tuple[bool, ...] = ()  # False: the layer has no rotary (SmolLM3's NoPE)
     norm_weight_in_fp32: bool = False  # OLMo2's RMSNorm: weight times fp32, then the cast
     rotary_in_fp32: bool = False  # OLMo2: cos / sin stay fp32, q / k rotate in fp32
+    # Gemma: every RMSNorm scales by (norm_offset + w), in fp32, then casts back (w is HF's).
+    norm_offset: float = 0.0
+    # Gemma: the embedding multiplier (sqrt(d_model)) is rounded to the compute dtype before
+    # the product, as HF's embed_scale buffer; Granite's multiplies as a Python float.
+    embedding_multiplier_in_dtype: bool = False
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: scores times this^-0.5
+    attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    rope_local: RopeConfig | None = None  # Gemma 3: the local layers' rotary (None: `rope`)
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_key_value_heads:
@@ -120,11 +129,19 @@ class ModelConfig:
                 f"{self.n_layers}: expected one true / false per layer"
             )
         object.__setattr__(self, "rope_layers", tuple(bool(r) for r in self.rope_layers))
-        if self.qk_norm not in (None, "head", "proj") or self.norm_placement not in ("pre", "post"):
+        if self.qk_norm not in (None, "head", "proj") or self.norm_placement not in (
+            "pre",
+            "post",
+            "sandwich",
+        ):
             raise BadInputError(
                 f"config.json: qk_norm={self.qk_norm!r} (None, 'head' or 'proj'), "
-                f"norm_placement={self.norm_placement!r} ('pre' or 'post')"
+                f"norm_placement={self.norm_placement!r} ('pre', 'post' or 'sandwich')"
             )
+
+    def rope_for(self, attn_type: str) -> RopeConfig:
+        """The rotary of a layer type: `rope_local` on local layers when set, else `rope`."""
+        return self.rope_local if attn_type == "local" and self.rope_local else self.rope
 
     @property
     def rotary_dim(self) -> int:
@@ -140,9 +157,10 @@ class ModelConfig:
         data = asdict(self)
         for name in ("attn_types", "rope_layers"):
             data[name] = list(data[name])
-        for name in ("long_factor", "short_factor"):
-            if data["rope"][name] is not None:
-                data["rope"][name] = list(data["rope"][name])
+        for rope in (data["rope"], data["rope_local"]):
+            for name in ("long_factor", "short_factor"):
+                if rope is not None and rope[name] is not None:
+                    rope[name] = list(rope[name])
         return {"format": FORMAT, **data}
 
     @classmethod
@@ -152,6 +170,8 @@ class ModelConfig:
             raise BadInputError(f"config.json: not a gqa-convert export (format != {FORMAT!r})")
         try:
             data["rope"] = RopeConfig(**data["rope"])
+            if data.get("rope_local") is not None:
+                data["rope_local"] = RopeConfig(**data["rope_local"])
             data["attn_types"] = tuple(data["attn_types"])
             data["rope_layers"] = tuple(data.get("rope_layers", ()))
             return cls(**data)
@@ -210,7 +230,9 @@ def _rope_from_hf(hf: dict, family: Family, d_head: int) -> RopeConfig:
             )
     else:
         where, params = "rope_scaling", dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
+        params.setdefault(
+            "rope_theta", hf.get("rope_theta", family.defaults.get("rope_theta", 1e4))
+        )
     rope_type = params.get("rope_type", params.get("type", "default"))
     rope_type = family.rope_aliases.get(rope_type, rope_type)
     if rope_type not in ROPE_TYPES:
@@ -303,6 +325,43 @@ def _rope_from_hf(hf: dict, family: Family, d_head: int) -> RopeConfig:
     )
 
 
+LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
+
+
+def _ropes(hf: dict, family: Family, d_head: int) -> tuple[RopeConfig, RopeConfig | None]:
+    """The rotary of global layers, and of local layers where the family has one per layer
+    type (Gemma 3, else None), read as Gemma3TextConfig reads them: `rope_parameters`
+    {full_attention, sliding_attention}, else `rope_theta` + `rope_scaling` (global) and
+    `rope_local_base_freq` (local), with the family's default thetas."""
+    if not family.fixed.get("rope_per_layer_type"):
+        return _rope_from_hf(hf, family, d_head), None
+    per_type = hf.get("rope_parameters") or {}
+    if not isinstance(per_type, dict) or not set(per_type) <= set(LAYER_TYPES):
+        raise BadInputError(
+            f"config.json: rope_parameters = {per_type!r}: expected an object per layer type "
+            f"({', '.join(LAYER_TYPES)})"
+        )
+    ropes = {}
+    for layer_type, theta_field in (
+        ("full_attention", "rope_theta"),
+        ("sliding_attention", "rope_local_base_freq"),
+    ):
+        params = per_type.get(layer_type) or {"rope_type": "default"}
+        if not isinstance(params, dict):
+            raise BadInputError(f"config.json: rope_parameters.{layer_type} is not an object")
+        params = dict(params)
+        if layer_type == "full_attention" and isinstance(hf.get("rope_scaling"), dict):
+            params.update(hf["rope_scaling"])
+        params.setdefault("rope_theta", hf.get(theta_field) or family.defaults[theta_field])
+        rope = _rope_from_hf({**hf, "rope_parameters": params}, family, d_head)
+        if rope.type in ("dynamic", "longrope"):  # their frequencies follow the length
+            raise UnsupportedModelError(
+                f"config.json: rope_type {rope.type!r} on {layer_type} layers is not supported"
+            )
+        ropes[LAYER_TYPES[layer_type]] = rope
+    return ropes["global"], ropes["local"]
+
+
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
@@ -311,10 +370,14 @@ def _attn_types(
     hf: dict, family: Family, rope_layers: tuple[bool, ...]
 ) -> tuple[tuple[str, ...], int | None]:
     n_layers = len(rope_layers)
-    window = _get(hf, "sliding_window", int, None)
+    # An absent sliding_window is the config class's default (Gemma 2 / 3: 4096).
+    if "sliding_window" in hf:
+        window = _get(hf, "sliding_window", int, None)
+    else:
+        window = family.defaults.get("sliding_window")
     layer_types = hf.get("layer_types")
     if layer_types is not None:
-        names = {"full_attention": "global", "sliding_attention": "local"}
+        names = LAYER_TYPES
         if not isinstance(layer_types, list):
             raise BadInputError(f"config.json: field 'layer_types' = {layer_types!r} is not a list")
         if len(layer_types) != n_layers or any(t not in names for t in layer_types):
@@ -327,6 +390,12 @@ def _attn_types(
         types = ("global",) * n_layers
     elif family.sliding_window_rule == "always":
         types = ("local",) * n_layers
+    elif family.sliding_window_rule == "pattern":  # Gemma 2 / 3: each pattern-th is global
+        every = family.fixed.get("sliding_window_pattern")
+        every = every or _get(
+            hf, "sliding_window_pattern", int, family.defaults.get("sliding_window_pattern")
+        )
+        types = tuple("global" if (i + 1) % every == 0 else "local" for i in range(n_layers))
     elif family.sliding_window_rule == "no_rope_layers":  # SmolLM3: the NoPE layers, if on
         on = _get(hf, "use_sliding_window", bool, False)
         types = tuple("local" if on and not rope else "global" for rope in rope_layers)
@@ -364,11 +433,17 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
             "modelling code, which gqa-convert never runs; if the model is a stock "
             f"{family.architectures[0]}, delete auto_map from config.json and convert again"
         )
-    act = hf.get("hidden_act", "silu")
+    act_field = family.activation_field  # hidden_act, or Gemma 2/3's hidden_activation
+    act = hf.get(act_field) or family.defaults.get(act_field, "silu")
+    act = family.activation_aliases.get(act, act) if isinstance(act, str) else act
     if act not in ACTIVATIONS:
         raise UnsupportedModelError(
-            f"config.json: hidden_act = {act!r} is not supported "
+            f"config.json: {act_field} = {act!r} is not supported "
             f"(supported: {', '.join(ACTIVATIONS)})"
+        )
+    if _get(hf, "use_bidirectional_attention", bool, False):
+        raise UnsupportedModelError(
+            "config.json: use_bidirectional_attention = true (an encoder) is not supported"
         )
     if _get(hf, "mlp_bias", bool, False):
         raise UnsupportedModelError("config.json: mlp_bias = true is not supported")
@@ -394,6 +469,15 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
             return family.fixed[name]
         return _get(hf, name, kind, defaults[name]) if name in defaults else default
 
+    def soft_cap(name: str) -> float | None:
+        """A soft-cap (Gemma 2): null in config.json or false in the family's table is off."""
+        if name not in family.fixed and name in hf and hf[name] is None:
+            return None
+        return option(name, float, None) or None
+
+    # Gemma: embeddings times sqrt(d_model), rounded to the compute dtype first.
+    sqrt_scale = family.fixed.get("embedding_scale") == "sqrt_d_model"
+    rope, rope_local = _ropes(hf, family, d_head)
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if not isinstance(dtype, str):
         raise BadInputError(f"config.json: field 'dtype' = {dtype!r} is not a dtype name")
@@ -410,7 +494,8 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         n_ctx=_get(hf, "max_position_embeddings", int),
         eps=_get(hf, "rms_norm_eps", float),
         act_fn=act,
-        rope=_rope_from_hf(hf, family, d_head),
+        rope=rope,
+        rope_local=rope_local if rope_local != rope else None,
         sliding_window=window,
         attn_types=attn_types,
         tie_word_embeddings=_get(
@@ -423,7 +508,14 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         norm_placement=family.fixed.get("norm_placement", "pre"),
         norm_weight_in_fp32=family.fixed.get("norm_weight_in_fp32", False),
         rotary_in_fp32=family.fixed.get("rotary_in_fp32", False),
-        embedding_multiplier=option("embedding_multiplier", float, 1.0),
+        embedding_multiplier=d_model**0.5
+        if sqrt_scale
+        else option("embedding_multiplier", float, 1.0),
+        embedding_multiplier_in_dtype=sqrt_scale,
+        norm_offset=float(family.fixed.get("norm_offset", 0.0)),
+        query_pre_attn_scalar=option("query_pre_attn_scalar", float, None),
+        attn_logit_softcap=soft_cap("attn_logit_softcapping"),
+        final_logit_softcap=soft_cap("final_logit_softcapping"),
         attention_multiplier=option("attention_multiplier", float, None),
         residual_multiplier=option("residual_multiplier", float, 1.0),
         logits_scaling=option("logits_scaling", float, 1.0),

@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
@@ -28,10 +31,17 @@ CONFIG_CLASSES = {
     "olmo2": Olmo2Config,
     "granite": GraniteConfig,
     "smollm3": SmolLM3Config,
+    "gemma": GemmaConfig,
+    "gemma2": Gemma2Config,
+    "gemma3_text": Gemma3TextConfig,
 }
 # Special token ids some config classes default to, beyond TINY's vocabulary.
 NO_SPECIAL_TOKENS = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
 FAMILY_DEFAULTS = {f: NO_SPECIAL_TOKENS for f in ("phi3", "smollm3", "olmo2", "granite")}
+# Gemma: head_dim stated (the config class's default is 256), and a d_model whose
+# sqrt(d_model) embedding scale is not exact in bf16 (sqrt(48) = 6.93 -> 6.94).
+GEMMA = {**NO_SPECIAL_TOKENS, "hidden_size": 48, "head_dim": 8}
+FAMILY_DEFAULTS.update({f: GEMMA for f in ("gemma", "gemma2", "gemma3_text")})
 # Families whose config class reads `attention_bias`.
 ATTENTION_BIAS = {"llama", "olmo2", "granite", "smollm3"}
 

@@ -39,6 +39,11 @@ from gqa_convert.model.rotary import apply_rotary, length_dependent, rotary_inv_
 TL_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
 
 
+def soft_cap(x: Tensor, cap: float | None) -> Tensor:
+    """Gemma 2's soft-cap: tanh(x / cap) * cap, in HF's order of operations; None: x."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 def causal_mask(
     q_len: int, k_len: int, window: int | None, device: torch.device
 ) -> Bool[Tensor, "q_len k_len"]:
@@ -182,10 +187,12 @@ class GroupedQueryAttention(nn.Module):
         q: Float[Tensor, "batch query_pos head_index d_head"],
         k: Float[Tensor, "batch key_pos kv_head_index d_head"],
     ) -> Float[Tensor, "batch head_index query_pos key_pos"]:
-        """Scaled Q.K scores; K is expanded to n_heads here (repeat_interleave over heads)."""
+        """Scaled Q.K scores, soft-capped where the config says (Gemma 2, as TL: before the
+        mask); K is expanded to n_heads here (repeat_interleave over heads)."""
         if not self.cfg.ungroup_grouped_query_attention:
             k = torch.repeat_interleave(k, self.repeat_kv_heads, dim=2)
-        return torch.einsum("bqnh,bknh->bnqk", q, k) * (1.0 / self.attn_scale)
+        scores = torch.einsum("bqnh,bknh->bnqk", q, k) * (1.0 / self.attn_scale)
+        return soft_cap(scores, self.cfg.attn_scores_soft_cap)
 
     def calculate_z_scores(
         self,
@@ -253,7 +260,7 @@ class GroupedQueryAttention(nn.Module):
         Ours, keyword-only: `rotary=(cos, sin)` [kv_pos, rotary_dim] for the key positions
         (our decoder computes them once for every layer; None on a layer without rotary);
         `use_fast_path`: None picks SDPA unless a hook reads scores or pattern, False forces
-        the reference path.
+        the reference path (so does a soft-cap on the scores).
         """
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
         if self.cfg.qk_norm == "proj":  # where TL applies OLMo's norms: after calculate_qkv
@@ -274,6 +281,9 @@ class GroupedQueryAttention(nn.Module):
 
         if use_fast_path is None:
             use_fast_path = not self.needs_pattern
+        # SDPA cannot soft-cap scores: soft-capped attention (Gemma 2) always takes the
+        # reference path, whatever `use_fast_path` asks.
+        use_fast_path = use_fast_path and self.cfg.attn_scores_soft_cap is None
         plain_causal = (  # SDPA's is_causal: no mask to build
             use_fast_path
             and attention_mask is None

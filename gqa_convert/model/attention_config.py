@@ -7,7 +7,8 @@ never ignored. TL options read with TL 3.9's exact semantics: `use_qk_norm` (RMS
 k over d_head, per head, weights `q_norm.w` / `k_norm.w`, after `hook_q` / `hook_k`, before
 rotary and the cache), `use_yarn_rope` and its `yarn_*` fields (not on local layers under
 `yarn_global_attn_only`), `rotary_scaling_factor` (linear scaling, global layers only) and
-`use_NTK_by_parts_rope` (llama3), in TL's precedence: NTK-by-parts, then yarn, then linear.
+`use_NTK_by_parts_rope` (llama3), in TL's precedence: NTK-by-parts, then yarn, then linear;
+`rotary_base_local` (local layers' base) and `attn_scores_soft_cap` (Gemma 2).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "use_dynamic_ntk_rope": bool,  # Qwen-1's dynamic NTK, not transformers' `dynamic`
     "load_in_4bit": bool,
     "use_attention_sinks": bool,
-    "attn_scores_soft_cap": lambda v: v is not None and v > 0,
     "attention_dir": lambda v: v not in (None, "causal"),
     "original_architecture": lambda v: (
         v in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -47,7 +47,8 @@ class AttentionConfig:
     Ours: `qk_norm` "head" is TL's `use_qk_norm` (Qwen3), "proj" one RMSNorm over all heads'
     projection (OLMo2, where TL ties it to `original_architecture`); `norm_weight_in_fp32`
     and `rotary_in_fp32` keep OLMo2's bf16 rounding; `n_ctx` is dynamic rope's threshold.
-    `positional_embedding_type` "standard": no rotary (also SmolLM3's NoPE layers)."""
+    `positional_embedding_type` "standard": no rotary (also SmolLM3's NoPE layers).
+    `attn_scores_soft_cap` (Gemma 2) caps the scaled scores before the mask, as TL and HF."""
 
     n_heads: int
     n_key_value_heads: int
@@ -69,6 +70,8 @@ class AttentionConfig:
     eps: float = 1e-5  # the q / k norms'
     norm_weight_in_fp32: bool = False
     rotary_in_fp32: bool = False
+    norm_offset: float = 0.0  # Gemma 3's q / k norms scale by (1 + w)
+    attn_scores_soft_cap: float | None = None  # TL's name: scores -> cap * tanh(scores / cap)
 
     @property
     def rotary_base(self) -> float:
@@ -92,22 +95,26 @@ def attention_config(
     if isinstance(cfg, ModelConfig):
         rotary = layer_id is None or layer_id >= cfg.n_layers or cfg.rope_layers[layer_id]
         multiplier = cfg.attention_multiplier  # Granite: scores times it, not / sqrt(d_head)
+        # Gemma 2/3: scores / sqrt(query_pre_attn_scalar)
+        scale = (cfg.query_pre_attn_scalar or cfg.d_head) ** 0.5
         return AttentionConfig(
             n_heads=cfg.n_heads,
             n_key_value_heads=cfg.n_key_value_heads,
             d_model=cfg.d_model,
             d_head=cfg.d_head,
-            attn_scale=1 / multiplier if multiplier else cfg.d_head**0.5,
+            attn_scale=1 / multiplier if multiplier else scale,
             window_size=cfg.sliding_window,
             scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
             positional_embedding_type="rotary" if rotary else "standard",
             rotary_dim=cfg.rotary_dim if rotary else None,
-            rope=cfg.rope,
+            rope=cfg.rope_for(attn_type),  # Gemma 3: the local layers' own
             n_ctx=cfg.n_ctx,
             qk_norm=cfg.qk_norm,
             eps=cfg.eps,
             norm_weight_in_fp32=cfg.norm_weight_in_fp32,
             rotary_in_fp32=cfg.rotary_in_fp32,
+            norm_offset=cfg.norm_offset,
+            attn_scores_soft_cap=cfg.attn_logit_softcap,
         )
     if isinstance(cfg, Mapping):
         get = cfg.get
@@ -170,6 +177,7 @@ def attention_config(
         n_ctx=get("n_ctx"),
         qk_norm="head" if get("use_qk_norm") else None,
         eps=float(get("eps", 1e-5)),
+        attn_scores_soft_cap=cap if (cap := get("attn_scores_soft_cap")) and cap > 0 else None,
     )
 
 

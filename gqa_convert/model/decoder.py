@@ -1,9 +1,13 @@
-"""GQATransformer: embedding, RMSNorm, rotary, GQA blocks, gated SiLU MLP, unembedding.
+"""GQATransformer: embedding, RMSNorm, rotary, GQA blocks, gated MLP, unembedding.
 
 The families differ by a few named options of `ModelConfig`, each a line or two here or in
 the attention: `qk_norm` (model/norm.py), `norm_placement` "post" (ln1 / ln2 on the
-sublayer's output, OLMo2), Granite's four multipliers, `rope_layers` (no rotary on SmolLM3's
-NoPE layers), partial rotary and the rope scalings (model/rotary.py).
+sublayer's output, OLMo2) or "sandwich" (ln1 / ln2 before, ln1_post / ln2_post after each
+sublayer, Gemma 2/3), Granite's four multipliers, `rope_layers` (no rotary on SmolLM3's
+NoPE layers), partial rotary and the rope scalings (model/rotary.py); Gemma's norm offset
+(model/norm.py), embedding scale, GeGLU (`act_fn`), soft-caps on attention scores
+(attention.py) and logits, `query_pre_attn_scalar`, and a rotary per layer type
+(`rope_local`).
 
 Parameter names are TransformerLens HookedTransformer names (`embed.W_E`,
 `blocks.{l}.attn.W_Q`, `blocks.{l}.mlp.W_gate`, `unembed.W_U`, ...). The numerics follow
@@ -21,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from gqa_convert.config import ModelConfig
-from gqa_convert.model.attention import GroupedQueryAttention
+from gqa_convert.model.attention import GroupedQueryAttention, soft_cap
 from gqa_convert.model.hooks import HookPoint
 from gqa_convert.model.norm import RMSNorm
 from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_table
@@ -29,11 +33,21 @@ from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_t
 __all__ = ["GQATransformer", "RMSNorm", "rotary_inv_freq"]
 
 
+# HF's ACT2FN names -> the function (gelu_pytorch_tanh: Gemma's GeGLU).
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
 class GatedMLP(nn.Module):
-    """W_out(silu(x W_gate) * (x W_in)), weights stored [d_model, d_mlp] / [d_mlp, d_model]."""
+    """W_out(act(x W_gate) * (x W_in)), weights stored [d_model, d_mlp] / [d_mlp, d_model];
+    act is `cfg.act_fn` (SiLU, or Gemma's tanh GELU)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.act = ACTIVATIONS[cfg.act_fn]
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
         self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
@@ -42,7 +56,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         gate = self.hook_pre(x @ self.W_gate)
-        return self.hook_post(F.silu(gate) * (x @ self.W_in)) @ self.W_out
+        return self.hook_post(self.act(gate) * (x @ self.W_in)) @ self.W_out
 
 
 class Embed(nn.Module):
@@ -63,13 +77,34 @@ class Unembed(nn.Module):
         return x @ self.W_U
 
 
+def norm(cfg: ModelConfig) -> RMSNorm:
+    """An RMSNorm of d_model with the family's numerics (OLMo2's fp32 weight, Gemma's offset)."""
+    return RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32, cfg.norm_offset)
+
+
+def scale_embeddings(cfg: ModelConfig, x: Tensor) -> Tensor:
+    """Embeddings times the multiplier: Granite's as a Python float, Gemma's sqrt(d_model)
+    first rounded to x's dtype (through fp32), as HF's embed_scale buffer."""
+    m = cfg.embedding_multiplier
+    if cfg.embedding_multiplier_in_dtype:
+        return x * torch.tensor(m, dtype=torch.float32, device=x.device).to(x.dtype)
+    return x * m
+
+
+def final_logits(cfg: ModelConfig, logits: Tensor) -> Tensor:
+    """What follows the unembedding: Granite's logits_scaling, Gemma 2's soft-cap."""
+    return soft_cap(logits / cfg.logits_scaling, cfg.final_logit_softcap)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.cfg = cfg
-        self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
+        self.ln1 = norm(cfg)
         self.attn = GroupedQueryAttention(cfg, cfg.attn_types[layer_id], layer_id)
-        self.ln2 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
+        self.ln2 = norm(cfg)
+        if cfg.norm_placement == "sandwich":  # Gemma 2/3: TL's names for the norms after
+            self.ln1_post, self.ln2_post = norm(cfg), norm(cfg)
         self.mlp = GatedMLP(cfg)
         self.use_rope = cfg.rope_layers[layer_id]  # False: a NoPE layer, no rotary at all
         self.hook_resid_pre = HookPoint()
@@ -81,19 +116,28 @@ class TransformerBlock(nn.Module):
     def forward(
         self, resid: Tensor, cos: Tensor, sin: Tensor, use_fast_path: bool | None = None
     ) -> Tensor:
-        """Pre-norm: resid + m * sublayer(ln(resid)); post-norm: resid + m * ln(sublayer(resid)),
-        m being Granite's residual_multiplier (1 elsewhere). hook_attn_out / hook_mlp_out
-        see the sublayer's output before m (after the post-norm, as TransformerLens)."""
-        pre, m = self.cfg.norm_placement == "pre", self.cfg.residual_multiplier
+        """Pre-norm: resid + m * sublayer(ln(resid)); post-norm: resid + m * ln(sublayer(resid));
+        sandwich: resid + m * ln_post(sublayer(ln(resid))), m being Granite's
+        residual_multiplier (1 elsewhere). hook_attn_out / hook_mlp_out see the sublayer's
+        output before m (after the post-norm, as TransformerLens)."""
+        pre, m = self.cfg.norm_placement != "post", self.cfg.residual_multiplier
         resid = self.hook_resid_pre(resid)
         x = self.ln1(resid) if pre else resid
         rotary = (cos, sin) if self.use_rope else None
         attn_out = self.attn(x, x, x, rotary=rotary, use_fast_path=use_fast_path)
-        attn_out = self.hook_attn_out(attn_out if pre else self.ln1(attn_out))
+        attn_out = self.hook_attn_out(self.norm_after(1, attn_out))
         resid = self.hook_resid_mid(resid + attn_out * m)
         mlp_out = self.mlp(self.ln2(resid) if pre else resid)
-        mlp_out = self.hook_mlp_out(mlp_out if pre else self.ln2(mlp_out))
+        mlp_out = self.hook_mlp_out(self.norm_after(2, mlp_out))
         return self.hook_resid_post(resid + mlp_out * m)
+
+    def norm_after(self, i: int, out: Tensor) -> Tensor:
+        """Sublayer i's output through the norm after it: ln{i} under "post" (OLMo2),
+        ln{i}_post under "sandwich" (Gemma 2/3), none under "pre"."""
+        placement = self.cfg.norm_placement
+        if placement == "pre":
+            return out
+        return getattr(self, f"ln{i}" if placement == "post" else f"ln{i}_post")(out)
 
 
 class GQATransformer(nn.Module):
@@ -105,22 +149,36 @@ class GQATransformer(nn.Module):
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
+        self.ln_final = norm(cfg)
         self.unembed = Unembed(cfg)
-        # fp32 always, as HF's: a plain tensor, not a buffer, so `.to(bfloat16)` cannot round
-        # the frequencies (a phase error growing with position). rotary() moves its device.
+        self.reset_rotary()
+
+    def reset_rotary(self) -> None:
+        """The inverse frequencies, of global layers and (Gemma 3) of local ones when they
+        differ. fp32 always, as HF's: plain tensors, not buffers, so `.to(bfloat16)` cannot
+        round them (a phase error growing with position). rotary() moves their device."""
+        cfg = self.cfg
         self.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.rotary_dim, None, cfg.n_ctx)
+        self.rotary_inv_freq_local = None
+        if cfg.rope_local is not None:
+            self.rotary_inv_freq_local = rotary_inv_freq(cfg.rope_local, cfg.rotary_dim)
 
     def rotary(
-        self, n_pos: int, dtype: torch.dtype, device: torch.device | None = None
+        self,
+        n_pos: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+        attn_type: str = "global",
     ) -> tuple[Tensor, Tensor]:
         """cos, sin [n_pos, rotary_dim] in HF's convention (frequencies repeated twice), on
-        `device` (default: the embedding's).
+        `device` (default: the embedding's), for layers of `attn_type`.
 
         dynamic and longrope frequencies depend on n_pos: recomputed for each call, as a
         fresh HF model does for a sequence of this length."""
-        rope = self.cfg.rope
+        rope = self.cfg.rope_for(attn_type)
         inv_freq = self.rotary_inv_freq
+        if attn_type == "local" and self.rotary_inv_freq_local is not None:
+            inv_freq = self.rotary_inv_freq_local
         if length_dependent(rope):
             inv_freq = rotary_inv_freq(rope, self.cfg.rotary_dim, n_pos, self.cfg.n_ctx)
         pos = torch.arange(n_pos, device=device or self.embed.W_E.device)
@@ -131,13 +189,13 @@ class GQATransformer(nn.Module):
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits. `use_fast_path`: None picks SDPA unless a hook reads scores or pattern;
         False forces the reference path (explicit scores, pattern, repeat_interleave)."""
-        resid = self.hook_embed(self.embed(tokens)) * self.cfg.embedding_multiplier
-        cos, sin = self.rotary(
-            tokens.shape[1], torch.float32 if self.cfg.rotary_in_fp32 else resid.dtype
-        )
+        resid = scale_embeddings(self.cfg, self.hook_embed(self.embed(tokens)))
+        dtype = torch.float32 if self.cfg.rotary_in_fp32 else resid.dtype
+        # cos / sin per layer type (Gemma 3's local layers have their own rotary)
+        tables = {t: self.rotary(tokens.shape[1], dtype, None, t) for t in set(self.cfg.attn_types)}
         for block in self.blocks:
-            resid = block(resid, cos, sin, use_fast_path)
-        return self.unembed(self.ln_final(resid)) / self.cfg.logits_scaling
+            resid = block(resid, *tables[block.attn.attn_type], use_fast_path)
+        return final_logits(self.cfg, self.unembed(self.ln_final(resid)))
 
     @classmethod
     def from_pretrained(
@@ -179,7 +237,7 @@ class GQATransformer(nn.Module):
         for name in zero:
             full[name] = torch.zeros(model.get_parameter(name).shape, dtype=ref_dtype)
         model.load_state_dict(full, assign=True, strict=True)
-        model.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.rotary_dim, None, cfg.n_ctx)
+        model.reset_rotary()
         return model.to(device=device, dtype=dtype) if dtype else model.to(device)
 
 

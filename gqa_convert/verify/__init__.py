@@ -197,6 +197,7 @@ def verify(
         result.final_err,
         result.localised,
         result.nonfinite,
+        result.unembed_err,
     )
     found, missed = regimes(source_cfg, max(t.shape[1] for t in inputs))
     for line in missed:
@@ -356,6 +357,7 @@ class _Comparison:
     embed_err: float = math.inf
     layer_errs: list[float] = field(default_factory=list)
     final_err: float = math.inf
+    unembed_err: float = math.inf  # the unembedding's output, before scaling / soft-cap
     localised: tuple[dict[str, Any], dict[str, float] | None] | None = None
     worst_component: float = 0.0  # over every component compared (measure_parity.py)
     logit_shapes: tuple[list[int], list[int]] | None = None  # (HF's, ours) if they differ
@@ -472,16 +474,16 @@ def _final(
     """Final norm and logits on each side (the unembedding of one side held at a time,
     unless ours are views of HF's), the logit statistics, and the final norm on HF's
     stream when no block diverged."""
-    theirs: list[tuple[Tensor, Tensor] | None] = []
-    mine: list[tuple[Tensor, Tensor, Tensor | None]] = []
+    theirs: list[tuple[Tensor, Tensor, Tensor] | None] = []
+    mine: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
 
     def run_ours() -> None:
         for s, hidden in enumerate(our_h):
-            normed, logits = ours.final(hidden)
+            normed, logits, raw = ours.final(hidden)
             forced = None
             if result.localised is None:
                 forced = ours.model.ln_final(hf_h[s].to(normed.device))
-            mine.append((normed, logits, forced))
+            mine.append((normed, logits, raw, forced))
 
     with ref.holding("final"):
         theirs = [ref.final(h) for h in hf_h]
@@ -491,18 +493,20 @@ def _final(
     if not views:
         with ours.holding("final"):
             run_ours()
-    final_errs, forced_errs = [], []
+    final_errs, forced_errs, unembed_errs = [], [], []
     for s, tokens in enumerate(inputs):
-        (hf_normed, hf_logits), (normed, logits, forced) = theirs[s], mine[s]
+        (hf_normed, hf_logits, hf_raw), (normed, logits, raw, forced) = theirs[s], mine[s]
         if logits.shape != hf_logits.shape:
             result.logit_shapes = (list(hf_logits.shape), list(logits.shape))
             return
         final_errs.append(rel_err(normed, hf_normed))
+        unembed_errs.append(rel_err(raw, hf_raw))
         note_nonfinite(result.nonfinite, "ln_final", s, tokens, normed, hf_normed)
         if forced is not None:
             forced_errs.append(rel_err(forced, hf_normed))
         result.stats.add(s, tokens, logits, hf_logits)
         theirs[s] = mine[s] = None  # type: ignore[call-overload]
     result.final_err = max(final_errs)
+    result.unembed_err = max(unembed_errs)
     if result.localised is None and forced_errs and not max(forced_errs) <= rtol:
         result.localised = ({"layer": len(result.layer_errs), "component": "ln_final"}, None)

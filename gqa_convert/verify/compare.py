@@ -3,13 +3,16 @@
 The components of a block, in forward order: ln1 (attention input), q / k / v (projections,
 before rotary), q_norm / k_norm (where the family has them), rot_q / rot_k (after rotary;
 none on a NoPE layer), attn_out (after W_O), ln2 (MLP input), mlp_out, resid_post; a
-post-norm block (OLMo2) in its own order, POST_NORM_COMPONENTS. Both layers are run on
+post-norm block (OLMo2) in its own order, POST_NORM_COMPONENTS; a sandwich block (Gemma
+2/3) with the norms after each sublayer too, SANDWICH_COMPONENTS (attn_out / mlp_out are
+then the sublayer's own output, before ln1_post / ln2_post). Both layers are run on
 HF's hidden state entering the layer (teacher forcing), so each component's error is that
 layer's own, whatever came before; the first component over tolerance, in forward order of
 the first such layer, is `first_divergence`.
 
 HF's q / k after rotary are not a tensor its forward exposes: we hook `q_proj` / `k_proj`
-(or split a fused `qkv_proj`), and their norms, and apply HF's own `apply_rotary_pos_emb`
+(or split a fused `qkv_proj`), run HF's own q / k norm modules on them, and apply HF's own
+`apply_rotary_pos_emb`
 (from the family's modelling module) with the cos / sin its forward passed the layer. So
 rot_q / rot_k compare our rotary against HF's rotary code and frequencies on HF's own
 projections.
@@ -44,11 +47,13 @@ COMPONENTS = (
     "resid_post",
 )
 POST_NORM_COMPONENTS = (*COMPONENTS[1:9], "ln1", "mlp_out", "ln2", "resid_post")
+SANDWICH_COMPONENTS = (*COMPONENTS[:9], "ln1_post", "ln2", "mlp_out", "ln2_post", "resid_post")
+ORDERS = {"pre": COMPONENTS, "post": POST_NORM_COMPONENTS, "sandwich": SANDWICH_COMPONENTS}
 
 
 def component_order(norm_placement: str) -> tuple[str, ...]:
     """The components of a block in forward order, for its norm placement."""
-    return COMPONENTS if norm_placement == "pre" else POST_NORM_COMPONENTS
+    return ORDERS[norm_placement]
 
 
 def rel_err(ours: Tensor, ref: Tensor) -> float:
@@ -114,25 +119,34 @@ def _hf_points(layer: nn.Module) -> dict[str, nn.Module]:
 
     Post-norm blocks (OLMo2: `post_feedforward_layernorm`) compare ln1 / attn_out with the
     norm after attention and ln2 / mlp_out with the norm after the MLP, as our ln1 / ln2 are
-    those norms. A fused `qkv_proj` (Phi-3) is read whole and split in `_hf_rotated`."""
+    those norms. Sandwich blocks (Gemma 2/3: also `pre_feedforward_layernorm`) have all four
+    norms. A fused `qkv_proj` (Phi-3) is read whole and split in `_hf_rotated`."""
     attn = layer.self_attn
     post = getattr(layer, "post_feedforward_layernorm", None)
-    parts = {
-        "ln1": layer.post_attention_layernorm if post else layer.input_layernorm,
-        "attn_out": layer.post_attention_layernorm if post else attn,
-        "ln2": post or layer.post_attention_layernorm,
-        "mlp_out": post or layer.mlp,
-    }
+    if hasattr(layer, "pre_feedforward_layernorm"):  # sandwich
+        parts = {
+            "ln1": layer.input_layernorm,
+            "attn_out": attn,
+            "ln1_post": layer.post_attention_layernorm,
+            "ln2": layer.pre_feedforward_layernorm,
+            "mlp_out": layer.mlp,
+            "ln2_post": post,
+        }
+    else:
+        parts = {
+            "ln1": layer.post_attention_layernorm if post else layer.input_layernorm,
+            "attn_out": layer.post_attention_layernorm if post else attn,
+            "ln2": post or layer.post_attention_layernorm,
+            "mlp_out": post or layer.mlp,
+        }
     for name in ("q", "k", "v", "qkv"):
         if hasattr(attn, f"{name}_proj"):
             parts[name] = getattr(attn, f"{name}_proj")
-    for name in ("q_norm", "k_norm"):
-        if isinstance(getattr(attn, name, None), nn.Module):
-            parts[name] = getattr(attn, name)
     return parts
 
 
 def _our_points(block: nn.Module) -> dict[str, nn.Module]:
+    sandwich = block.cfg.norm_placement == "sandwich"  # attn_out / mlp_out before the norms
     parts = {
         "ln1": block.ln1,
         "q": block.attn.hook_q,
@@ -143,24 +157,34 @@ def _our_points(block: nn.Module) -> dict[str, nn.Module]:
         # None on a layer without rotary (SmolLM3's NoPE): the attention has no rot hooks.
         "rot_q": getattr(block.attn, "hook_rot_q", None),
         "rot_k": getattr(block.attn, "hook_rot_k", None),
-        "attn_out": block.hook_attn_out,
+        "attn_out": block.attn if sandwich else block.hook_attn_out,
+        "ln1_post": getattr(block, "ln1_post", None),
         "ln2": block.ln2,
-        "mlp_out": block.hook_mlp_out,
+        "mlp_out": block.mlp if sandwich else block.hook_mlp_out,
+        "ln2_post": getattr(block, "ln2_post", None),
     }
     return {name: m for name, m in parts.items() if m is not None}
 
 
 def _hf_rotated(layer: nn.Module, acts: dict[str, Tensor], cos: Tensor, sin: Tensor) -> None:
-    """Give HF's q / k / v our shape [batch, pos, head, d_head] and add q / k after HF's own
-    rotary (its `apply_rotary_pos_emb`, with the cos / sin its forward passed the layer),
-    applied to q / k after their norm where the family has one, and not at all on a layer
-    without rotary (SmolLM3's `use_rope = False`)."""
+    """Give HF's q / k / v our shape [batch, pos, head, d_head], add q_norm / k_norm where
+    the family has them (HF's own norm modules run on those projections: over d_head, or
+    over the whole projection, OLMo2's; layout-free, so Gemma 3's norms after the head
+    transpose are the same numbers), and q / k after HF's own rotary (its
+    `apply_rotary_pos_emb`, with the cos / sin its forward passed the layer), applied after
+    the norms, and not at all on a layer without rotary (SmolLM3's `use_rope = False`)."""
     attn = layer.self_attn
     if "qkv" in acts:  # Phi-3's fused projection: rows q, then k, then v
         n_kv = attn.config.num_key_value_heads * attn.head_dim
         qkv = acts.pop("qkv")
         sizes = [qkv.shape[-1] - 2 * n_kv, n_kv, n_kv]
         acts["q"], acts["k"], acts["v"] = qkv.split(sizes, dim=-1)
+    for name in ("q", "k"):
+        norm = getattr(attn, f"{name}_norm", None)
+        if isinstance(norm, nn.Module):
+            flat = acts[name]  # [batch, pos, heads * d_head]
+            heads = flat.view(*flat.shape[:2], -1, attn.head_dim)
+            acts[f"{name}_norm"] = norm(flat if norm.weight.shape[-1] == flat.shape[-1] else heads)
     for name in ("q", "k", "v"):
         b, p, _ = acts[name].shape
         acts[name] = acts[name].view(b, p, -1, attn.head_dim)
@@ -210,7 +234,11 @@ def run_our_block(
     with _hooks((m, measure(n)) for n, m in points.items()):
         out = block(hidden, cos, sin)
     errors["resid_post"] = rel_err(out, hf_acts["resid_post"])
-    order = component_order(block.cfg.norm_placement)
+    # A norm HF's layer has and ours lacks (Gemma 2's ln1_post dropped) counts as diverged.
+    placement = "sandwich" if "ln1_post" in hf_acts else block.cfg.norm_placement
+    order = component_order(placement)
     return out, {
-        name: errors.get(name, math.inf) for name in order if name in errors or name in points
+        name: errors.get(name, math.inf)
+        for name in order
+        if name in errors or name in points or name in hf_acts
     }

@@ -78,7 +78,7 @@ class Ours(PartHolder):
         allow_nonfinite: bool = False,
         device_of: Callable[[Part], torch.device] = lambda part: torch.device("cpu"),
     ):
-        from gqa_convert.model.decoder import GQATransformer, rotary_inv_freq
+        from gqa_convert.model.decoder import GQATransformer
 
         self.dtype, self.streaming, self.device_of = dtype, streaming, device_of
         self.allow_nonfinite = allow_nonfinite
@@ -103,9 +103,7 @@ class Ours(PartHolder):
                 self.where = str(plan.src)
             with torch.device("meta"):
                 self.model = GQATransformer(self.cfg).eval()
-            self.model.rotary_inv_freq = rotary_inv_freq(
-                self.cfg.rope, self.cfg.rotary_dim, None, self.cfg.n_ctx
-            )
+            self.model.reset_rotary()
             self._check_names()
         self.n_layers = len(self.model.blocks)
         self._held: set[Part] = set()
@@ -182,16 +180,24 @@ class Ours(PartHolder):
     # What GQATransformer.forward does around its blocks, part by part.
 
     def embed(self, tokens: Tensor) -> Tensor:
-        """The stream entering block 0 (Granite: times embedding_multiplier)."""
+        """The stream entering block 0 (Granite, Gemma: times embedding_multiplier)."""
+        from gqa_convert.model.decoder import scale_embeddings
+
         out = self.model.hook_embed(self.model.embed(tokens.to(self.device("embed"))))
-        return out.to(COMPUTE_DTYPES[self.dtype]) * self.cfg.embedding_multiplier
+        return scale_embeddings(self.cfg, out.to(COMPUTE_DTYPES[self.dtype]))
 
     def rotary(self, n_pos: int, part: Part) -> tuple[Tensor, Tensor]:
-        """cos / sin for a sequence of `n_pos` (OLMo2: kept in fp32)."""
+        """cos / sin for a sequence of `n_pos` at layer `part`'s type (Gemma 3: local
+        layers have their own; OLMo2: kept in fp32)."""
         dtype = torch.float32 if self.cfg.rotary_in_fp32 else COMPUTE_DTYPES[self.dtype]
-        return self.model.rotary(n_pos, dtype, self.device(part))
+        attn_type = self.cfg.attn_types[part] if isinstance(part, int) else "global"
+        return self.model.rotary(n_pos, dtype, self.device(part), attn_type)
 
-    def final(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """The final norm and the logits (Granite: divided by logits_scaling)."""
+    def final(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The final norm, the logits (Granite: divided by logits_scaling; Gemma 2:
+        soft-capped), and the unembedding's output before those."""
+        from gqa_convert.model.decoder import final_logits
+
         normed = self.model.ln_final(hidden.to(self.device("final")))
-        return normed, self.model.unembed(normed) / self.cfg.logits_scaling
+        raw = self.model.unembed(normed)
+        return normed, final_logits(self.cfg, raw), raw

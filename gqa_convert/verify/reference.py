@@ -298,19 +298,26 @@ class Reference(PartHolder):
         # Recorders return their input: the output is what entered the first layer.
         return out.last_hidden_state, [r.call for r in recorders]
 
-    def final(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    def final(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The final norm and logits of a held "final" part: the logits by the family's
-        ForCausalLM forward with the base model replaced by the normed stream."""
+        ForCausalLM forward with the base model replaced by the normed stream; and the
+        unembedding's own output, before what that forward does after it (Granite's
+        logits_scaling, Gemma 2's soft-cap)."""
         normed = self.body.norm(hidden.to(self.device("final")))
         prefix = self.model.base_model_prefix
         stub = _Stub(normed)
         setattr(self.model, prefix, stub)
+        raw: list[Tensor] = []
+        hook = self.model.get_output_embeddings().register_forward_hook(
+            lambda _m, _i, out: raw.append(out)
+        )
         try:
             ids = torch.zeros(normed.shape[:2], dtype=torch.long, device=normed.device)
             logits = self.model(input_ids=ids, use_cache=False).logits
         finally:
+            hook.remove()
             setattr(self.model, prefix, self.body)
-        return normed, logits
+        return normed, logits, raw[0]
 
     def info(self) -> dict[str, Any]:
         return {

@@ -248,11 +248,14 @@ def judge(
     final_err: float,
     localised: tuple[dict[str, Any], dict[str, float]] | None,
     nonfinite: dict[str, dict[str, Any]] | None = None,
+    unembed_err: float | None = None,
 ) -> tuple[list[str], dict[str, Any] | None, dict[str, float] | None]:
     """The failures in words, and on a failure where it starts: the embedding (layer -1),
-    the first block with a component over tolerance (`localised`), else the final norm or
-    the unembedding (layer n_layers). `nonfinite`: the stream points holding NaN / Inf
-    (stream_points order), from `_Comparison.nonfinite`."""
+    the first block with a component over tolerance (`localised`), else the final norm, the
+    unembedding, or (`unembed_err`, the unembedding's own output, within tolerance) what
+    follows it, "final_logits" (Granite's logits_scaling, Gemma 2's soft-cap), all at layer
+    n_layers. `nonfinite`: the stream points holding NaN / Inf (stream_points order), from
+    `_Comparison.nonfinite`."""
     failures = []
     if stats.n_nonfinite:
         at = stats.nonfinite[0]
@@ -294,6 +297,8 @@ def judge(
             first, components = localised
         else:
             name = "ln_final" if not final_err <= limits.activation_rtol else "unembed"
+            if name == "unembed" and unembed_err is not None:
+                name = "unembed" if not unembed_err <= limits.activation_rtol else "final_logits"
             first = {"layer": len(layer_errs), "component": name}
     return failures, first, components
 
