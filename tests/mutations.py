@@ -188,3 +188,33 @@ def config_field(name: str, value: object) -> Mutation:
         return replace(cfg, **{name: value}), state
 
     return mutate
+
+
+def post_norms_dropped() -> Mutation:
+    """Gemma 2/3's ln1_post / ln2_post left out (a converter that maps Gemma 2 onto Gemma's
+    pre-norm block, ln2 from pre_feedforward_layernorm): the sublayer outputs go unnormed."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        state = {n: t for n, t in state.items() if not n.endswith(("ln1_post.w", "ln2_post.w"))}
+        return replace(cfg, norm_placement="pre"), state
+
+    return mutate
+
+
+def attn_types_shifted() -> Mutation:
+    """The local / global pattern one layer late (layer i gets layer i - 1's type)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        types = cfg.attn_types[-1:] + cfg.attn_types[:-1]
+        return replace(cfg, attn_types=types), state
+
+    return mutate
+
+
+def local_rope_on_global_layers() -> Mutation:
+    """Gemma 3's local rotary (rope_local_base_freq, no scaling) used on the global layers."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        return replace(cfg, rope=cfg.rope_local, rope_local=None), state
+
+    return mutate

@@ -304,13 +304,13 @@ class Reference(PartHolder):
         unembedding's own output, before what that forward does after it (Granite's
         logits_scaling, Gemma 2's soft-cap)."""
         normed = self.body.norm(hidden.to(self.device("final")))
-        prefix = self.model.base_model_prefix
-        stub = _Stub(normed)
-        setattr(self.model, prefix, stub)
         raw: list[Tensor] = []
         hook = self.model.get_output_embeddings().register_forward_hook(
             lambda _m, _i, out: raw.append(out)
         )
+        prefix = self.model.base_model_prefix
+        stub = _Stub(normed)
+        setattr(self.model, prefix, stub)
         try:
             ids = torch.zeros(normed.shape[:2], dtype=torch.long, device=normed.device)
             logits = self.model(input_ids=ids, use_cache=False).logits
