@@ -12,7 +12,15 @@ has HookedTransformer's names and shapes (`_W_K` / `_W_V` unexpanded, as in TL's
 - buffers TL derives from its config (`rotary_sin/cos`, `mask`, `IGNORE`) keep TL's values.
 
 No weight processing happens unless asked (`fold_ln`, ...): the model computes what the HF
-checkpoint computes. Qwen3's q/k norms are TL's `use_qk_norm` (`attn.q_norm.w`), OLMo2's
+checkpoint computes. Gemma is the one family whose tensors TL holds differently, and gets
+them as TL's own Gemma conversion makes them: every RMSNorm weight as 1 + w (our export keeps
+HF's w, the offset being a property of our norm), computed in fp32, and `embed.W_E` times
+sqrt(d_model) (that number rounded to the dtype first, as HF's embed_scale); Gemma 2's
+sandwich norms are TL's `use_normalization_before_and_after` (`ln1_post`, `ln2_post`), its
+soft-caps `attn_scores_soft_cap` / `output_logits_soft_cap`, its query_pre_attn_scalar
+`attn_scale`, Gemma 3's local rotary `rotary_base_local`.
+
+Qwen3's q/k norms are TL's `use_qk_norm` (`attn.q_norm.w`), OLMo2's
 post-norms and projection-wide q/k norms come with its `original_architecture`, Phi-3's
 partial rotary is `rotary_dim`, linear and yarn rope are TL's own. What TL 3.9 lacks is
 refused naming the option: Granite's multipliers, SmolLM3's layers without rotary, dynamic
@@ -114,7 +122,7 @@ def hooked_transformer_config(
             f"config.json: rope.type = {cfg.rope.type!r} has no exact HookedTransformer "
             f"equivalent (supported: {', '.join(ROPE_FIELDS)})"
         )
-    if cfg.act_fn != "silu":
+    if cfg.act_fn not in TL_ACTIVATIONS:
         raise UnsupportedModelError(f"config.json: act_fn = {cfg.act_fn!r} is not supported")
     local = "local" in cfg.attn_types
     _refuse_what_tl_lacks(cfg, local)
@@ -139,7 +147,12 @@ def hooked_transformer_config(
         rotary_base=cfg.rope.theta,
         rotary_adjacent_pairs=False,  # HF's rotate-half: pairs (i, i + d_head / 2)
         **ROPE_FIELDS[cfg.rope.type](cfg.rope),
-        use_attn_scale=True,  # scores / sqrt(d_head)
+        use_attn_scale=True,  # scores / sqrt(d_head), or / sqrt(query_pre_attn_scalar):
+        attn_scale=cfg.query_pre_attn_scalar**0.5 if cfg.query_pre_attn_scalar else -1.0,
+        attn_scores_soft_cap=cfg.attn_logit_softcap or -1.0,  # -1: TL's "off"
+        output_logits_soft_cap=cfg.final_logit_softcap or -1.0,
+        use_normalization_before_and_after=cfg.norm_placement == "sandwich",
+        rotary_base_local=cfg.rope_local.theta if cfg.rope_local else None,
         use_qk_norm=cfg.qk_norm == "head",  # Qwen3; OLMo2's "proj" comes with its architecture
         scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
         use_local_attn=local,
@@ -153,9 +166,10 @@ def hooked_transformer_config(
     )
 
 
+TL_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")  # the same functions in TL's table
+
 # Our options with no HookedTransformer equivalent in TL 3.9, as (field, value TL assumes).
 TL_LACKS = (
-    ("embedding_multiplier", 1.0),  # Granite
     ("attention_multiplier", None),  # Granite
     ("residual_multiplier", 1.0),  # Granite
     ("logits_scaling", 1.0),  # Granite
@@ -167,6 +181,15 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
     problems = [
         f"{name} = {getattr(cfg, name)!r}" for name, tl in TL_LACKS if getattr(cfg, name) != tl
     ]
+    if cfg.embedding_multiplier != 1.0 and not cfg.embedding_multiplier_in_dtype:
+        # Granite's (a Python float); Gemma's, rounded to the dtype, folds into W_E exactly.
+        problems.append(f"embedding_multiplier = {cfg.embedding_multiplier!r}")
+    local_rope, rope = cfg.rope_local, cfg.rope
+    if local_rope is not None and (local_rope.type != "default" or rope.type not in ROPE_LOCAL_OK):
+        problems.append(
+            f"rotary {rope.type!r} on global and {local_rope.type!r} on local layers (TL's "
+            "rotary_base_local changes only the base)"
+        )
     if not all(cfg.rope_layers):
         problems.append(
             "layers without rotary (no_rope_layers: "
@@ -176,7 +199,7 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
         problems.append("norm_placement = 'post' (TL applies it to OLMo2 only)")
     if cfg.qk_norm == "proj" and cfg.architecture != "Olmo2ForCausalLM":
         problems.append("qk_norm = 'proj' (TL applies it to OLMo2 only)")
-    if cfg.rope.type == "linear" and local:
+    if cfg.rope.type == "linear" and local and cfg.rope_local is None:
         problems.append("linear rope scaling with sliding-window layers (TL skips them)")
     if cfg.rope.type == "yarn" and cfg.rope.partial_rotary_factor != 1.0:
         problems.append("yarn with partial rotary")
@@ -185,6 +208,26 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
             f"{cfg.architecture}: TransformerLens 3.9's HookedTransformer cannot express "
             f"{'; '.join(problems)}; use GQATransformer.from_pretrained instead"
         )
+
+
+# Global rope types TL applies to global layers only, so a plain local rotary stays plain.
+ROPE_LOCAL_OK = ("default", "linear")
+
+
+def tl_tensor(
+    cfg: ModelConfig, name: str, tensor: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """An export tensor as TL holds it: Gemma's norms as offset + w (in fp32, then cast),
+    its embedding times sqrt(d_model) rounded to `dtype` (TL's Gemma conversion); the rest
+    as they are, cast to `dtype`."""
+    leaf = name.rsplit(".", 1)[-1]
+    if cfg.norm_offset and leaf == "w":  # every `.w` is an RMSNorm weight
+        return (cfg.norm_offset + tensor.float()).to(dtype)
+    tensor = tensor.to(dtype)
+    if name == "embed.W_E" and cfg.embedding_multiplier_in_dtype:
+        scale = torch.tensor(cfg.embedding_multiplier, dtype=torch.float32).to(dtype)
+        return tensor * scale.to(tensor.device)
+    return tensor
 
 
 def _zero_by_construction(cfg: ModelConfig, name: str) -> bool:
@@ -275,7 +318,7 @@ def _full_state_dict(
                     f"{name}: shape {list(tensor.shape)} in the export, "
                     f"HookedTransformer wants {list(params[name].shape)}"
                 )
-            full[name] = tensor.to(device=device, dtype=dtype)
+            full[name] = tl_tensor(cfg, name, tensor.to(device), dtype)
         elif _zero_by_construction(cfg, name):
             full[name] = torch.zeros_like(params[name])
         else:

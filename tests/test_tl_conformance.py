@@ -92,6 +92,11 @@ MODES = {
         None,
     ),
     "linear-rope": ({"rotary_scaling_factor": 4.0}, "global", None),
+    # Gemma 2: scores capped before the mask (small enough to bind), another score scale
+    "soft-cap": ({"attn_scores_soft_cap": 0.5, "attn_scale": 3.0}, "global", None),
+    "soft-cap-local": ({"attn_scores_soft_cap": 0.5, "window_size": 3}, "local", None),
+    # Gemma 3: local layers rotate at their own base
+    "rotary-base-local": ({"rotary_base_local": 50.0, "window_size": 3}, "local", None),
     "linear-rope-local": ({"rotary_scaling_factor": 4.0, "window_size": 3}, "local", None),
     "local-ungroup-result": (
         {"window_size": 4, "ungroup_grouped_query_attention": True, "use_attn_result": True},
@@ -323,13 +328,6 @@ def test_hook_q_sees_kv_heads_unexpanded_unless_ungrouped():
             None,
             UnsupportedModelError,
             "positional_embedding_type",
-        ),
-        (
-            {"attn_scores_soft_cap": 50.0},
-            "global",
-            None,
-            UnsupportedModelError,
-            "attn_scores_soft_cap",
         ),
         (
             {"use_attention_sinks": True},
