@@ -40,7 +40,10 @@ Families (configs/*.toml): Llama; Mistral (sliding window); Qwen2 (q/k/v biases,
 sliding upper layers); Qwen3 (q/k RMSNorm per head); Phi-3/3.5/4-mini (fused qkv_proj and
 gate_up_proj, partial rotary, longrope); OLMo2 (post-norms, q/k RMSNorm over the
 projection); Granite (embedding/attention/residual multipliers, logits scaling);
-SmolLM3 (layers without rotary).
+SmolLM3 (layers without rotary); Gemma (norms scaling by 1 + w, embeddings times
+sqrt(d_model), GeGLU); Gemma-2 (sandwich norms, attention and final logit soft-caps,
+query_pre_attn_scalar, alternating local/global layers); Gemma-3 text (Gemma-2 without
+soft-caps, q/k RMSNorm per head, a rotary per layer type).
 
 Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
 Anything else is refused, naming the field."""

@@ -237,8 +237,9 @@ def run_our_block(
     # A norm HF's layer has and ours lacks (Gemma 2's ln1_post dropped) counts as diverged.
     placement = "sandwich" if "ln1_post" in hf_acts else block.cfg.norm_placement
     order = component_order(placement)
+    lacking = {"ln1_post", "ln2_post"} & set(hf_acts)
     return out, {
         name: errors.get(name, math.inf)
         for name in order
-        if name in errors or name in points or name in hf_acts
+        if name in errors or name in points or name in lacking
     }
