@@ -1,5 +1,6 @@
 """The weight map at real sizes (Llama-3-8B/70B, Mistral-7B, Qwen3-8B, Phi-3-mini, Phi-4-mini,
-OLMo2-7B, Granite-3-8B, SmolLM3-3B) on the meta device, config.json as shipped on the Hub."""
+OLMo2-7B, Granite-3-8B, SmolLM3-3B, Gemma-2-2B/9B, Gemma-3-1B/4B) on the meta device,
+config.json as shipped on the Hub (Gemma-3-4B: its `text_config`, as a Gemma3ForCausalLM)."""
 
 from __future__ import annotations
 
@@ -168,6 +169,78 @@ SMOLLM3_3B = {
     "use_sliding_window": False,
     "torch_dtype": "bfloat16",
 }
+# google/gemma-2-2b config.json (transformers 4.42 era: no layer_types, both act fields).
+GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "attention_bias": False,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "max_position_embeddings": 8192,
+    "num_attention_heads": 8,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 4,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "vocab_size": 256000,
+    "torch_dtype": "float32",
+}
+# google/gemma-2-9b config.json
+GEMMA2_9B = {
+    **GEMMA2_2B,
+    "hidden_size": 3584,
+    "intermediate_size": 14336,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 42,
+    "num_key_value_heads": 8,
+}
+# google/gemma-3-1b-pt config.json (rope_local_base_freq, sliding_window_pattern: no
+# layer_types, no per-layer-type rope_parameters)
+GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "attention_bias": False,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "vocab_size": 262144,
+    "torch_dtype": "bfloat16",
+}
+# google/gemma-3-4b-pt config.json, its text_config (the language model of
+# Gemma3ForConditionalGeneration) as a Gemma3ForCausalLM: linear rope x8 on global layers.
+GEMMA3_4B_TEXT = {
+    **GEMMA3_1B,
+    "hidden_size": 2560,
+    "intermediate_size": 10240,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 8,
+    "num_hidden_layers": 34,
+    "num_key_value_heads": 4,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+    "sliding_window": 1024,
+    "vocab_size": 262208,
+}
 MODELS = {
     "llama-3-8b": LLAMA3_8B,
     "llama-3.1-8b": LLAMA31_8B,
@@ -179,6 +252,10 @@ MODELS = {
     "olmo2-7b": OLMO2_7B,
     "granite-3-8b": GRANITE_3_8B,
     "smollm3-3b": SMOLLM3_3B,
+    "gemma-2-2b": GEMMA2_2B,
+    "gemma-2-9b": GEMMA2_9B,
+    "gemma-3-1b": GEMMA3_1B,
+    "gemma-3-4b-text": GEMMA3_4B_TEXT,
 }
 
 
@@ -238,3 +315,26 @@ def test_map_real_shapes_on_meta(name):
     if name == "smollm3-3b":
         assert cfg.tie_word_embeddings  # SmolLM3Config's default
         assert [i for i, r in enumerate(cfg.rope_layers) if not r] == list(range(3, 36, 4))
+    if name.startswith("gemma"):  # the layer pattern transformers derives from the file
+        assert hf_model.config.layer_types == [
+            {"local": "sliding_attention", "global": "full_attention"}[t] for t in cfg.attn_types
+        ]
+    if name.startswith("gemma-2"):
+        assert cfg.attn_types == ("local", "global") * (cfg.n_layers // 2)
+        assert (cfg.attn_logit_softcap, cfg.final_logit_softcap) == (50.0, 30.0)
+        assert cfg.sliding_window == 4096 and cfg.query_pre_attn_scalar == 256
+        assert cfg.norm_placement == "sandwich" and cfg.tie_word_embeddings
+        assert state["blocks.0.ln2_post.w"].shape == (cfg.d_model,)
+    if name.startswith("gemma-3"):
+        assert [i for i, t in enumerate(cfg.attn_types) if t == "global"] == list(
+            range(5, cfg.n_layers, 6)
+        )
+        assert cfg.rope.theta == 1e6 and cfg.rope_local.theta == 1e4
+        assert cfg.rope_local.type == "default" and cfg.attn_logit_softcap is None
+        assert cfg.qk_norm == "head" and state["blocks.0.attn.q_norm.w"].shape == (256,)
+    if name == "gemma-3-1b":
+        assert cfg.sliding_window == 512 and cfg.rope.type == "default"
+        assert attn._W_K.shape == (1, 1152, 256)  # MQA
+    if name == "gemma-3-4b-text":
+        assert cfg.sliding_window == 1024
+        assert (cfg.rope.type, cfg.rope.factor) == ("linear", 8.0)
