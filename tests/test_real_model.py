@@ -1,5 +1,7 @@
-"""The real SmolLM2-135M-Instruct (LlamaForCausalLM, 9 heads / 3 KV heads, tied), converted
-through files, against transformers on a few hundred tokens of real text."""
+"""The real SmolLM2-135M-Instruct (LlamaForCausalLM, 9 heads / 3 KV heads, tied) and
+Gemma-3-270M (Gemma3ForCausalLM: MQA, sandwich and q/k norms with the (1 + w) offset, 5 local
+: 1 global layers, a rotary per layer type), converted through files, against transformers on
+a few hundred tokens of real text."""
 
 from __future__ import annotations
 
@@ -42,3 +44,30 @@ def test_smollm2_logits_equal_hf_on_real_text(smollm2_dir, tmp_path):
     # A trained model, not noise: it predicts the text's next token well above chance.
     hits = (theirs[0, :-1].argmax(-1) == tokens[0, 1:]).float().mean()
     assert hits > 0.3
+
+
+@pytest.mark.slow
+def test_gemma3_logits_equal_hf_on_real_text(gemma3_dir, tmp_path):
+    """Converted with the gate on; 600 tokens cross the 512-token window of the local layers."""
+    import json
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
+    tokens = tokenizer(" ".join([TEXT] * 3), return_tensors="pt").input_ids[:, :600]
+    assert tokens.shape[1] == 600
+    hf = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
+    config = hf.config
+    assert type(hf).__name__ == "Gemma3ForCausalLM" and config.num_key_value_heads == 1
+    assert config.sliding_window == 512 < tokens.shape[1]
+    out = convert(gemma3_dir, tmp_path / "gemma3", verify=True)
+    manifest = json.loads((out / "conversion.json").read_text())
+    assert manifest["verification"]["status"] == "passed"
+    ours = GQATransformer.from_pretrained(out)
+    assert ours.cfg.rope.theta == config.rope_parameters["full_attention"]["rope_theta"]
+    assert ours.cfg.rope_local.theta == config.rope_parameters["sliding_attention"]["rope_theta"]
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+        mine = ours(tokens)
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
+    hits = (theirs[0, :-1].argmax(-1) == tokens[0, 1:]).float().mean()
+    assert hits > 0.3  # a trained model: well above chance on real text
