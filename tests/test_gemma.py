@@ -319,3 +319,51 @@ def test_hooked_transformer_logits_equal_hf(tmp_path, case):
         assert_logits_match(model(tokens), load_hf(src)(tokens).logits)
     ours = GQATransformer.from_pretrained(out)
     torch.testing.assert_close(model.blocks[0].ln1.w, 1 + ours.blocks[0].ln1.w)
+
+
+@pytest.mark.parametrize("case", ["gemma-mqa-tied", "gemma2", "gemma3"])
+def test_streamed_and_whole_model_reports_agree(tmp_path, case):
+    """The streamed HF side (Gemma's layers one at a time, masks and rotary per layer type
+    from its own forward, the soft-capped logits of its ForCausalLM) gives the whole
+    model's report, on SRC's mapping and on an export's files."""
+    from tests.test_verify_streaming import assert_same_report
+
+    src, n_pos = source(tmp_path, case)
+    whole = verify(src, seq_len=n_pos, streaming=False)
+    assert whole.passed, whole.summary()
+    assert_same_report(verify(src, seq_len=n_pos, streaming=True), whole)
+    out = convert(src, tmp_path / "out")
+    assert_same_report(
+        verify(src, out, seq_len=n_pos, streaming=True),
+        verify(src, out, seq_len=n_pos, streaming=False),
+    )
+
+
+# Post-norms dropped cannot be written as a Gemma 2 export: its weight map names them.
+FILE_MUTATIONS = [name for name in MUTATIONS if name != "gemma2-post-norms-missing"]
+
+
+def test_an_export_without_its_post_norms_is_refused(tmp_path):
+    from gqa_convert.errors import BadInputError
+
+    src, n_pos = source(tmp_path, "gemma2")
+    out = convert(src, tmp_path / "out")
+    dropped = ("blocks.1.ln1_post.w", "blocks.1.ln2_post.w")
+    M.mutate_export(out, lambda cfg, state: (cfg, {n: state[n] for n in state if n not in dropped}))
+    with pytest.raises(BadInputError, match=r"blocks\.1\.ln1_post\.w: missing"):
+        verify(src, out, seq_len=n_pos)
+
+
+@pytest.mark.parametrize("name", FILE_MUTATIONS)
+def test_every_gemma_mutation_fails_streamed_from_files_at_the_same_place(tmp_path, name):
+    """The same bugs written into an export folder (as a converter with them would write
+    it), verified from its files streamed: the same verdict and place as whole-model."""
+    from tests.test_verify_streaming import assert_same_report
+
+    case, mutation, (layer, component) = MUTATIONS[name]
+    src, n_pos = source(tmp_path, case)
+    out = M.mutate_export(convert(src, tmp_path / "out"), mutation)
+    streamed = verify(src, out, seq_len=n_pos, streaming=True)
+    assert not streamed.passed
+    assert streamed.first_divergence == {"layer": layer, "component": component}
+    assert_same_report(streamed, verify(src, out, seq_len=n_pos, streaming=False))
