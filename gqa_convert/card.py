@@ -57,6 +57,25 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def _norm_offset(cfg: ModelConfig) -> str:
+    """For Gemma: how our norm weights and embedding relate to TransformerLens's."""
+    if not cfg.norm_offset:
+        return ""
+    post = ", `ln1_post.w`, `ln2_post.w`" if cfg.norm_placement == "sandwich" else ""
+    qk = ", `attn.q_norm.w`, `attn.k_norm.w`" if cfg.qk_norm else ""
+    return f"""
+## Norm weights and embedding scale ({cfg.family})
+
+Every RMSNorm weight here (`ln1.w`, `ln2.w`{post}{qk}, `ln_final.w`) is the checkpoint's
+own `w`, stored as HF stores it; the norm computes `x * ({cfg.norm_offset:g} + w)` in fp32,
+then casts, as {cfg.architecture}'s RMSNorm does. TransformerLens 3.9's processed Gemma
+weights hold `{cfg.norm_offset:g} + w` instead, and its `embed.W_E` is ours times
+sqrt(d_model) = {cfg.embedding_multiplier:.6g} (our model multiplies the embeddings by it, that
+number rounded to the compute dtype first, as HF does). `to_hooked_transformer` makes both
+conversions, so TransformerLens computes HF's logits; `to-hf` gives back the original bytes.
+"""
+
+
 def render_model_card(cfg: ModelConfig, manifest: dict[str, Any]) -> str:
     """The README.md text for an export described by `manifest` (see export.build_manifest)."""
     source = manifest["source"]["id"]
@@ -100,7 +119,7 @@ model = to_hooked_transformer("path/to/this/folder")
 ```
 
 Back to an HF checkpoint: `gqa-convert to-hf path/to/this/folder hf-out`.
-
+{_norm_offset(cfg)}
 ## Parity with the source
 
 {_parity(manifest)}

@@ -139,6 +139,19 @@ def quirks(plan: ConversionPlan) -> dict[str, Any]:
         found["qk_norm"] = "RMSNorm of q and k over the whole projection, before rotary"
     if cfg.norm_placement == "post":
         found["norm_placement"] = "post: ln1 / ln2 normalise the attention / MLP output"
+    if cfg.norm_placement == "sandwich":
+        found["norm_placement"] = "sandwich: ln1 / ln2 before, ln1_post / ln2_post after"
+    if cfg.norm_offset:
+        found["norm_offset"] = f"RMSNorm scales by ({cfg.norm_offset:g} + w) in fp32"
+    if cfg.act_fn != "silu":
+        found["act_fn"] = cfg.act_fn
+    for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+        if getattr(cfg, name) is not None:
+            found[name] = getattr(cfg, name)
+    if cfg.rope_local is not None:
+        found["rope_local"] = (
+            f"local layers: {cfg.rope_local.type} rope, theta {cfg.rope_local.theta:g}"
+        )
     defaults = ModelConfig.__dataclass_fields__
     for name in ("embedding_multiplier", "attention_multiplier", "residual_multiplier"):
         if getattr(cfg, name) != defaults[name].default:
