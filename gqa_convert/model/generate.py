@@ -142,6 +142,8 @@ def generate(
         cache = model.new_cache(capacity)
     elif cache.length:
         raise ValueError("cache must be empty (model.new_cache())")
+    for layer in cache.layers:  # one allocation of what this call will feed
+        layer.capacity = max(layer.capacity, capacity)
     logits = model(
         tokens,
         use_fast_path,
