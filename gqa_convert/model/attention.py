@@ -148,7 +148,8 @@ class GroupedQueryAttention(nn.Module):
     def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
         if x.ndim == 3:  # [batch, pos, d_model], one input for every head
             # [1, b*p, m] @ [n, m, h] -> [n, b*p, h]: a batched matmul reading W in place
-            # (einsum "bpm,nmh->bpnh" copies W into [m, n*h] first: 40x slower per token).
+            # (einsum "bpm,nmh->bpnh" took 2.6x as long for one token, d_model 1024, 16
+            # heads, one thread: 217 vs 82 us, measured).
             batch, pos, _ = x.shape
             out = torch.matmul(x.reshape(1, batch * pos, -1), W)
             return out.permute(1, 0, 2).unflatten(0, (batch, pos)) + b
