@@ -115,7 +115,7 @@ class GQATransformer(HookedRootModule):
     Also the research tool (TL's API): `run_with_cache`, `hooks`, `run_with_hooks`,
     `reset_hooks` (model/hooks.py), `generate` with a KV cache at n_kv heads
     (model/generate.py), `to_tokens` / `to_string` with the tokenizer `from_pretrained`
-    attaches when the export has one."""
+    attaches (from the export's files)."""
 
     generation_defaults = GenerationDefaults()  # stop tokens; from_pretrained reads the export's
     tokenizer_loader: Callable[[], Any] | None = None  # set by from_pretrained
@@ -131,6 +131,7 @@ class GQATransformer(HookedRootModule):
         # fp32 always, as HF's: a plain tensor, not a buffer, so `.to(bfloat16)` cannot round
         # the frequencies (a phase error growing with position). rotary() moves its device.
         self.rotary_inv_freq = rotary_inv_freq(cfg.rope, cfg.rotary_dim, None, cfg.n_ctx)
+        self._tokenizer: Any = None  # tokenizer_loader's, on first use
         self.setup()  # names the hook points
 
     def rotary(
@@ -196,7 +197,7 @@ class GQATransformer(HookedRootModule):
     @property
     def tokenizer(self) -> Any:
         """The export's tokenizer (transformers' AutoTokenizer), loaded on first use."""
-        if self.__dict__.get("_tokenizer") is None:
+        if self._tokenizer is None:
             if self.tokenizer_loader is None:
                 from gqa_convert.errors import BadInputError
 
@@ -204,8 +205,8 @@ class GQATransformer(HookedRootModule):
                     "this model has no tokenizer: load an export that has one with "
                     "GQATransformer.from_pretrained(folder), or pass token ids"
                 )
-            self.__dict__["_tokenizer"] = self.tokenizer_loader()
-        return self.__dict__["_tokenizer"]
+            self._tokenizer = self.tokenizer_loader()
+        return self._tokenizer
 
     def to_tokens(
         self, text: str | list[str], padding_side: str = "left"
