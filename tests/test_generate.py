@@ -435,3 +435,20 @@ def test_smollm2_greedy_equals_hf_on_real_prompts(smollm2_dir, tmp_path):
     assert torch.equal(mine, theirs)
     text = model.to_string(mine[2, tokens.shape[1] :])
     assert "fibonacci" in text or "return" in text  # a trained model continues the code
+
+
+def test_dynamic_rope_cached_keys_keep_their_frequencies_as_hf(tmp_path):
+    """Past max_position_embeddings (24), HF's generate rotates each key once, at the
+    frequencies of its step; a fresh forward over the whole sequence at every step (what
+    re-rotating an unrotated cache computes) gives other tokens. Ours is HF's."""
+    family, overrides, _ = test_families.CASES["rope-dynamic-past-n_ctx"]
+    src = make_hf_checkpoint(tmp_path / "src", family, **overrides)
+    hf, ours = load_hf(src), convert_in_memory(src)
+    tokens = random_tokens(20, batch=1)
+    theirs = hf_generate(hf, tokens, max_new_tokens=30)
+    assert torch.equal(ours.generate(tokens, 30, eos_token_id=[]), theirs)
+    fresh = tokens
+    with torch.no_grad():
+        for _ in range(30):
+            fresh = torch.cat([fresh, ours(fresh)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert not torch.equal(fresh, theirs)
