@@ -635,6 +635,8 @@ def generate_command(
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if temperature is not None and temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {temperature}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise UsageError("--temperature 0 is greedy: drop --top-k / --top-p, or raise it")
     if top_k is not None and top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

@@ -399,7 +399,11 @@ def test_cli_generate_streams_the_text(export_with_tokenizer):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--top-p", "1.5"], "--top-p"), (["--max-new-tokens", "0"], "--max-new-tokens")],
+    [
+        (["--top-p", "1.5"], "--top-p"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--temperature", "0", "--top-k", "5"], "greedy"),
+    ],
 )
 def test_cli_generate_usage_errors_exit_2(export_with_tokenizer, args, message):
     _, out = export_with_tokenizer
