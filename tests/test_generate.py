@@ -379,12 +379,19 @@ def test_cli_generate_json_equals_the_library(export_with_tokenizer):
         )
         for _ in range(2)
     ]
-    assert (
-        sampled[0].code == 0
-        and sampled[0].stdout
-        and json.loads(sampled[0].stdout)["new_tokens"]
-        == json.loads(sampled[1].stdout)["new_tokens"]
-    )
+    assert sampled[0].code == 0, sampled[0].stderr
+    first, second = (json.loads(run.stdout) for run in sampled)
+    assert first["new_tokens"] == second["new_tokens"]  # reproducible
+    assert first["sampling"] == {"temperature": 1.5, "top_k": None, "top_p": None, "seed": 3}
+    same = model.generate("The cat", 12, do_sample=True, temperature=1.5, seed=3)[0].tolist()
+    assert first["prompt_tokens"] + first["new_tokens"] == same
+
+
+def test_on_token_streams_each_step(tiny):
+    steps = []
+    out = tiny.generate(random_tokens(5), 6, eos_token_id=[], on_token=steps.append)
+    assert len(steps) == 6 and all(step.shape == (2,) for step in steps)
+    assert torch.equal(torch.stack(steps, dim=1), out[:, 5:])
 
 
 def test_cli_generate_streams_the_text(export_with_tokenizer):
