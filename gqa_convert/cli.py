@@ -603,6 +603,104 @@ def inspect_command(
         )
 
 
+@app.command("generate")
+def generate_command(
+    out: Annotated[Path, typer.Argument(help="An export folder written by `convert`.")],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sample at this temperature (0: greedy, the default).")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Sample from the smallest set of this probability.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling (reproducible).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[
+        str, typer.Option(help="Compute dtype: auto (the export's), float32, bfloat16, float16.")
+    ] = "auto",
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object at the end instead of streaming.")
+    ] = False,
+) -> None:
+    """Continue PROMPT with the model in OUT, streaming the text as it comes: the quick check
+    that a converted model talks. Greedy unless --temperature (> 0), --top-k or --top-p ask
+    for sampling; stops at the export's stop tokens (generation_config.json)."""
+    import time
+
+    import torch
+
+    from gqa_convert.model.decoder import GQATransformer
+
+    sample = bool(temperature) or top_k is not None or top_p is not None
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature is not None and temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {temperature}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise UsageError("--temperature 0 is greedy: drop --top-k / --top-p, or raise it")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise UsageError(f"--dtype: {dtype!r} is not auto, float32, float16 or bfloat16")
+    model = GQATransformer.from_pretrained(
+        out, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device
+    )
+    tokens = model.to_tokens(prompt)
+    if tokens.shape[1] == 0:
+        raise UsageError("the prompt is empty once tokenized")
+    tok, new_ids, shown = model.tokenizer, [], [""]
+    console = Console(highlight=False, soft_wrap=True)
+
+    def stream(new: torch.Tensor) -> None:
+        new_ids.append(int(new[0]))
+        if json_output:
+            return
+        text = tok.decode(new_ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            console.print(text[len(shown[0]) :], end="", markup=False)
+            shown[0] = text
+
+    if not json_output:
+        console.print(prompt, end="", style="bold", markup=False)
+    start = time.perf_counter()
+    result = model.generate(
+        tokens,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature or 1.0,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        on_token=stream,
+    )
+    seconds = time.perf_counter() - start
+    stopped = bool(new_ids) and new_ids[-1] in model.generation_defaults.eos_token_ids
+    summary = {
+        "prompt": prompt,
+        "completion": tok.decode(new_ids, skip_special_tokens=True),
+        "prompt_tokens": tokens[0].tolist(),
+        "new_tokens": result[0, tokens.shape[1] :].tolist(),
+        "stop_reason": "eos" if stopped else "max_new_tokens",
+        "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        if sample
+        else None,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(len(new_ids) / seconds, 2),
+    }
+    if json_output:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print()
+    err.print(
+        f"{len(new_ids)} tokens in {seconds:.2f} s ({summary['tokens_per_second']} tokens/s), "
+        f"stopped: {summary['stop_reason']}"
+    )
+
+
 def output_bytes(info, dtype: str | None) -> int:
     """The bytes the source tensor `info` takes in the export, cast to `dtype` (None: as is)."""
     from gqa_convert.checkpoint import DTYPES

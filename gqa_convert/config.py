@@ -541,3 +541,27 @@ def _rope_layers(hf: dict, family: Family, n_layers: int) -> tuple[bool, ...]:
 def load_hf_config(src: Path) -> ModelConfig:
     """Our config from `src/config.json`, an HF checkpoint folder."""
     return from_hf(read_json(Path(src) / "config.json"))
+
+
+def stop_tokens_from_hf(
+    generation_config: dict[str, Any] | None, hf: dict[str, Any]
+) -> tuple[tuple[int, ...], int | None]:
+    """(eos token ids, pad token id) as transformers' `generate` takes them: from
+    generation_config.json, or, without one, from config.json (`GenerationConfig.
+    from_model_config`). `eos_token_id` may be one id or a list."""
+    source, where = (
+        (generation_config, "generation_config.json")
+        if generation_config is not None
+        else (hf, "config.json")
+    )
+    eos, pad = source.get("eos_token_id"), source.get("pad_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    ids = [*eos, *([] if pad is None else [pad])]
+    if not isinstance(eos, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+    ):
+        raise BadInputError(
+            f"{where}: eos_token_id = {source.get('eos_token_id')!r}, pad_token_id = {pad!r}: "
+            "expected token ids (ints >= 0)"
+        )
+    return tuple(eos), pad

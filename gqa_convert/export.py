@@ -48,6 +48,8 @@ from gqa_convert.mapping import ConversionPlan, expected_tasks, iter_arrays
 if TYPE_CHECKING:
     import torch
 
+    from gqa_convert.model.generate import GenerationDefaults
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # HF's default max_shard_size, "5GB"
@@ -563,6 +565,41 @@ def load_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     check_export_tensors(folder, cfg, infos)
     state = {name: to_torch(read_array(info), info.dtype) for name, info in infos.items()}
     return cfg, state
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def load_extras(folder: Path) -> tuple[GenerationDefaults, Callable[[], Any]]:
+    """An export's stop tokens (generation_config.json, else the source's config.json) and
+    the loader of its tokenizer (`load_tokenizer`, called on first use)."""
+    from gqa_convert.config import stop_tokens_from_hf
+    from gqa_convert.model.generate import GenerationDefaults
+
+    gen_path = folder / "generation_config.json"
+    generation = read_json(gen_path) if gen_path.exists() else None
+    hf = read_json(folder / "config.json").get("hf_config") or {}
+    eos, pad = stop_tokens_from_hf(generation, hf)
+    return GenerationDefaults(eos, pad), lambda: load_tokenizer(folder)  # on first use
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer copied into an export, or BadInputError (exit 3) in one line."""
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise BadInputError(
+            f"{folder}: no tokenizer in the export (its source had no tokenizer.json, "
+            "tokenizer.model or vocab.json); copy the source's tokenizer files into it, "
+            "or pass token ids"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a file it cannot read
+        raise BadInputError(
+            f"{folder}: transformers cannot load the tokenizer ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def check_export_tensors(folder: Path, cfg: ModelConfig, infos: dict[str, TensorInfo]) -> None:

@@ -2,6 +2,6 @@
 
 from gqa_convert.model.attention import GroupedQueryAttention
 from gqa_convert.model.decoder import GQATransformer
-from gqa_convert.model.kv_cache import KeyValueCacheEntry
+from gqa_convert.model.kv_cache import KeyValueCacheEntry, KVCache
 
-__all__ = ["GQATransformer", "GroupedQueryAttention", "KeyValueCacheEntry"]
+__all__ = ["GQATransformer", "GroupedQueryAttention", "KVCache", "KeyValueCacheEntry"]

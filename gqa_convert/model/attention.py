@@ -152,7 +152,12 @@ class GroupedQueryAttention(nn.Module):
     @staticmethod
     def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
         if x.ndim == 3:  # [batch, pos, d_model], one input for every head
-            return torch.einsum("bpm,nmh->bpnh", x, W) + b
+            # [1, b*p, m] @ [n, m, h] -> [n, b*p, h]: a batched matmul reading W in place
+            # (einsum "bpm,nmh->bpnh" took 2.6x as long for one token, d_model 1024, 16
+            # heads, one thread: 217 vs 82 us, measured).
+            batch, pos, _ = x.shape
+            out = torch.matmul(x.reshape(1, batch * pos, -1), W)
+            return out.permute(1, 0, 2).unflatten(0, (batch, pos)) + b
         return torch.einsum("bpnm,nmh->bpnh", x, W) + b  # per-head inputs
 
     def calculate_qkv_matrices(
@@ -253,9 +258,11 @@ class GroupedQueryAttention(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         """TL's forward. `past_kv_cache_entry` (ours, `KeyValueCacheEntry`, or TL's) gets the
         new K/V appended (unrotated, after the q/k norms, at n_kv heads) and the queries'
-        rotary positions start after it; `attention_mask` [batch, cached + new positions]
-        marks left padding (0); `additive_attention_mask` is added to the masked scores.
-        `position_bias` is ignored, as TL ignores it outside relative positional bias.
+        rotary positions start after it; a generation `LayerCache` (keys_rotated) gets them
+        after rotary, `rotary` then being the new positions' tables; `attention_mask`
+        [batch, cached + new positions] marks left padding (0); `additive_attention_mask`
+        is added to the masked scores. `position_bias` is ignored, as TL ignores it outside
+        relative positional bias.
 
         Ours, keyword-only: `rotary=(cos, sin)` [kv_pos, rotary_dim] for the key positions
         (our decoder computes them once for every layer; None on a layer without rotary);
@@ -265,39 +272,50 @@ class GroupedQueryAttention(nn.Module):
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
         if self.cfg.qk_norm == "proj":  # where TL applies OLMo's norms: after calculate_qkv
             q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
-        if past_kv_cache_entry is not None:
-            k, v = past_kv_cache_entry.append(k, v)
-        q_len, k_len = q.shape[1], k.shape[1]
-        if self.cfg.positional_embedding_type == "rotary":
+        # TL's entry caches keys before rotary; ours for generation (`LayerCache`,
+        # keys_rotated) after it, so `rotary` then holds the new positions' tables only.
+        entry = past_kv_cache_entry
+        cached_before_rotary = entry is not None and not getattr(entry, "keys_rotated", False)
+        if cached_before_rotary:
+            k, v = entry.append(k, v)
+        q_len = q.shape[1]
+        rotates = self.cfg.positional_embedding_type == "rotary"
+        if rotates:
             if rotary is None:
                 dtype = torch.float32 if self.cfg.rotary_in_fp32 else q.dtype
-                rotary = self.rotary(k_len, dtype, attention_mask, q.device)
+                rotary = self.rotary(k.shape[1], dtype, attention_mask, q.device)
             cos, sin = rotary
             pairs = self.cfg.rotary_adjacent_pairs
             q = self.hook_rot_q(apply_rotary(q, cos[..., -q_len:, :], sin[..., -q_len:, :], pairs))
-            k = self.hook_rot_k(apply_rotary(k, cos, sin, pairs))
+            k_new = k.shape[1]
+            k = apply_rotary(k, cos[..., -k_new:, :], sin[..., -k_new:, :], pairs)
         elif rotary is not None:
             raise ValueError("rotary given, but cfg.positional_embedding_type is not 'rotary'")
+        if entry is not None and not cached_before_rotary:
+            k, v = entry.append(k, v)
+        if rotates:
+            k = self.hook_rot_k(k)  # every key the queries attend
+        k_len = k.shape[1]
+        if attention_mask is not None:  # [batch, positions so far]: those of the keys held
+            attention_mask = attention_mask[:, -k_len:]
 
         if use_fast_path is None:
             use_fast_path = not self.needs_pattern
         # SDPA cannot soft-cap scores: soft-capped attention (Gemma 2) always takes the
         # reference path, whatever `use_fast_path` asks.
         use_fast_path = use_fast_path and self.cfg.attn_scores_soft_cap is None
-        plain_causal = (  # SDPA's is_causal: no mask to build
-            use_fast_path
-            and attention_mask is None
-            and additive_attention_mask is None
-            and self.window is None
-            and q_len == k_len
-        )
+        # SDPA without a mask: causal when queries and keys are the same positions; none at
+        # all for one query (the newest position sees every key held).
+        windowed = self.window is not None and k_len > self.window
+        unmasked = attention_mask is None and additive_attention_mask is None and not windowed
+        is_causal = use_fast_path and unmasked and q_len == k_len and q_len > 1
         mask = None
-        if not plain_causal:
+        if not (use_fast_path and unmasked and (q_len == 1 or is_causal)):
             mask = causal_mask(q_len, k_len, self.window, q.device)  # [q, k]
             if attention_mask is not None:
                 mask = mask & attention_mask[:, None, None, :].bool()  # [batch, 1, q, k]
         if use_fast_path:
-            z = self.hook_z(self._sdpa(q, k, v, mask, additive_attention_mask))
+            z = self.hook_z(self._sdpa(q, k, v, mask, additive_attention_mask, is_causal))
         else:
             scores = self.calculate_attention_scores(q, k).masked_fill(~mask, float("-inf"))
             if additive_attention_mask is not None:
@@ -314,10 +332,17 @@ class GroupedQueryAttention(nn.Module):
         return z.flatten(2) @ self.W_O.flatten(0, 1) + self.b_O  # [b, q, n*h] @ [n*h, m]
 
     def _sdpa(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, additive: Tensor | None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        additive: Tensor | None,
+        is_causal: bool,
     ) -> Tensor:
-        """torch SDPA with enable_gqa: K/V are never materialised at n_heads. `mask` None
-        means plain causal; a query whose every key is masked gets z = 0, as in TL."""
+        """torch SDPA with enable_gqa: K/V are never materialised at n_heads. `mask` None:
+        causal if `is_causal`, else no mask; a query whose every key is masked gets z = 0,
+        as in TL."""
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [batch, head, pos, d_head]
         if additive is not None:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
@@ -328,7 +353,7 @@ class GroupedQueryAttention(nn.Module):
             k,
             v,
             attn_mask=mask,
-            is_causal=mask is None,
+            is_causal=is_causal,
             scale=1.0 / self.attn_scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )

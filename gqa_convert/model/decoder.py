@@ -17,7 +17,9 @@ the compute dtype, softmax in fp32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,9 @@ from torch import Tensor, nn
 
 from gqa_convert.config import ModelConfig
 from gqa_convert.model.attention import GroupedQueryAttention, soft_cap
-from gqa_convert.model.hooks import HookPoint
+from gqa_convert.model.generate import GenerationDefaults, generate
+from gqa_convert.model.hooks import HookedRootModule, HookPoint
+from gqa_convert.model.kv_cache import KVCache
 from gqa_convert.model.norm import RMSNorm
 from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_table
 
@@ -114,17 +118,26 @@ class TransformerBlock(nn.Module):
         self.hook_resid_post = HookPoint()
 
     def forward(
-        self, resid: Tensor, cos: Tensor, sin: Tensor, use_fast_path: bool | None = None
+        self,
+        resid: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        use_fast_path: bool | None = None,
+        cache: Any | None = None,
+        attention_mask: Int[Tensor, "batch positions_so_far"] | None = None,
     ) -> Tensor:
         """Pre-norm: resid + m * sublayer(ln(resid)); post-norm: resid + m * ln(sublayer(resid));
         sandwich: resid + m * ln_post(sublayer(ln(resid))), m being Granite's
         residual_multiplier (1 elsewhere). hook_attn_out / hook_mlp_out see the sublayer's
-        output before m (after the post-norm, as TransformerLens)."""
+        output before m (after the post-norm, as TransformerLens). `cache` (this layer's KV
+        cache entry) and `attention_mask` go to the attention."""
         pre, m = self.cfg.norm_placement != "post", self.cfg.residual_multiplier
         resid = self.hook_resid_pre(resid)
         x = self.ln1(resid) if pre else resid
         rotary = (cos, sin) if self.use_rope else None
-        attn_out = self.attn(x, x, x, rotary=rotary, use_fast_path=use_fast_path)
+        attn_out = self.attn(
+            x, x, x, cache, None, attention_mask, rotary=rotary, use_fast_path=use_fast_path
+        )
         attn_out = self.hook_attn_out(self.norm_after(1, attn_out))
         resid = self.hook_resid_mid(resid + attn_out * m)
         mlp_out = self.mlp(self.ln2(resid) if pre else resid)
@@ -140,8 +153,16 @@ class TransformerBlock(nn.Module):
         return getattr(self, f"ln{i}" if placement == "post" else f"ln{i}_post")(out)
 
 
-class GQATransformer(nn.Module):
-    """A Llama-family decoder in TransformerLens layout: tokens [batch, pos] -> logits."""
+class GQATransformer(HookedRootModule):
+    """A Llama-family decoder in TransformerLens layout: tokens [batch, pos] -> logits.
+
+    Also the research tool (TL's API): `run_with_cache`, `hooks`, `run_with_hooks`,
+    `reset_hooks` (model/hooks.py), `generate` with a KV cache at n_kv heads
+    (model/generate.py), `to_tokens` / `to_string` with the tokenizer `from_pretrained`
+    attaches (from the export's files)."""
+
+    generation_defaults = GenerationDefaults()  # stop tokens; from_pretrained reads the export's
+    tokenizer_loader: Callable[[], Any] | None = None  # set by from_pretrained
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -152,6 +173,8 @@ class GQATransformer(nn.Module):
         self.ln_final = norm(cfg)
         self.unembed = Unembed(cfg)
         self.reset_rotary()
+        self._tokenizer: Any = None  # tokenizer_loader's, on first use
+        self.setup()  # names the hook points: keep it last
 
     def reset_rotary(self) -> None:
         """The inverse frequencies, of global layers and (Gemma 3) of local ones when they
@@ -169,43 +192,123 @@ class GQATransformer(nn.Module):
         dtype: torch.dtype,
         device: torch.device | None = None,
         attn_type: str = "global",
+        positions: Int[Tensor, "*batch pos"] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """cos, sin [n_pos, rotary_dim] in HF's convention (frequencies repeated twice), on
-        `device` (default: the embedding's), for layers of `attn_type`.
+        `device` (default: the embedding's), for layers of `attn_type`; for `positions` given,
+        [*positions.shape, rotary_dim] and n_pos is ignored.
 
-        dynamic and longrope frequencies depend on n_pos: recomputed for each call, as a
-        fresh HF model does for a sequence of this length."""
+        dynamic and longrope frequencies depend on the length, HF's max(positions) + 1:
+        recomputed for each call, as a fresh HF model does for a sequence of this length."""
         rope = self.cfg.rope_for(attn_type)
+        if positions is None:
+            positions = torch.arange(n_pos, device=device or self.embed.W_E.device)
         inv_freq = self.rotary_inv_freq
         if attn_type == "local" and self.rotary_inv_freq_local is not None:
             inv_freq = self.rotary_inv_freq_local
         if length_dependent(rope):
-            inv_freq = rotary_inv_freq(rope, self.cfg.rotary_dim, n_pos, self.cfg.n_ctx)
-        pos = torch.arange(n_pos, device=device or self.embed.W_E.device)
-        return rotary_table(inv_freq, pos, dtype, attention_factor=rope.attention_factor)
+            n_len = int(positions.max()) + 1
+            inv_freq = rotary_inv_freq(rope, self.cfg.rotary_dim, n_len, self.cfg.n_ctx)
+        return rotary_table(inv_freq, positions, dtype, attention_factor=rope.attention_factor)
 
     def forward(
-        self, tokens: Int[Tensor, "batch pos"], use_fast_path: bool | None = None
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        use_fast_path: bool | None = None,
+        *,
+        cache: KVCache | None = None,
+        attention_mask: Int[Tensor, "batch positions_so_far"] | None = None,
+        logits_to_keep: int = 0,
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits. `use_fast_path`: None picks SDPA unless a hook reads scores or pattern;
-        False forces the reference path (explicit scores, pattern, repeat_interleave)."""
+        False forces the reference path (explicit scores, pattern, repeat_interleave).
+
+        For generation (model/generate.py): `cache` holds the keys and values of the tokens
+        fed before (`tokens` come after them); `attention_mask` [batch, cached + new] is 0 on
+        left padding; each row's rotary positions count its attended tokens (HF's
+        `generate`: the mask's cumsum - 1). `logits_to_keep` > 0: logits of the last ones."""
         resid = scale_embeddings(self.cfg, self.hook_embed(self.embed(tokens)))
+        n_new, past = tokens.shape[1], cache.length if cache is not None else 0
+        if attention_mask is not None:
+            positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -n_new:]
+        else:
+            positions = torch.arange(past, past + n_new, device=resid.device)
         dtype = torch.float32 if self.cfg.rotary_in_fp32 else resid.dtype
         # cos / sin per layer type (Gemma 3's local layers have their own rotary)
-        tables = {t: self.rotary(tokens.shape[1], dtype, None, t) for t in set(self.cfg.attn_types)}
-        for block in self.blocks:
-            resid = block(resid, *tables[block.attn.attn_type], use_fast_path)
+        tables = {
+            t: self.rotary(n_new, dtype, None, t, positions) for t in set(self.cfg.attn_types)
+        }
+        layers = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, entry in zip(self.blocks, layers, strict=True):
+            cos, sin = tables[block.attn.attn_type]
+            resid = block(resid, cos, sin, use_fast_path, entry, attention_mask)
+        if logits_to_keep:
+            resid = resid[:, -logits_to_keep:]
         return final_logits(self.cfg, self.unembed(self.ln_final(resid)))
+
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """An empty generation cache: every layer at n_kv heads, sliding-window layers
+        holding their last window - 1 tokens; `capacity`: tokens to allocate for."""
+        return KVCache([block.attn.window for block in self.blocks], capacity)
+
+    generate = generate  # model/generate.py
+
+    @property
+    def tokenizer(self) -> Any:
+        """The export's tokenizer (transformers' AutoTokenizer), loaded on first use."""
+        if self._tokenizer is None:
+            if self.tokenizer_loader is None:
+                from gqa_convert.errors import BadInputError
+
+                raise BadInputError(
+                    "this model has no tokenizer: load an export that has one with "
+                    "GQATransformer.from_pretrained(folder), or pass token ids"
+                )
+            self._tokenizer = self.tokenizer_loader()
+        return self._tokenizer
+
+    def to_tokens(
+        self, text: str | list[str], padding_side: str = "left"
+    ) -> Int[Tensor, "batch pos"]:
+        """Token ids [batch, pos] on the model's device, as the tokenizer makes them (its
+        special tokens included); several texts are padded on `padding_side`."""
+        return self.tokenize(text, padding_side)[0]
+
+    def tokenize(
+        self, text: str | list[str], padding_side: str = "left"
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """`to_tokens` and the attention mask (0 on padding), both [batch, pos]."""
+        tok = self.tokenizer
+        texts = [text] if isinstance(text, str) else list(text)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        out = tok(texts, return_tensors="pt", padding=True, padding_side=padding_side)
+        device = self.embed.W_E.device
+        return out.input_ids.to(device), out.attention_mask.to(device)
+
+    def to_string(self, tokens: Int[Tensor, "... pos"] | list[int] | int) -> str | list[str]:
+        """Text of 1-D tokens (a str) or of each row of 2-D tokens (a list), special
+        tokens included."""
+        if isinstance(tokens, Tensor):
+            tokens = tokens.tolist()
+        if isinstance(tokens, int):
+            tokens = [tokens]
+        if tokens and isinstance(tokens[0], list):
+            return [self.to_string(row) for row in tokens]
+        return self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
 
     @classmethod
     def from_pretrained(
         cls, converted_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
     ) -> GQATransformer:
-        """Load an export of `gqa-convert convert` (config.json + safetensors)."""
-        from gqa_convert.export import load_export  # files are export's business, not ours
+        """Load an export of `gqa-convert convert` (config.json + safetensors), with its stop
+        tokens (generation_config.json) and its tokenizer, when they were copied."""
+        from gqa_convert.export import load_export, load_extras  # files are export's business
 
         cfg, state = load_export(Path(converted_dir))
-        return cls.from_state_dict(cfg, state, dtype=dtype, device=device)
+        model = cls.from_state_dict(cfg, state, dtype=dtype, device=device)
+        model.generation_defaults, model.tokenizer_loader = load_extras(Path(converted_dir))
+        return model
 
     @classmethod
     def from_state_dict(

@@ -49,3 +49,84 @@ class KeyValueCacheEntry:
         if not self.frozen:
             self.past_keys, self.past_values = keys, values
         return keys, values
+
+
+class LayerCache:
+    """One layer's KV cache for generation (`GQATransformer.forward(cache=...)`): keys after
+    rotary, as HF's cache holds them, at n_kv heads ([batch, pos, kv_head_index, d_head]).
+
+    Why rotated keys, unlike `KeyValueCacheEntry` (TL's unrotated keys, re-rotated every
+    step): a step rotates only its new keys, O(1) per step instead of O(tokens so far)
+    (`scripts/bench_generate.py` measures what re-rotating would cost), and dynamic rope then
+    behaves as HF's `generate`, whose cached keys keep the frequencies of the step that wrote
+    them (re-rotating would give the frequencies of a fresh forward at the current length).
+
+    A global layer writes into one buffer of `capacity` tokens (allocated on the first
+    append, grown by doubling if a caller feeds more); a sliding-window layer keeps only its
+    last `window - 1` tokens (HF's `DynamicSlidingWindowLayer`): a new query sees those and
+    itself, exactly its window.
+    """
+
+    keys_rotated = True  # GroupedQueryAttention appends after rotary
+
+    def __init__(self, window: int | None = None, capacity: int = 0):
+        self.window, self.capacity = window, capacity
+        self.keys: Tensor | None = None  # global: the buffer; local: the kept tokens
+        self.values: Tensor | None = None
+        self.length = 0  # tokens held (global: filled part of the buffer)
+        self.seen = 0  # tokens appended so far
+
+    def append(
+        self,
+        new_keys: Float[Tensor, "batch new_tokens kv_head_index d_head"],
+        new_values: Float[Tensor, "batch new_tokens kv_head_index d_head"],
+    ) -> tuple[Tensor, Tensor]:
+        """The keys and values the new queries attend: those held, then the new ones."""
+        n = new_keys.shape[1]
+        self.seen += n
+        if self.window is not None:
+            keys, values = new_keys, new_values
+            if self.keys is not None:
+                keys = torch.cat([self.keys, new_keys], dim=1)
+                values = torch.cat([self.values, new_values], dim=1)
+            start = max(keys.shape[1] - (self.window - 1), 0)  # copies: dropped tokens freed
+            self.keys, self.values = keys[:, start:].clone(), values[:, start:].clone()
+            self.length = self.keys.shape[1]
+            return keys, values
+        end = self.length + n
+        if self.keys is None or end > self.keys.shape[1]:
+            self._grow(new_keys, max(end, self.capacity, 2 * self.length))
+        self.keys[:, self.length : end] = new_keys
+        self.values[:, self.length : end] = new_values
+        self.length = end
+        return self.keys[:, :end], self.values[:, :end]
+
+    def _grow(self, like: Tensor, size: int) -> None:
+        shape = (like.shape[0], size, *like.shape[2:])
+        keys, values = like.new_empty(shape), like.new_empty(shape)
+        if self.keys is not None:
+            keys[:, : self.length] = self.keys[:, : self.length]
+            values[:, : self.length] = self.values[:, : self.length]
+        self.keys, self.values = keys, values
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (a global layer's whole buffer)."""
+        held = (t for t in (self.keys, self.values) if t is not None)
+        return sum(t.untyped_storage().nbytes() for t in held)
+
+
+class KVCache:
+    """The generation cache of a whole model: one `LayerCache` per layer."""
+
+    def __init__(self, windows: list[int | None], capacity: int = 0):
+        self.layers = [LayerCache(window, capacity) for window in windows]
+
+    @property
+    def length(self) -> int:
+        """Tokens fed so far (the position of the next one)."""
+        return self.layers[0].seen if self.layers else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
