@@ -14,14 +14,14 @@ the one it takes (`part = 1`).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
 
 from gqa_convert.errors import UnsupportedModelError
 
-SLIDING_WINDOW_RULES = ("never", "always", "qwen2", "no_rope_layers")
+SLIDING_WINDOW_RULES = ("never", "always", "qwen2", "no_rope_layers", "use_sliding_window")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class TensorRow:
     source: str
     target: str | None = None  # None for dropped sources
     layout: str | None = None  # einops pattern, e.g. "(n h) m -> n m h"
-    when: str | None = None  # a config flag: qkv_bias, o_bias, tied, untied
+    # a config flag: qkv_bias, o_bias, tied, untied; per layer: dense, moe (its MLP's kind)
+    when: str | None = None
     drop: bool = False
     fused: tuple[str, ...] = ()  # the parts of a fused source's first axis, as axis groups
     part: int | None = None  # which of `fused` this row takes
@@ -52,6 +53,10 @@ class TensorRow:
     def per_layer(self) -> bool:
         return "{l}" in self.source
 
+    @property
+    def per_expert(self) -> bool:
+        return "{e}" in self.source
+
 
 @dataclass(frozen=True)
 class Family:
@@ -63,6 +68,9 @@ class Family:
     defaults: dict[str, Any]  # config.json fields it reads beyond Llama's, with their defaults
     rope_aliases: dict[str, str]  # rope_type spellings its config class renames
     rows: tuple[TensorRow, ...]
+    # MoE settings (config.MoEConfig fields): a config.json field name, a list of spellings,
+    # or a value the modelling code hard-wires; empty for dense families.
+    moe: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_table(name: str) -> dict[str, Any]:
@@ -90,6 +98,7 @@ def _build(name: str) -> Family:
         defaults={**(parent.defaults if parent else {}), **table.get("defaults", {})},
         rope_aliases={**(parent.rope_aliases if parent else {}), **table.get("rope_aliases", {})},
         rows=tuple(rows),
+        moe={**(parent.moe if parent else {}), **table.get("moe", {})},
     )
 
 

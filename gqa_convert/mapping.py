@@ -17,7 +17,7 @@ from typing import Any
 import einops
 import numpy as np
 
-from gqa_convert.architectures import Family, families
+from gqa_convert.architectures import Family, TensorRow, families
 from gqa_convert.checkpoint import TensorInfo, check_finite, read_array, read_weights
 from gqa_convert.config import ModelConfig, from_hf, read_json
 from gqa_convert.errors import BadInputError, listing
@@ -32,6 +32,8 @@ AXES = {
     "h": "d_head",
     "n": "n_heads",
     "k": "n_key_value_heads",
+    "e": "n_experts",
+    "i": "d_expert",
 }
 
 
@@ -94,14 +96,14 @@ def expected_tasks(cfg: ModelConfig) -> tuple[list[TensorTask], list[str]]:
     }
     tasks, droppable = [], []
     for row in _family(cfg).rows:
-        if row.when and not flags[row.when]:
+        if row.when in flags and not flags[row.when]:
             continue
-        for layer in range(cfg.n_layers) if row.per_layer else [None]:
-            source = row.source.replace("{l}", str(layer))
+        for layer, expert in _instances(row, cfg):
+            source = row.source.replace("{l}", str(layer)).replace("{e}", str(expert))
             if row.drop:
                 droppable.append(source)
                 continue
-            target = row.target.replace("{l}", str(layer))
+            target = row.target.replace("{l}", str(layer)).replace("{e}", str(expert))
             src_shape, dst_shape = layout_shapes(row.layout, cfg)
             rows = None
             if row.fused:  # a slice of the source's first axis, e.g. k of qkv_proj
@@ -111,6 +113,16 @@ def expected_tasks(cfg: ModelConfig) -> tuple[list[TensorTask], list[str]]:
                 src_shape = (sum(sizes), *src_shape[1:])
             tasks.append(TensorTask(target, source, row.layout, src_shape, dst_shape, rows))
     return tasks, droppable
+
+
+def _instances(row: TensorRow, cfg: ModelConfig) -> Iterator[tuple[int | None, int | None]]:
+    """(layer, expert) for each tensor a row names: every layer (those whose MLP is of the
+    row's kind, for `when` dense / moe), and every expert of the layer for `{e}` rows."""
+    for layer in range(cfg.n_layers) if row.per_layer else [None]:
+        if row.when in ("dense", "moe") and cfg.is_moe_layer(layer) != (row.when == "moe"):
+            continue
+        for expert in range(cfg.n_experts) if row.per_expert else [None]:
+            yield layer, expert
 
 
 def plan_tasks(

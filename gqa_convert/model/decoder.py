@@ -3,7 +3,8 @@
 The families differ by a few named options of `ModelConfig`, each a line or two here or in
 the attention: `qk_norm` (model/norm.py), `norm_placement` "post" (ln1 / ln2 on the
 sublayer's output, OLMo2), Granite's four multipliers, `rope_layers` (no rotary on SmolLM3's
-NoPE layers), partial rotary and the rope scalings (model/rotary.py).
+NoPE layers), partial rotary and the rope scalings (model/rotary.py), `moe` (a mixture of
+experts for the MLP of the layers it names, model/moe.py).
 
 Parameter names are TransformerLens HookedTransformer names (`embed.W_E`,
 `blocks.{l}.attn.W_Q`, `blocks.{l}.mlp.W_gate`, `unembed.W_U`, ...). The numerics follow
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from gqa_convert.config import ModelConfig
 from gqa_convert.model.attention import GroupedQueryAttention
 from gqa_convert.model.hooks import HookPoint
+from gqa_convert.model.moe import MoEMLP
 from gqa_convert.model.norm import RMSNorm
 from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_table
 
@@ -70,7 +72,7 @@ class TransformerBlock(nn.Module):
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
         self.attn = GroupedQueryAttention(cfg, cfg.attn_types[layer_id], layer_id)
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32)
-        self.mlp = GatedMLP(cfg)
+        self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer_id) else GatedMLP(cfg)
         self.use_rope = cfg.rope_layers[layer_id]  # False: a NoPE layer, no rotary at all
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
