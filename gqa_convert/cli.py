@@ -206,6 +206,9 @@ def _show_report(report: VerifyReport) -> None:
         ("top-5 overlap", report.top5_overlap, "not gated"),
         ("max activation rel err", act, f"<= {limits.activation_rtol:.3g}"),
     ]
+    if report.routing_agreement is not None:  # MoE: tokens choosing HF's experts
+        limit = limits.min_routing_agreement
+        rows.append(("routing agreement", report.routing_agreement, f">= {limit:.3g}"))
     for name, value, limit in rows:
         table.add_row(name, f"{value:.3g}", limit)
     worst = report.worst_position

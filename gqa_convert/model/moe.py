@@ -56,7 +56,9 @@ class MoEMLP(nn.Module):
         self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
         self.weights_in_fp32 = moe.weights_in_fp32
         self.W_gate = nn.Parameter(torch.empty(cfg.d_model, moe.n_experts))
-        self.experts = nn.ModuleList(Expert(cfg.d_model, moe.d_expert) for _ in range(moe.n_experts))
+        self.experts = nn.ModuleList(
+            Expert(cfg.d_model, moe.d_expert) for _ in range(moe.n_experts)
+        )
         self.hook_router_logits = HookPoint()
         self.hook_expert_indices = HookPoint()
         self.hook_expert_weights = HookPoint()

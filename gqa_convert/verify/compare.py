@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 # Inside one block, in forward order.
-# q_norm / k_norm only where the family has them (Qwen3, OLMo2). Post-norm blocks (OLMo2)
+# q_norm / k_norm only where the family has them (Qwen3, OLMo2); router (the router's
+# logits) only on a mixture-of-experts layer. Post-norm blocks (OLMo2)
 # run ln1 after attention and ln2 after the MLP: POST_NORM_COMPONENTS.
 COMPONENTS = (
     "ln1",
@@ -40,10 +41,11 @@ COMPONENTS = (
     "rot_k",
     "attn_out",
     "ln2",
+    "router",
     "mlp_out",
     "resid_post",
 )
-POST_NORM_COMPONENTS = (*COMPONENTS[1:9], "ln1", "mlp_out", "ln2", "resid_post")
+POST_NORM_COMPONENTS = (*COMPONENTS[1:9], "ln1", "router", "mlp_out", "ln2", "resid_post")
 
 
 def component_order(norm_placement: str) -> tuple[str, ...]:
@@ -129,7 +131,50 @@ def _hf_points(layer: nn.Module) -> dict[str, nn.Module]:
     for name in ("q_norm", "k_norm"):
         if isinstance(getattr(attn, name, None), nn.Module):
             parts[name] = getattr(attn, name)
+    if hf_router(layer) is not None:
+        parts["router"] = hf_router(layer)
     return parts
+
+
+def hf_router(layer: nn.Module) -> nn.Module | None:
+    """An HF MoE layer's router (`mlp.gate`, returning logits, weights, expert indices)."""
+    router = getattr(getattr(layer, "mlp", None), "gate", None)
+    return router if hasattr(router, "top_k") else None
+
+
+def our_router(block: nn.Module) -> nn.Module | None:
+    """Our MoE block's hook on the chosen experts."""
+    return getattr(block.mlp, "hook_expert_indices", None)
+
+
+@contextmanager
+def recording_routes(layer: nn.Module | None, block: nn.Module | None):
+    """The experts each side's MoE layer chose, one [tokens, top_k] tensor per call, in
+    {"hf": [...], "ours": [...]} (empty lists on a dense layer)."""
+    routes: dict[str, list[Tensor]] = {"hf": [], "ours": []}
+    hooks = []
+    for side, module, pick in (
+        ("hf", layer is not None and hf_router(layer), lambda out: out[2]),
+        ("ours", block is not None and our_router(block), lambda out: out),
+    ):
+        if module:
+            hooks.append((module, lambda out, side=side, pick=pick: routes[side].append(pick(out))))
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, fn=fn: fn(out)) for module, fn in hooks
+    ]
+    try:
+        yield routes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def same_expert_sets(ours: Tensor, hf: Tensor) -> tuple[int, int]:
+    """(tokens whose set of chosen experts is the same on both sides, tokens)."""
+    ours, hf = ours.reshape(-1, ours.shape[-1]), hf.reshape(-1, hf.shape[-1]).to(ours.device)
+    if ours.shape != hf.shape:
+        return 0, hf.shape[0]
+    return int((ours.sort(-1).values == hf.sort(-1).values).all(-1).sum()), hf.shape[0]
 
 
 def _our_points(block: nn.Module) -> dict[str, nn.Module]:
@@ -145,6 +190,7 @@ def _our_points(block: nn.Module) -> dict[str, nn.Module]:
         "rot_k": getattr(block.attn, "hook_rot_k", None),
         "attn_out": block.hook_attn_out,
         "ln2": block.ln2,
+        "router": getattr(block.mlp, "hook_router_logits", None),
         "mlp_out": block.hook_mlp_out,
     }
     return {name: m for name, m in parts.items() if m is not None}
@@ -187,6 +233,8 @@ def run_hf_layer(
         out = _first(layer(hidden, *args, **kwargs))
     if components:
         _hf_rotated(layer, acts, *kwargs["position_embeddings"])
+        if "router" in acts:  # [batch * pos, n_experts] -> [batch, pos, n_experts]
+            acts["router"] = acts["router"].view(*hidden.shape[:2], -1)
         acts["resid_post"] = out
     return out, acts
 
