@@ -71,6 +71,9 @@ class Family:
     # MoE settings (config.MoEConfig fields): a config.json field name, a list of spellings,
     # or a value the modelling code hard-wires; empty for dense families.
     moe: dict[str, Any] = field(default_factory=dict)
+    # Name endings of experts stored fused ([n_experts, ...] tensors, transformers' in-memory
+    # layout): refused, naming the fix (mapping.plan_tasks).
+    fused_experts: tuple[str, ...] = ()
 
 
 def _read_table(name: str) -> dict[str, Any]:
@@ -99,6 +102,7 @@ def _build(name: str) -> Family:
         rope_aliases={**(parent.rope_aliases if parent else {}), **table.get("rope_aliases", {})},
         rows=tuple(rows),
         moe={**(parent.moe if parent else {}), **table.get("moe", {})},
+        fused_experts=tuple(table.get("fused_experts", parent.fused_experts if parent else ())),
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from gqa_convert.architectures import Family, TensorRow, families
 from gqa_convert.checkpoint import TensorInfo, check_finite, read_array, read_weights
 from gqa_convert.config import ModelConfig, from_hf, read_json
-from gqa_convert.errors import BadInputError, listing
+from gqa_convert.errors import BadInputError, UnsupportedModelError, listing
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,15 @@ def plan_tasks(
 ) -> tuple[ModelConfig, list[TensorTask], list[str]]:
     """Match the family's rows to the available source tensors; raise listing all problems."""
     cfg = from_hf(hf_config)
+    fused = _family(cfg).fused_experts
+    stacked = sorted(n for n in source_shapes if fused and n.endswith(fused))
+    if stacked:
+        raise UnsupportedModelError(
+            f"{stacked[0]}: the experts are stored fused ({len(stacked)} tensors of shape "
+            f"[n_experts, ...], transformers' in-memory layout); gqa-convert reads the "
+            "per-expert layout of the Hub files, which transformers' save_pretrained writes: "
+            "load the checkpoint with transformers, save_pretrained it, and convert that"
+        )
     expected, droppable = expected_tasks(cfg)
     dropped = [name for name in droppable if name in source_shapes]
     tasks, used, problems = [], set(dropped), []

@@ -1,0 +1,244 @@
+"""Mixtures of experts (Mixtral, Qwen3-MoE, OLMoE): tiny random HF models with 4 experts, 2 per
+token, converted with the parity gate on, against transformers' own classes at 1e-4; routing
+agreement; the round trip to the Hub's per-expert layout; TransformerLens 3.9; the mutations
+the gate must localise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gqa_convert import GQATransformer, convert, convert_in_memory
+from gqa_convert.config import from_hf, load_hf_config
+from gqa_convert.errors import UnsupportedModelError
+from gqa_convert.model.moe import MoEMLP
+from gqa_convert.to_hf import export_to_hf
+from gqa_convert.verify import verify
+from tests import mutations as M
+from tests.hf_models import load_hf, make_hf_checkpoint, make_hf_model, random_tokens
+from tests.test_export import hf_tensors
+from tests.test_interop import needs_tl
+from tests.test_parity import assert_logits_match, hf_and_ours
+
+# (family, overrides, prompt length). Mixtral's prompts cross its window; Qwen3-MoE has a
+# dense layer among MoE ones, by mlp_only_layers or by decoder_sparse_step.
+CASES = {
+    "mixtral-window-8": ("mixtral", {"sliding_window": 8}, 40),
+    "mixtral-mqa": ("mixtral", {"num_key_value_heads": 1}, 40),
+    "qwen3-moe-dense-layer-1": ("qwen3_moe", {"mlp_only_layers": [1], "norm_topk_prob": True}, 40),
+    "qwen3-moe-sparse-step-2": ("qwen3_moe", {"decoder_sparse_step": 2}, 40),
+    "qwen3-moe-sliding": ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 6}, 40),
+    "olmoe": ("olmoe", {}, 40),
+    "olmoe-norm-topk": ("olmoe", {"norm_topk_prob": True}, 40),
+}
+
+
+def source(tmp_path, case):
+    family, overrides, n_pos = CASES[case]
+    return make_hf_checkpoint(tmp_path / "src", family, **overrides), n_pos
+
+
+@pytest.mark.parametrize("path", ["sdpa", "reference"])
+@pytest.mark.parametrize("case", CASES)
+def test_logits_equal_hf(tmp_path, case, path):
+    src, n_pos = source(tmp_path, case)
+    assert_logits_match(*hf_and_ours(src, n_pos, use_fast_path=path == "sdpa"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_convert_with_the_gate_then_load_and_round_trip(tmp_path, case):
+    """The gate passes with every token routed as HF routes it, the export reproduces HF, and
+    to-hf writes the Hub's per-expert tensors back bit for bit."""
+    src, n_pos = source(tmp_path, case)
+    out = convert(src, tmp_path / "out", verify=True)
+    report = json.loads((out / "conversion.json").read_text())["verification"]["report"]
+    assert report["passed"] and report["routing_agreement"] == 1.0
+    moe_layers = [i for i, moe in enumerate(load_hf_config(src).moe.layers) if moe]
+    assert sorted(int(i) for i in report["routing_agreement_per_layer"]) == moe_layers
+    ours, theirs = hf_and_ours(src, n_pos, lambda _: GQATransformer.from_pretrained(out))
+    assert_logits_match(ours, theirs)
+
+    back = export_to_hf(out, tmp_path / "back")
+    original, returned = hf_tensors(src), hf_tensors(back)
+    assert set(returned) == set(original)
+    assert any(".experts.3." in name for name in original)  # the Hub's per-expert names
+    for name, tensor in original.items():
+        assert torch.equal(returned[name], tensor), name
+
+
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1"])
+def test_streamed_verification_covers_the_moe_layers(tmp_path, case):
+    """Layer-streamed, each MoE layer (router and experts) is held alone, read through
+    transformers' loader on HF's side, and compared like a dense one."""
+    src, _ = source(tmp_path, case)
+    out = convert(src, tmp_path / "out", verify=False)
+    streamed = verify(src, out, streaming=True, seq_len=40)
+    whole = verify(src, out, streaming=False, seq_len=40)
+    assert streamed.mode == "streamed" and whole.mode == "whole"
+    assert streamed.passed and streamed.routing_agreement == 1.0
+    assert streamed.layer_rel_err == whole.layer_rel_err
+    assert streamed.routing_agreement_per_layer == whole.routing_agreement_per_layer
+
+
+def test_each_layer_has_the_mlp_hf_has(tmp_path):
+    """Qwen3-MoE's mlp_only_layers / decoder_sparse_step pick the same layers as HF's."""
+    for overrides in ({"mlp_only_layers": [0, 2]}, {"decoder_sparse_step": 2}, {}):
+        hf = make_hf_model("qwen3_moe", num_hidden_layers=4, **overrides)
+        cfg = from_hf(hf.config.to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]})
+        theirs = [hasattr(layer.mlp, "experts") for layer in hf.model.layers]
+        assert list(cfg.moe.layers) == theirs, overrides
+        model = GQATransformer(cfg)
+        assert [isinstance(b.mlp, MoEMLP) for b in model.blocks] == theirs
+
+
+def test_routing_hooks_see_what_hf_routes(tmp_path):
+    """hook_router_logits / hook_expert_indices / hook_expert_weights hold HF's router
+    logits, chosen experts and weights; each expert's hook_out sees only its tokens."""
+    src, n_pos = source(tmp_path, "mixtral-window-8")
+    hf, model = load_hf(src), convert_in_memory(src)
+    tokens = random_tokens(n_pos, batch=1)
+    seen, theirs = {}, {}
+    mlp = model.blocks[1].mlp
+    for name in ("hook_router_logits", "hook_expert_indices", "hook_expert_weights"):
+        getattr(mlp, name).register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o))
+    routed = {}
+    for e, expert in enumerate(mlp.experts):
+        expert.hook_out.register_forward_hook(lambda m, i, o, e=e: routed.__setitem__(e, o))
+    hf.model.layers[1].mlp.gate.register_forward_hook(
+        lambda m, i, o: theirs.update(zip(("logits", "weights", "indices"), o, strict=True))
+    )
+    with torch.no_grad():
+        model(tokens), hf(tokens)
+    torch.testing.assert_close(seen["hook_router_logits"][0], theirs["logits"], atol=1e-5, rtol=0)
+    assert torch.equal(seen["hook_expert_indices"][0], theirs["indices"])
+    torch.testing.assert_close(seen["hook_expert_weights"][0], theirs["weights"])
+    counts = torch.bincount(theirs["indices"].flatten(), minlength=4)
+    assert {e: out.shape[0] for e, out in routed.items()} == {
+        e: int(c) for e, c in enumerate(counts) if c
+    }
+
+
+def test_an_expert_ablated_by_a_hook_changes_the_output(tmp_path):
+    """A hook returning new weights reroutes: zeroing expert 0's weight changes the logits of
+    exactly the tokens routed to it in block 0 (and later ones through the residual)."""
+    src, n_pos = source(tmp_path, "olmoe")
+    model = convert_in_memory(src)
+    tokens = random_tokens(n_pos, batch=1)
+    with torch.no_grad():
+        clean = model(tokens)
+        mlp = model.blocks[0].mlp
+        chosen = {}
+        mlp.hook_expert_indices.register_forward_hook(lambda m, i, o: chosen.update(idx=o))
+        mlp.hook_expert_weights.register_forward_hook(lambda m, i, w: w * (chosen["idx"] != 0))
+        ablated = model(tokens)
+    uses_0 = (chosen["idx"][0] == 0).any(-1)  # [pos]
+    changed = (ablated - clean).abs().amax(-1)[0] > 0
+    assert uses_0.any() and torch.equal(
+        changed[: int(uses_0.int().argmax())],
+        torch.zeros(int(uses_0.int().argmax()), dtype=torch.bool),
+    )
+    assert changed[uses_0].all()
+
+
+@needs_tl
+@pytest.mark.parametrize("case", ["mixtral-window-8", "olmoe", "olmoe-norm-topk"])
+def test_hooked_transformer_logits_equal_hf(tmp_path, case):
+    from gqa_convert.interop import to_hooked_transformer
+
+    src, n_pos = source(tmp_path, case)
+    model = to_hooked_transformer(convert(src, tmp_path / "out"))
+    assert type(model.blocks[0].mlp).__name__ == "MoE"
+    tokens = random_tokens(n_pos)
+    with torch.no_grad():
+        assert_logits_match(model(tokens), load_hf(src)(tokens).logits)
+
+
+@needs_tl
+def test_hooked_transformer_refuses_dense_layers_among_moe_layers(tmp_path):
+    from gqa_convert.interop import to_hooked_transformer
+
+    src, _ = source(tmp_path, "qwen3-moe-dense-layer-1")
+    with pytest.raises(UnsupportedModelError, match=r"dense MLP layers \[1\]"):
+        to_hooked_transformer(convert(src, tmp_path / "out"))
+
+
+# (case, mutation, where the gate must say the first divergence is)
+MUTATIONS = {
+    "two-experts-swapped": ("mixtral-window-8", M.experts_swapped(layer=1), (1, "mlp_out")),
+    "router-transposed": ("olmoe", M.router_transposed(layer=1), (1, "router")),
+    "top-k-not-renormalised": ("mixtral-window-8", M.topk_not_renormalised(), (0, "mlp_out")),
+    "expert-gate-and-in-exchanged": (
+        "qwen3-moe-dense-layer-1",
+        M.expert_gate_and_in_exchanged(layer=2, expert=1),
+        (2, "mlp_out"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_an_moe_bug_fails_the_gate_where_it_is(tmp_path, name):
+    case, mutation, (layer, component) = MUTATIONS[name]
+    src, n_pos = source(tmp_path, case)
+    report = verify(src, model=M.mutated_model(src, mutation), seq_len=n_pos)
+    assert not report.passed
+    assert report.first_divergence == {"layer": layer, "component": component}
+    if name == "router-transposed":  # the tokens go to other experts, and the gate says so
+        assert report.routing_agreement_per_layer[1] < 1.0
+        assert any(f.startswith("routing of MoE layer 1") for f in report.failures)
+    else:
+        assert report.routing_agreement_per_layer[layer] == 1.0 or layer > 0
+
+
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1", "olmoe"])
+def test_every_component_matches_on_a_correct_conversion(tmp_path, case):
+    """The router's logits are a component of each MoE layer; on a correct conversion every
+    component of every layer agrees."""
+    from gqa_convert.verify.compare import run_hf_layer, run_our_block
+    from gqa_convert.verify.ours import Ours
+    from gqa_convert.verify.reference import Reference
+
+    src, n_pos = source(tmp_path, case)
+    model = convert_in_memory(src)
+    ref = Reference(src, "float32", model=load_hf(src))
+    ours = Ours("float32", model=model, reference=ref)
+    errors = {}
+    with torch.no_grad():
+        hidden, calls = ref.layer_calls(ref.embed(random_tokens(n_pos, batch=1)))
+        for i in range(model.cfg.n_layers):
+            out, acts = run_hf_layer(ref.body.layers[i], hidden, calls[i], True)
+            cos, sin = ours.rotary(n_pos, i)
+            _, errs = run_our_block(model.blocks[i], hidden, cos, sin, acts)
+            errors.update({f"{name}.{i}": err for name, err in errs.items()})
+            hidden = out
+    routers = {name for name in errors if name.startswith("router.")}
+    assert routers == {f"router.{i}" for i in range(3) if model.cfg.is_moe_layer(i)}
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_fused_experts_are_refused_naming_the_fix(tmp_path):
+    """A checkpoint holding transformers' in-memory layout (experts.gate_up_proj
+    [n_experts, 2 * d_expert, d_model]) is refused with what to do."""
+    from safetensors.torch import save_file
+
+    from gqa_convert.mapping import plan_conversion
+
+    model = make_hf_model("olmoe")
+    folder = tmp_path / "fused"
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    save_file(
+        {n: t.contiguous() for n, t in model.state_dict().items()}, folder / "model.safetensors"
+    )
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"experts\.down_proj: the experts are stored fused.*save_pretrained",
+    ):
+        plan_conversion(folder)
+
+
+def test_clip_qkv_is_refused_naming_the_field():
+    hf = make_hf_model("olmoe").config.to_dict() | {"architectures": ["OlmoeForCausalLM"]}
+    with pytest.raises(UnsupportedModelError, match="clip_qkv"):
+        from_hf({**hf, "clip_qkv": 8.0})
