@@ -40,7 +40,8 @@ Families (configs/*.toml): Llama; Mistral (sliding window); Qwen2 (q/k/v biases,
 sliding upper layers); Qwen3 (q/k RMSNorm per head); Phi-3/3.5/4-mini (fused qkv_proj and
 gate_up_proj, partial rotary, longrope); OLMo2 (post-norms, q/k RMSNorm over the
 projection); Granite (embedding/attention/residual multipliers, logits scaling);
-SmolLM3 (layers without rotary).
+SmolLM3 (layers without rotary); mixtures of experts: Mixtral, Qwen3-MoE, OLMoE (top-k
+router, per-expert gated MLPs, Qwen3-MoE's dense layers).
 
 Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
 Anything else is refused, naming the field."""

@@ -110,6 +110,20 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
+class _Lazy:
+    """A source tensor read (by our reader) only when transformers' loader materialises it
+    with `tensor[...]`, as it does a safetensors slice: one tensor at a time is read and
+    cast, not the whole part."""
+
+    def __init__(self, info: TensorInfo):
+        self.info = info
+
+    def __getitem__(self, key: Any) -> Tensor:
+        from gqa_convert.export import to_torch
+
+        return to_torch(read_array(self.info), self.info.dtype)[key]
+
+
 class _Stub(nn.Module):
     """Stands in for the base model under ForCausalLM.forward: returns a given stream."""
 
@@ -281,15 +295,12 @@ class Reference(PartHolder):
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        from gqa_convert.export import to_torch
-
         device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
-        state: dict[str, Tensor] = {}
+        state: dict[str, _Lazy] = {}
         for full, _, _ in self._parameters(part):
             own = full in self.routes  # else tied: read the tie's source under our name
             for source in self._sources_of(full):
-                info = self.sources[source]
-                state[source if own else full] = to_torch(read_array(info), info.dtype)
+                state[source if own else full] = _Lazy(self.sources[source])
         config = LoadStateDictConfig(
             device_map={"": device}, dtype=dtype, weight_mapping=self.conversions
         )
