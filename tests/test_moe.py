@@ -120,6 +120,32 @@ def test_routing_hooks_see_what_hf_routes(tmp_path):
     }
 
 
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1", "olmoe"])
+def test_on_the_same_input_routing_is_hfs_bit_for_bit(tmp_path, case):
+    """Router logits, chosen experts and their weights equal HF's router's exactly, so a tie
+    between two experts is broken as HF breaks it (the reference decides): experts 0 and 1
+    are given the same router row, a tie on every token."""
+    src, _ = source(tmp_path, case)
+    hf, model = load_hf(src), convert_in_memory(src)
+    i = next(i for i in range(3) if model.cfg.is_moe_layer(i))
+    mlp = model.blocks[i].mlp
+    with torch.no_grad():
+        hf.model.layers[i].mlp.gate.weight[1] = hf.model.layers[i].mlp.gate.weight[0]
+        mlp.W_gate[:, 1] = mlp.W_gate[:, 0]
+    x = torch.randn(2, 40, 64)
+    seen = {}
+    for name in ("hook_router_logits", "hook_expert_indices", "hook_expert_weights"):
+        getattr(mlp, name).register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, o))
+    with torch.no_grad():
+        mlp(x)
+        logits, weights, indices = hf.model.layers[i].mlp.gate(x)
+    assert torch.equal(seen["hook_router_logits"].reshape(-1, 4), logits)
+    assert torch.equal(seen["hook_expert_indices"].reshape(-1, 2), indices)
+    assert torch.equal(seen["hook_expert_weights"].reshape(-1, 2), weights)
+    # Tokens where the tie sits at the top-k boundary: one of the two tied experts is taken.
+    assert ((indices == 0).any(-1) ^ (indices == 1).any(-1)).any()
+
+
 def test_an_expert_ablated_by_a_hook_changes_the_output(tmp_path):
     """A hook returning new weights reroutes: zeroing expert 0's weight changes the logits of
     exactly the tokens routed to it in block 0 (and later ones through the residual)."""

@@ -1,7 +1,8 @@
 """The mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE), in TransformerLens 3.9's names.
 
-A router `W_gate` [d_model, n_experts] scores each token; the `top_k` experts of highest
-softmax probability (softmax in fp32, ties as `torch.topk` breaks them, as HF's routers) each
+A router `W_gate` [d_model, n_experts] scores each token (as HF's `F.linear`, so the logits
+are HF's bit for bit on the same input); the `top_k` experts of highest softmax probability
+(softmax in fp32, ties as `torch.topk` breaks them, as in HF's routers) each
 run a gated SiLU MLP on the token, and their outputs are summed weighted by those
 probabilities, divided by their sum when `norm_topk_prob` (Mixtral always). Mixtral scales
 the expert outputs by the fp32 weights; Qwen3-MoE and OLMoE cast the weights to the compute
@@ -64,7 +65,9 @@ class MoEMLP(nn.Module):
         self.hook_expert_weights = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        logits = self.hook_router_logits(x @ self.W_gate)  # [batch, pos, n_experts]
+        # HF's F.linear on the [n_experts, d_model] weight (a copy of E x d_model, small):
+        # on the same input the logits are HF's bit for bit, so ties break as HF's do.
+        logits = self.hook_router_logits(F.linear(x, self.W_gate.T.contiguous()))
         probs = logits.float().softmax(-1)
         weights, indices = probs.topk(self.top_k, dim=-1)  # [batch, pos, top_k], fp32
         if self.norm_topk_prob:
