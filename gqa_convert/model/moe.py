@@ -6,7 +6,9 @@ are HF's bit for bit on the same input); the `top_k` experts of highest softmax 
 run a gated SiLU MLP on the token, and their outputs are summed weighted by those
 probabilities, divided by their sum when `norm_topk_prob` (Mixtral always). Mixtral scales
 the expert outputs by the fp32 weights; Qwen3-MoE and OLMoE cast the weights to the compute
-dtype first (`weights_in_fp32`). Only the tokens routed to an expert pass through it.
+dtype first (`weights_in_fp32`). A token's k weighted outputs are summed in that product's
+dtype, then cast, as transformers' default experts forward does (in bf16 the logits are
+HF's bit for bit). Only the tokens routed to an expert pass through it.
 
 Each expert is its own module, `experts.{e}.W_gate / W_in` [d_model, d_expert] and
 `experts.{e}.W_out` [d_expert, d_model] (our dense MLP's layout; TL's MoE keeps the
@@ -78,9 +80,12 @@ class MoEMLP(nn.Module):
         weights = self.hook_expert_weights(weights)
         flat, flat_idx = x.reshape(-1, x.shape[-1]), indices.reshape(-1, self.top_k)
         flat_w = weights.reshape(-1, self.top_k)
-        out = torch.zeros_like(flat)  # [tokens, d_model]
+        # Each token's top_k weighted outputs, summed at the end in the product's dtype (fp32
+        # for Mixtral's fp32 weights), then cast: transformers' default experts forward
+        # (grouped_mm), whose bf16 rounding an index_add_ per expert would not reproduce.
+        dtype = torch.result_type(flat, flat_w)
+        out = flat.new_zeros((*flat_idx.shape, flat.shape[-1]), dtype=dtype)  # [tokens, k, m]
         for e in flat_idx.unique().tolist():
             token, slot = torch.where(flat_idx == e)  # tokens routed to e, and in which slot
-            routed = self.experts[e](flat[token]) * flat_w[token, slot, None]
-            out.index_add_(0, token, routed.to(out.dtype))
-        return out.view(x.shape)
+            out[token, slot] = self.experts[e](flat[token]) * flat_w[token, slot, None]
+        return out.sum(1).to(x.dtype).view(x.shape)
