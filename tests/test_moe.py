@@ -301,3 +301,13 @@ def test_inspect_reports_total_and_active_parameters(tmp_path, case):
     assert info["parameters"] == total
     assert info["active_parameters_per_token"] == total - skipped < total
     assert "4 experts" in info["quirks"]["moe"]
+
+
+def test_the_model_card_shows_the_experts_and_the_routing_agreement(tmp_path):
+    src, _ = source(tmp_path, "qwen3-moe-dense-layer-1")
+    card = (convert(src, tmp_path / "out") / "README.md").read_text()
+    assert "| dense layers [1]: `blocks.{l}.mlp.W_gate`" in card
+    assert (
+        "`blocks.{l}.mlp.experts.{e}.W_gate`, `.W_in` / `.W_out` | `[64, 40]` / `[40, 64]`" in card
+    )
+    assert "| routing agreement (MoE) | 1 |" in card
