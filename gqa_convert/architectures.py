@@ -8,7 +8,10 @@ source, the same source and `when`).
 
 A fused source (Phi-3's `qkv_proj`, `gate_up_proj`) is several rows with the same source,
 each naming the parts its first axis is made of (`fused = ["(n h)", "(k h)", "(k h)"]`) and
-the one it takes (`part = 1`).
+the one it takes (`part = 1`). A stacked source ([n_experts, ...], `expert_axis = true`) gives
+each expert `{e}` its slice first. Rows of a `variant` (MoE's "fused_experts", transformers'
+in-memory layout) replace the default rows of the same target when the checkpoint holds
+their sources (mapping.plan_tasks).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ class TensorRow:
     drop: bool = False
     fused: tuple[str, ...] = ()  # the parts of a fused source's first axis, as axis groups
     part: int | None = None  # which of `fused` this row takes
+    # The source's first axis is the expert (a stacked [n_experts, ...] tensor): the row
+    # takes expert {e}, then `fused` / `part` act on the next axis.
+    expert_axis: bool = False
+    # A layout some checkpoints use instead of the default rows' (e.g. "fused_experts"):
+    # its rows replace the default rows of the same target when the plan finds their sources.
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fused", tuple(self.fused))
@@ -45,9 +54,9 @@ class TensorRow:
             raise ValueError(f"tensor row {self.source}: `fused` and `part` go together")
 
     @property
-    def key(self) -> tuple[str | None, str | None]:
+    def key(self) -> tuple[str | None, str | None, str | None]:
         """What a child row replaces: the parent's row with the same key."""
-        return (self.target or self.source, self.when)
+        return (self.target or self.source, self.when, self.variant)
 
     @property
     def per_layer(self) -> bool:
@@ -71,9 +80,17 @@ class Family:
     # MoE settings (config.MoEConfig fields): a config.json field name, a list of spellings,
     # or a value the modelling code hard-wires; empty for dense families.
     moe: dict[str, Any] = field(default_factory=dict)
-    # Name endings of experts stored fused ([n_experts, ...] tensors, transformers' in-memory
-    # layout): refused, naming the fix (mapping.plan_tasks).
-    fused_experts: tuple[str, ...] = ()
+
+    def rows_for(self, variant: str | None = None) -> tuple[TensorRow, ...]:
+        """The default rows, or those of `variant` in place of the defaults they replace."""
+        chosen = [r for r in self.rows if variant is not None and r.variant == variant]
+        replaced = {(r.target, r.when) for r in chosen}
+        default = [r for r in self.rows if r.variant is None]
+        return (*(r for r in default if (r.target, r.when) not in replaced), *chosen)
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.variant for r in self.rows if r.variant))
 
 
 def _read_table(name: str) -> dict[str, Any]:
@@ -102,7 +119,6 @@ def _build(name: str) -> Family:
         rope_aliases={**(parent.rope_aliases if parent else {}), **table.get("rope_aliases", {})},
         rows=tuple(rows),
         moe={**(parent.moe if parent else {}), **table.get("moe", {})},
-        fused_experts=tuple(table.get("fused_experts", parent.fused_experts if parent else ())),
     )
 
 

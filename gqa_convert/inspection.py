@@ -168,12 +168,17 @@ def quirks(plan: ConversionPlan) -> dict[str, Any]:
     if cfg.rotary_dim != cfg.d_head:
         found["rotary_dim"] = f"{cfg.rotary_dim} of {cfg.d_head} (partial rotary)"
     fused: dict[str, dict[str, None]] = {}  # e.g. qkv_proj -> W_Q, _W_K, _W_V (split)
+    stacked: dict[str, None] = {}  # experts stored stacked: each sliced out per expert
     for task in plan.tasks:
-        if task.rows is not None:
+        if task.expert is not None:
+            stacked[task.source.rsplit(".", 1)[-1]] = None
+        elif task.rows is not None:
             parts = fused.setdefault(task.source.split(".")[-2], {})
             parts[task.target.split(".")[-1]] = None
     if fused:
         found["fused"] = {name: ", ".join(parts) for name, parts in fused.items()}
+    if stacked:
+        found["experts_stacked"] = ", ".join(stacked)
     return found
 
 

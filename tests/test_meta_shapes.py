@@ -262,6 +262,27 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b"])
+def test_stacked_experts_map_at_real_shapes(name):
+    """transformers' in-memory layout (experts stacked in gate_up_proj / down_proj) maps to
+    the same targets and shapes as the Hub's per-expert tensors."""
+    config = AutoConfig.for_model(**MODELS[name])
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(config)
+    memory = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+    hub = revert_weight_conversion(hf_model, hf_model.state_dict())
+    cfg, stacked, _ = plan_tasks(MODELS[name], memory)
+    _, per_expert, _ = plan_tasks(MODELS[name], {k: tuple(v.shape) for k, v in hub.items()})
+    assert {t.target: t.target_shape for t in stacked} == {
+        t.target: t.target_shape for t in per_expert
+    }
+    last = cfg.n_experts - 1
+    task = next(t for t in stacked if t.target == f"blocks.0.mlp.experts.{last}.W_in")
+    assert task.expert == last and task.rows == (cfg.d_expert, 2 * cfg.d_expert)
+    tensor = torch.empty(memory[task.source], device="meta")
+    assert tuple(apply_layout(task, tensor, cfg).shape) == (cfg.d_model, cfg.d_expert)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_map_real_shapes_on_meta(name):
     hf_config = MODELS[name]

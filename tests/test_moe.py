@@ -255,25 +255,43 @@ def test_bfloat16_follows_hf_rounding(tmp_path, case):
     assert report.routing_agreement == 1.0
 
 
-def test_fused_experts_are_refused_naming_the_fix(tmp_path):
-    """A checkpoint holding transformers' in-memory layout (experts.gate_up_proj
-    [n_experts, 2 * d_expert, d_model]) is refused with what to do."""
+def fused_checkpoint(folder, family, **overrides):
+    """A checkpoint in transformers' in-memory layout: the state dict saved as is (experts
+    stacked in experts.gate_up_proj / down_proj, Mixtral's router as mlp.gate)."""
     from safetensors.torch import save_file
 
-    from gqa_convert.mapping import plan_conversion
-
-    model = make_hf_model("olmoe")
-    folder = tmp_path / "fused"
+    model = make_hf_model(family, **overrides)
     model.save_pretrained(folder)
-    (folder / "model.safetensors").unlink()
-    save_file(
-        {n: t.contiguous() for n, t in model.state_dict().items()}, folder / "model.safetensors"
-    )
-    with pytest.raises(
-        UnsupportedModelError,
-        match=r"experts\.down_proj: the experts are stored fused.*save_pretrained",
-    ):
-        plan_conversion(folder)
+    state = {n: t.contiguous() for n, t in model.state_dict().items()}
+    assert any(n.endswith("experts.gate_up_proj") for n in state)
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1", "olmoe"])
+def test_fused_experts_convert_too(tmp_path, case):
+    """The stacked layout converts through the same gate (HF's reference loads it as is),
+    our model equals HF's, and to-hf writes the Hub's per-expert layout, which HF reads
+    back to the same model."""
+    family, overrides, n_pos = CASES[case]
+    src = fused_checkpoint(tmp_path / "src", family, **overrides)
+    out = convert(src, tmp_path / "out", verify=True)
+    report = json.loads((out / "conversion.json").read_text())["verification"]["report"]
+    assert report["passed"] and report["routing_agreement"] == 1.0
+    assert verify(src, seq_len=n_pos).passed  # ours as views of HF's stacked tensors
+    from gqa_convert.inspection import inspect_checkpoint
+
+    quirks = inspect_checkpoint(src)["quirks"]
+    assert quirks["experts_stacked"] == "gate_up_proj, down_proj"
+    ours, theirs = hf_and_ours(src, n_pos, lambda _: GQATransformer.from_pretrained(out))
+    assert_logits_match(ours, theirs)
+    back = export_to_hf(out, tmp_path / "back")
+    assert any(".experts.3." in name for name in hf_tensors(back))
+    assert not any(name.endswith("gate_up_proj") for name in hf_tensors(back))
+    original, returned = load_hf(src).state_dict(), load_hf(back).state_dict()
+    assert set(original) == set(returned)
+    for name, tensor in original.items():
+        assert torch.equal(returned[name], tensor), name
 
 
 def test_clip_qkv_is_refused_naming_the_field():
