@@ -167,7 +167,9 @@ def test_an_expert_ablated_by_a_hook_changes_the_output(tmp_path):
 
 
 @needs_tl
-@pytest.mark.parametrize("case", ["mixtral-window-8", "olmoe", "olmoe-norm-topk"])
+@pytest.mark.parametrize(
+    "case", ["mixtral-window-8", "olmoe", "olmoe-norm-topk", "qwen3-moe-sliding"]
+)
 def test_hooked_transformer_logits_equal_hf(tmp_path, case):
     from gqa_convert.interop import to_hooked_transformer
 
