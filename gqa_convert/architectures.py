@@ -8,7 +8,10 @@ source, the same source and `when`).
 
 A fused source (Phi-3's `qkv_proj`, `gate_up_proj`) is several rows with the same source,
 each naming the parts its first axis is made of (`fused = ["(n h)", "(k h)", "(k h)"]`) and
-the one it takes (`part = 1`).
+the one it takes (`part = 1`). A stacked source ([n_experts, ...], `expert_axis = true`) gives
+each expert `{e}` its slice first. Rows of a `variant` (MoE's "fused_experts", transformers'
+in-memory layout) replace the default rows of the same target when the checkpoint holds
+their sources (mapping.plan_tasks).
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from typing import Any
 
 from gqa_convert.errors import UnsupportedModelError
 
-SLIDING_WINDOW_RULES = ("never", "always", "qwen2", "no_rope_layers", "pattern")
+SLIDING_WINDOW_RULES = (
+    "never",
+    "always",
+    "qwen2",
+    "no_rope_layers",
+    "pattern",
+    "use_sliding_window",
+)
 
 
 @dataclass(frozen=True)
@@ -31,10 +41,17 @@ class TensorRow:
     source: str
     target: str | None = None  # None for dropped sources
     layout: str | None = None  # einops pattern, e.g. "(n h) m -> n m h"
-    when: str | None = None  # a config flag: qkv_bias, o_bias, tied, untied
+    # a config flag: qkv_bias, o_bias, tied, untied; per layer: dense, moe (its MLP's kind)
+    when: str | None = None
     drop: bool = False
     fused: tuple[str, ...] = ()  # the parts of a fused source's first axis, as axis groups
     part: int | None = None  # which of `fused` this row takes
+    # The source's first axis is the expert (a stacked [n_experts, ...] tensor): the row
+    # takes expert {e}, then `fused` / `part` act on the next axis.
+    expert_axis: bool = False
+    # A layout some checkpoints use instead of the default rows' (e.g. "fused_experts"):
+    # its rows replace the default rows of the same target when the plan finds their sources.
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fused", tuple(self.fused))
@@ -44,13 +61,17 @@ class TensorRow:
             raise ValueError(f"tensor row {self.source}: `fused` and `part` go together")
 
     @property
-    def key(self) -> tuple[str | None, str | None]:
+    def key(self) -> tuple[str | None, str | None, str | None]:
         """What a child row replaces: the parent's row with the same key."""
-        return (self.target or self.source, self.when)
+        return (self.target or self.source, self.when, self.variant)
 
     @property
     def per_layer(self) -> bool:
         return "{l}" in self.source
+
+    @property
+    def per_expert(self) -> bool:
+        return "{e}" in self.source
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,20 @@ class Family:
     # and the activation spellings its config class renames (Gemma: gelu -> gelu_pytorch_tanh).
     activation_field: str = "hidden_act"
     activation_aliases: dict[str, str] = field(default_factory=dict)
+    # MoE settings (config.MoEConfig fields): a config.json field name, a list of spellings,
+    # or a value the modelling code hard-wires; empty for dense families.
+    moe: dict[str, Any] = field(default_factory=dict)
+
+    def rows_for(self, variant: str | None = None) -> tuple[TensorRow, ...]:
+        """The default rows, or those of `variant` in place of the defaults they replace."""
+        chosen = [r for r in self.rows if variant is not None and r.variant == variant]
+        replaced = {(r.target, r.when) for r in chosen}
+        default = [r for r in self.rows if r.variant is None]
+        return (*(r for r in default if (r.target, r.when) not in replaced), *chosen)
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.variant for r in self.rows if r.variant))
 
 
 def _read_table(name: str) -> dict[str, Any]:
@@ -101,6 +136,7 @@ def _build(name: str) -> Family:
             **(parent.activation_aliases if parent else {}),
             **table.get("activation_aliases", {}),
         },
+        moe={**(parent.moe if parent else {}), **table.get("moe", {})},
     )
 
 

@@ -48,6 +48,7 @@ def _parity(manifest: dict[str, Any]) -> str:
         ("max abs log-prob diff", report.get("max_abs_logprob_diff")),
         ("KL(HF || ours) max", report.get("kl_max")),
         ("top-1 agreement", report.get("top1_agreement")),
+        ("routing agreement (MoE)", report.get("routing_agreement")),
     ]
     table = "\n".join(f"| {name} | {_fmt(value)} |" for name, value in rows if value is not None)
     return f"{head}\n\n| figure | value |\n| --- | --- |\n{table}"
@@ -76,6 +77,25 @@ conversions, so TransformerLens computes HF's logits; `to-hf` gives back the ori
 """
 
 
+def _mlp_rows(cfg: ModelConfig) -> str:
+    """The layout rows of the MLPs: dense, and an MoE layer's router and experts."""
+    dense = (
+        "| `blocks.{l}.mlp.W_gate`, `.W_in` / `.W_out` | `[d_model, d_mlp]` / `[d_mlp, d_model]` |"
+    )
+    if cfg.moe is None:
+        return dense
+    m, e, i = cfg.d_model, cfg.moe.n_experts, cfg.moe.d_expert
+    rows = [
+        f"| MoE layers: `blocks.{{l}}.mlp.W_gate` (router) | `[d_model, n_experts]`: `{[m, e]}` |",
+        f"| `blocks.{{l}}.mlp.experts.{{e}}.W_gate`, `.W_in` / `.W_out` | `{[m, i]}` / `{[i, m]}` "
+        f"(top {cfg.moe.top_k} of {e} experts per token) |",
+    ]
+    dense_layers = [n for n, moe in enumerate(cfg.moe.layers) if not moe]
+    if dense_layers:
+        rows.insert(0, dense.replace("| `blocks", f"| dense layers {dense_layers}: `blocks", 1))
+    return "\n".join(rows)
+
+
 def render_model_card(cfg: ModelConfig, manifest: dict[str, Any]) -> str:
     """The README.md text for an export described by `manifest` (see export.build_manifest)."""
     source = manifest["source"]["id"]
@@ -97,7 +117,7 @@ dtype {manifest["output"]["dtype"]}.
 | `blocks.{{l}}.attn.W_Q` | `[n_heads, d_model, d_head]`: `{[cfg.n_heads, cfg.d_model, h]}` |
 | `blocks.{{l}}.attn._W_K`, `._W_V` | `[n_kv_heads, d_model, d_head]`: `{[kv, cfg.d_model, h]}` |
 | `blocks.{{l}}.attn.W_O` | `[n_heads, d_head, d_model]` |
-| `blocks.{{l}}.mlp.W_gate`, `.W_in` / `.W_out` | `[d_model, d_mlp]` / `[d_mlp, d_model]` |
+{_mlp_rows(cfg)}
 | `embed.W_E` / `unembed.W_U` | `[d_vocab, d_model]` / `[d_model, d_vocab]` |
 
 Query head `h` reads key/value head `h // {cfg.group_size}`. `conversion.json` records the

@@ -43,7 +43,8 @@ projection); Granite (embedding/attention/residual multipliers, logits scaling);
 SmolLM3 (layers without rotary); Gemma (norms scaling by 1 + w, embeddings times
 sqrt(d_model), GeGLU); Gemma-2 (sandwich norms, attention and final logit soft-caps,
 query_pre_attn_scalar, alternating local/global layers); Gemma-3 text (Gemma-2 without
-soft-caps, q/k RMSNorm per head, a rotary per layer type).
+soft-caps, q/k RMSNorm per head, a rotary per layer type); mixtures of experts: Mixtral,
+Qwen3-MoE, OLMoE (top-k router, per-expert gated MLPs, Qwen3-MoE's dense layers).
 
 Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
 Anything else is refused, naming the field."""
@@ -209,6 +210,9 @@ def _show_report(report: VerifyReport) -> None:
         ("top-5 overlap", report.top5_overlap, "not gated"),
         ("max activation rel err", act, f"<= {limits.activation_rtol:.3g}"),
     ]
+    if report.routing_agreement is not None:  # MoE: tokens choosing HF's experts
+        limit = limits.min_routing_agreement
+        rows.append(("routing agreement", report.routing_agreement, f">= {limit:.3g}"))
     for name, value, limit in rows:
         table.add_row(name, f"{value:.3g}", limit)
     worst = report.worst_position

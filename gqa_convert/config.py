@@ -55,6 +55,30 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts MLP (model/moe.py): `n_experts` gated SiLU experts of width
+    `d_expert`, `top_k` of them per token by a softmax router (in fp32, HF's), their weights
+    divided by their sum when `norm_topk_prob`; `weights_in_fp32` (Mixtral): the expert
+    outputs are scaled by the fp32 weights, else by the weights cast to the compute dtype.
+    `layers`: True where the layer's MLP is the MoE, False where it is dense (Qwen3-MoE's
+    `mlp_only_layers` / `decoder_sparse_step`)."""
+
+    n_experts: int
+    top_k: int
+    d_expert: int
+    norm_topk_prob: bool = False
+    weights_in_fp32: bool = False
+    layers: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(bool(x) for x in self.layers))
+        if not 0 < self.top_k <= self.n_experts:
+            raise BadInputError(
+                f"config.json: num_experts_per_tok = {self.top_k} with {self.n_experts} experts"
+            )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything our decoder needs, in our names. Build it with `from_hf` or `load_config`."""
 
@@ -99,6 +123,7 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     rope_local: RopeConfig | None = None  # Gemma 3: the local layers' rotary (None: `rope`)
+    moe: MoEConfig | None = None  # None: every MLP dense (Mixtral, Qwen3-MoE, OLMoE: MoEConfig)
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_key_value_heads:
@@ -129,6 +154,10 @@ class ModelConfig:
                 f"{self.n_layers}: expected one true / false per layer"
             )
         object.__setattr__(self, "rope_layers", tuple(bool(r) for r in self.rope_layers))
+        if self.moe is not None and len(self.moe.layers) != self.n_layers:
+            raise BadInputError(
+                f"config.json: {len(self.moe.layers)} MoE layer flags, n_layers = {self.n_layers}"
+            )
         if self.qk_norm not in (None, "head", "proj") or self.norm_placement not in (
             "pre",
             "post",
@@ -148,6 +177,18 @@ class ModelConfig:
         """Dims of each head that rotate (the first ones); the rest pass through."""
         return int(self.d_head * self.rope.partial_rotary_factor)
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and self.moe.layers[layer]
+
+    @property
+    def n_experts(self) -> int:
+        return self.moe.n_experts if self.moe else 0
+
+    @property
+    def d_expert(self) -> int:
+        """One expert's MLP width (Qwen3-MoE's moe_intermediate_size; 0 without MoE)."""
+        return self.moe.d_expert if self.moe else 0
+
     @property
     def group_size(self) -> int:
         """Query heads per KV head: head h reads KV head h // group_size."""
@@ -157,6 +198,8 @@ class ModelConfig:
         data = asdict(self)
         for name in ("attn_types", "rope_layers"):
             data[name] = list(data[name])
+        if data["moe"] is not None:
+            data["moe"]["layers"] = list(data["moe"]["layers"])
         for rope in (data["rope"], data["rope_local"]):
             for name in ("long_factor", "short_factor"):
                 if rope is not None and rope[name] is not None:
@@ -174,6 +217,8 @@ class ModelConfig:
                 data["rope_local"] = RopeConfig(**data["rope_local"])
             data["attn_types"] = tuple(data["attn_types"])
             data["rope_layers"] = tuple(data.get("rope_layers", ()))
+            if data.get("moe") is not None:
+                data["moe"] = MoEConfig(**data["moe"])
             return cls(**data)
         except (KeyError, TypeError) as e:  # a missing, unknown or mistyped field
             raise BadInputError(
@@ -396,6 +441,8 @@ def _attn_types(
             hf, "sliding_window_pattern", int, family.defaults.get("sliding_window_pattern")
         )
         types = tuple("global" if (i + 1) % every == 0 else "local" for i in range(n_layers))
+    elif family.sliding_window_rule == "use_sliding_window":  # Qwen3-MoE: every layer, if on
+        types = ("local" if _get(hf, "use_sliding_window", bool, False) else "global",) * n_layers
     elif family.sliding_window_rule == "no_rope_layers":  # SmolLM3: the NoPE layers, if on
         on = _get(hf, "use_sliding_window", bool, False)
         types = tuple("local" if on and not rope else "global" for rope in rope_layers)
@@ -447,6 +494,10 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     if _get(hf, "mlp_bias", bool, False):
         raise UnsupportedModelError("config.json: mlp_bias = true is not supported")
+    if hf.get("clip_qkv") is not None:
+        raise UnsupportedModelError(
+            f"config.json: clip_qkv = {hf['clip_qkv']!r} (q / k / v clamped) is not supported"
+        )
     d_model = _get(hf, "hidden_size", int)
     n_heads = _get(hf, "num_attention_heads", int)
     n_layers = _get(hf, "num_hidden_layers", int)
@@ -520,7 +571,33 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         residual_multiplier=option("residual_multiplier", float, 1.0),
         logits_scaling=option("logits_scaling", float, 1.0),
         rope_layers=rope_layers,
+        moe=_moe_from_hf(hf, family, n_layers),
     )
+
+
+def _moe_from_hf(hf: dict, family: Family, n_layers: int) -> MoEConfig | None:
+    """The family's `[moe]` table: each of our fields is a config.json field (or a list of
+    spellings, the first present wins), or a value the modelling code hard-wires."""
+    if not family.moe:
+        return None
+    values: dict[str, Any] = {}
+    for name, spec in family.moe.items():
+        if isinstance(spec, bool):
+            values[name] = spec
+            continue
+        keys = [spec] if isinstance(spec, str) else list(spec)
+        key = next((k for k in keys if hf.get(k) is not None), keys[0])
+        if name == "mlp_only_layers":
+            values[name] = hf.get(key)
+        else:
+            kind = bool if name == "norm_topk_prob" else int
+            values[name] = _get(hf, key, kind, family.defaults.get(key, ...))
+    only = values.pop("mlp_only_layers", None) or []
+    step = values.pop("sparse_step", 1)
+    if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+        raise BadInputError(f"config.json: mlp_only_layers = {only!r} is not a list of layers")
+    layers = tuple(i not in only and (i + 1) % step == 0 for i in range(n_layers))
+    return MoEConfig(**values, layers=layers)
 
 
 def _rope_layers(hf: dict, family: Family, n_layers: int) -> tuple[bool, ...]:

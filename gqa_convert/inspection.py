@@ -91,6 +91,8 @@ def _describe(
         "architecture": cfg.architecture,
         "family": cfg.family,
         "parameters": n_params,
+        # MoE: what one token runs through (the top_k experts of each MoE layer, not all).
+        "active_parameters_per_token": active_parameters(cfg, n_params),
         "d_model": cfg.d_model,
         "n_layers": cfg.n_layers,
         "n_heads": cfg.n_heads,
@@ -121,6 +123,15 @@ def _describe(
             "verify_streamed": need.streamed,
         },
     }
+
+
+def active_parameters(cfg: ModelConfig, total: int) -> int:
+    """Parameters one token uses: `total` less the experts it is not routed to, in each MoE
+    layer (n_experts - top_k experts of 3 * d_model * d_expert each); `total` if dense."""
+    if cfg.moe is None:
+        return total
+    unused = (cfg.moe.n_experts - cfg.moe.top_k) * 3 * cfg.d_model * cfg.moe.d_expert
+    return total - unused * sum(cfg.moe.layers)
 
 
 def _default_seq_len(cfg) -> int:
@@ -160,15 +171,27 @@ def quirks(plan: ConversionPlan) -> dict[str, Any]:
         found["logits_scaling"] = cfg.logits_scaling
     if not all(cfg.rope_layers):
         found["no_rope_layers"] = [i for i, r in enumerate(cfg.rope_layers) if not r]
+    if cfg.moe is not None:
+        moe = cfg.moe
+        found["moe"] = (
+            f"{moe.n_experts} experts of width {moe.d_expert}, top {moe.top_k} per token"
+            f"{', weights renormalised' if moe.norm_topk_prob else ''}; MoE layers "
+            f"{[i for i, m in enumerate(moe.layers) if m]}"
+        )
     if cfg.rotary_dim != cfg.d_head:
         found["rotary_dim"] = f"{cfg.rotary_dim} of {cfg.d_head} (partial rotary)"
     fused: dict[str, dict[str, None]] = {}  # e.g. qkv_proj -> W_Q, _W_K, _W_V (split)
+    stacked: dict[str, None] = {}  # experts stored stacked: each sliced out per expert
     for task in plan.tasks:
-        if task.rows is not None:
+        if task.expert is not None:
+            stacked[task.source.rsplit(".", 1)[-1]] = None
+        elif task.rows is not None:
             parts = fused.setdefault(task.source.split(".")[-2], {})
             parts[task.target.split(".")[-1]] = None
     if fused:
         found["fused"] = {name: ", ".join(parts) for name, parts in fused.items()}
+    if stacked:
+        found["experts_stacked"] = ", ".join(stacked)
     return found
 
 

@@ -21,7 +21,9 @@ soft-caps `attn_scores_soft_cap` / `output_logits_soft_cap`, its query_pre_attn_
 `attn_scale`, Gemma 3's local rotary `rotary_base_local`.
 
 Qwen3's q/k norms are TL's `use_qk_norm` (`attn.q_norm.w`), OLMo2's
-post-norms and projection-wide q/k norms come with its `original_architecture`, Phi-3's
+post-norms and OLMo2's and OLMoE's projection-wide q/k norms come with their
+`original_architecture`, a mixture of experts (Mixtral, OLMoE) is TL's `MoE` (router and
+experts as nn.Linear: our tensors transposed, `_moe_as_linear`), Phi-3's
 partial rotary is `rotary_dim`, linear and yarn rope are TL's own. What TL 3.9 lacks is
 refused naming the option: Granite's multipliers, SmolLM3's layers without rotary, dynamic
 and longrope scaling. The config maps one to one: RMSNorm, gated SiLU MLP, rotate-half rotary
@@ -84,6 +86,9 @@ PREPEND_BOS = {
     "Olmo2ForCausalLM": False,
 }
 
+# Architectures whose q / k norm TL applies over the whole projection.
+PROJ_QK_NORM = ("Olmo2ForCausalLM", "OlmoeForCausalLM")
+
 # HookedTransformer parameters that no source of ours has, so no export holds them.
 ALWAYS_ZERO = ("b_in", "b_out", "b_U")
 
@@ -126,6 +131,14 @@ def hooked_transformer_config(
         raise UnsupportedModelError(f"config.json: act_fn = {cfg.act_fn!r} is not supported")
     local = "local" in cfg.attn_types
     _refuse_what_tl_lacks(cfg, local)
+    moe = {}
+    if cfg.moe is not None:  # TL's MoE: every layer, experts of width d_mlp
+        moe = {
+            "d_mlp": cfg.moe.d_expert,
+            "num_experts": cfg.moe.n_experts,
+            "experts_per_token": cfg.moe.top_k,
+            "norm_topk_prob": cfg.moe.norm_topk_prob,
+        }
     if default_prepend_bos is None:
         default_prepend_bos = PREPEND_BOS.get(cfg.architecture, True)
     return tl.HookedTransformerConfig(
@@ -133,7 +146,6 @@ def hooked_transformer_config(
         d_head=cfg.d_head,
         n_heads=cfg.n_heads,
         n_key_value_heads=cfg.n_key_value_heads,  # always: our K/V are stored unexpanded
-        d_mlp=cfg.d_mlp,
         n_layers=cfg.n_layers,
         n_ctx=cfg.n_ctx,
         d_vocab=cfg.d_vocab,
@@ -163,6 +175,7 @@ def hooked_transformer_config(
         init_weights=False,  # every parameter is loaded (or zero) below
         dtype=dtype,
         device=device,
+        **{"d_mlp": cfg.d_mlp, **moe},
     )
 
 
@@ -197,8 +210,11 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
         )
     if cfg.norm_placement == "post" and cfg.architecture != "Olmo2ForCausalLM":
         problems.append("norm_placement = 'post' (TL applies it to OLMo2 only)")
-    if cfg.qk_norm == "proj" and cfg.architecture != "Olmo2ForCausalLM":
-        problems.append("qk_norm = 'proj' (TL applies it to OLMo2 only)")
+    if cfg.qk_norm == "proj" and cfg.architecture not in PROJ_QK_NORM:
+        problems.append("qk_norm = 'proj' (TL applies it to OLMo2 and OLMoE only)")
+    if cfg.moe is not None and not all(cfg.moe.layers):
+        dense = [i for i, moe in enumerate(cfg.moe.layers) if not moe]
+        problems.append(f"dense MLP layers {dense} among MoE layers (TL's MoE is on every layer)")
     if cfg.rope.type == "linear" and local and cfg.rope_local is None:
         problems.append("linear rope scaling with sliding-window layers (TL skips them)")
     if cfg.rope.type == "yarn" and cfg.rope.partial_rotary_factor != 1.0:
@@ -264,6 +280,7 @@ def to_hooked_transformer(
     tl = _transformer_lens()
     folder = Path(converted_dir)
     cfg, state = load_export(folder)
+    state = _moe_as_linear(cfg, state)
     tl_cfg = hooked_transformer_config(
         cfg, dtype=dtype, device=device, default_prepend_bos=default_prepend_bos
     )
@@ -287,6 +304,18 @@ def to_hooked_transformer(
             fold_value_biases=fold_value_biases,
         )
     return model
+
+
+def _moe_as_linear(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TL's MoE keeps its router and experts as nn.Linear: `blocks.{l}.mlp.W_gate.weight`
+    [n_experts, d_model] and `...experts.{e}.W_in.weight` [d_expert, d_model], the transposes
+    of our `W_gate` [d_model, n_experts] and `W_in` [d_model, d_expert] (likewise W_gate,
+    W_out of each expert)."""
+    moe = [f"blocks.{i}.mlp." for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+    return {
+        (f"{n}.weight" if n.startswith(tuple(moe)) else n): (t.T if n.startswith(tuple(moe)) else t)
+        for n, t in state.items()
+    }
 
 
 def _full_state_dict(

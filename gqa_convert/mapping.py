@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import einops
 import numpy as np
 
-from gqa_convert.architectures import Family, families
+from gqa_convert.architectures import Family, TensorRow, families
 from gqa_convert.checkpoint import TensorInfo, check_finite, read_array, read_weights
 from gqa_convert.config import ModelConfig, from_hf, read_json
 from gqa_convert.errors import BadInputError, listing
@@ -32,6 +32,8 @@ AXES = {
     "h": "d_head",
     "n": "n_heads",
     "k": "n_key_value_heads",
+    "e": "n_experts",
+    "i": "d_expert",
 }
 
 
@@ -49,6 +51,7 @@ class TensorTask:
     source_shape: tuple[int, ...]  # the whole source tensor's, fused or not
     target_shape: tuple[int, ...]
     rows: tuple[int, int] | None = None  # [start, stop) of a fused source's first axis
+    expert: int | None = None  # a stacked source's index on its first axis, taken first
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,11 @@ def _family(cfg: ModelConfig) -> Family:
     return next(f for f in families() if f.name == cfg.family)
 
 
-def expected_tasks(cfg: ModelConfig) -> tuple[list[TensorTask], list[str]]:
-    """Every target tensor the family's map yields for `cfg`, and the droppable sources."""
+def expected_tasks(
+    cfg: ModelConfig, variant: str | None = None
+) -> tuple[list[TensorTask], list[str]]:
+    """Every target tensor the family's map yields for `cfg` (its default rows, or those of
+    `variant` where it has them), and the droppable sources."""
     flags = {
         "qkv_bias": cfg.qkv_bias,
         "o_bias": cfg.o_bias,
@@ -93,15 +99,15 @@ def expected_tasks(cfg: ModelConfig) -> tuple[list[TensorTask], list[str]]:
         "untied": not cfg.tie_word_embeddings,
     }
     tasks, droppable = [], []
-    for row in _family(cfg).rows:
-        if row.when and not flags[row.when]:
+    for row in _family(cfg).rows_for(variant):
+        if row.when in flags and not flags[row.when]:
             continue
-        for layer in range(cfg.n_layers) if row.per_layer else [None]:
-            source = row.source.replace("{l}", str(layer))
+        for layer, expert in _instances(row, cfg):
+            source = row.source.replace("{l}", str(layer)).replace("{e}", str(expert))
             if row.drop:
                 droppable.append(source)
                 continue
-            target = row.target.replace("{l}", str(layer))
+            target = row.target.replace("{l}", str(layer)).replace("{e}", str(expert))
             src_shape, dst_shape = layout_shapes(row.layout, cfg)
             rows = None
             if row.fused:  # a slice of the source's first axis, e.g. k of qkv_proj
@@ -109,8 +115,32 @@ def expected_tasks(cfg: ModelConfig) -> tuple[list[TensorTask], list[str]]:
                 start = sum(sizes[: row.part])
                 rows = (start, start + sizes[row.part])
                 src_shape = (sum(sizes), *src_shape[1:])
-            tasks.append(TensorTask(target, source, row.layout, src_shape, dst_shape, rows))
+            if row.expert_axis:  # [n_experts, ...]: expert {e}'s slice
+                src_shape = (cfg.n_experts, *src_shape)
+            task = TensorTask(target, source, row.layout, src_shape, dst_shape, rows)
+            tasks.append(replace(task, expert=expert) if row.expert_axis else task)
     return tasks, droppable
+
+
+def _instances(row: TensorRow, cfg: ModelConfig) -> Iterator[tuple[int | None, int | None]]:
+    """(layer, expert) for each tensor a row names: every layer (those whose MLP is of the
+    row's kind, for `when` dense / moe), and every expert of the layer for `{e}` rows."""
+    for layer in range(cfg.n_layers) if row.per_layer else [None]:
+        if row.when in ("dense", "moe") and cfg.is_moe_layer(layer) != (row.when == "moe"):
+            continue
+        for expert in range(cfg.n_experts) if row.per_expert or row.expert_axis else [None]:
+            yield layer, expert
+
+
+def _variant(cfg: ModelConfig, source_shapes: Mapping[str, Any]) -> str | None:
+    """The family's layout variant whose own sources the checkpoint holds (e.g. experts
+    stacked in `experts.gate_up_proj`, transformers' in-memory layout), else None."""
+    for variant in _family(cfg).variants:
+        tasks, _ = expected_tasks(cfg, variant)
+        default = {t.source for t in expected_tasks(cfg)[0]}
+        if any(t.source in source_shapes for t in tasks if t.source not in default):
+            return variant
+    return None
 
 
 def plan_tasks(
@@ -118,7 +148,7 @@ def plan_tasks(
 ) -> tuple[ModelConfig, list[TensorTask], list[str]]:
     """Match the family's rows to the available source tensors; raise listing all problems."""
     cfg = from_hf(hf_config)
-    expected, droppable = expected_tasks(cfg)
+    expected, droppable = expected_tasks(cfg, _variant(cfg, source_shapes))
     dropped = [name for name in droppable if name in source_shapes]
     tasks, used, problems = [], set(dropped), []
     for task in expected:
@@ -180,6 +210,8 @@ def axis_sizes(layout: str, cfg: ModelConfig) -> dict[str, int]:
 def apply_layout(task: TensorTask, tensor: Any, cfg: ModelConfig) -> Any:
     """Rearrange one numpy array or torch tensor (meta tensors included) into our layout,
     after taking the task's rows of a fused source."""
+    if task.expert is not None:
+        tensor = tensor[task.expert]
     if task.rows is not None:
         tensor = tensor[task.rows[0] : task.rows[1]]
     return einops.rearrange(tensor, task.layout, **axis_sizes(task.layout, cfg))
@@ -210,10 +242,16 @@ def iter_arrays(
 
     A source tensor holding NaN or Inf raises BadInputError unless `allow_nonfinite`.
     """
+    last: tuple[str, np.ndarray] | None = None  # a stacked source serves its experts in turn
     for task in plan.tasks:
         info = plan.sources[task.source]
-        source = read_array(info)
-        if not allow_nonfinite:
-            check_finite(info, source)
+        if last is not None and last[0] == task.source:
+            source = last[1]
+        else:
+            last = None  # free it before the next read
+            source = read_array(info)
+            if not allow_nonfinite:
+                check_finite(info, source)
+            last = (task.source, source) if task.expert is not None else None
         array = apply_layout(task, source, plan.config)
         yield task, contiguous(array)

@@ -31,15 +31,27 @@ STATS_CHUNK_ELEMENTS = 1 << 22
 
 
 def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one decoder layer (norms, attention with biases, gated MLP)."""
+    """Parameters of the largest decoder layer (norms, attention with biases, gated MLP or,
+    on an MoE layer, the router and every expert)."""
     q, kv = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
     attn = cfg.d_model * (2 * q + 2 * kv) + q + 2 * kv + cfg.d_model
-    return 2 * cfg.d_model + attn + 3 * cfg.d_model * cfg.d_mlp
+    mlp = 3 * cfg.d_model * cfg.d_mlp
+    if cfg.moe is not None and any(cfg.moe.layers):
+        moe = cfg.d_model * cfg.moe.n_experts * (1 + 3 * cfg.moe.d_expert)
+        mlp = max(moe, mlp if not all(cfg.moe.layers) else 0)
+    return 2 * cfg.d_model + attn + mlp
 
 
 def largest_layer_tensor(cfg: ModelConfig) -> int:
     """Elements of the largest tensor of one layer (read whole before the cast)."""
     return max(cfg.d_model * cfg.d_mlp, cfg.d_model * cfg.n_heads * cfg.d_head)
+
+
+def expert_stack(cfg: ModelConfig) -> int:
+    """Elements of the largest tensor transformers' loader builds on an MoE layer: every
+    expert's gate and up stacked into one `gate_up_proj`, while the per-expert tensors it
+    was stacked from are still held (0 without MoE)."""
+    return 2 * cfg.moe.n_experts * cfg.d_model * cfg.moe.d_expert if cfg.moe else 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,7 @@ def estimate(
     inner = 4 * t * cfg.d_mlp * c + 12 * t * cfg.d_model * c + 2 * cfg.n_heads * t * t * 4
     logits = (n + 1) * t * cfg.d_vocab * c + 8 * min(t * cfg.d_vocab, STATS_CHUNK_ELEMENTS) * 8
     acts = streams + inner + logits
-    read = largest_layer_tensor(cfg) * s
+    read = largest_layer_tensor(cfg) * s + expert_stack(cfg) * c
     whole = BASE_BYTES + acts + ours * (2 * table + cfg.n_layers * layer) * c + table * s
     phases = (
         table * (c + s),  # HF's embedding cast from the bytes read; ours indexes the bytes

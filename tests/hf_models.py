@@ -15,10 +15,13 @@ from transformers import (
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Olmo2Config,
+    OlmoeConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
     SmolLM3Config,
 )
 
@@ -34,6 +37,9 @@ CONFIG_CLASSES = {
     "gemma": GemmaConfig,
     "gemma2": Gemma2Config,
     "gemma3_text": Gemma3TextConfig,
+    "mixtral": MixtralConfig,
+    "qwen3_moe": Qwen3MoeConfig,
+    "olmoe": OlmoeConfig,
 }
 # Special token ids some config classes default to, beyond TINY's vocabulary.
 NO_SPECIAL_TOKENS = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -42,6 +48,12 @@ FAMILY_DEFAULTS = {f: NO_SPECIAL_TOKENS for f in ("phi3", "smollm3", "olmo2", "g
 # sqrt(d_model) embedding scale is not exact in bf16 (sqrt(48) = 6.93 -> 6.94).
 GEMMA = {**NO_SPECIAL_TOKENS, "hidden_size": 48, "head_dim": 8}
 FAMILY_DEFAULTS.update({f: GEMMA for f in ("gemma", "gemma2", "gemma3_text")})
+# Mixtures of experts: 4 experts, 2 per token (Qwen3-MoE's experts narrower than its dense
+# MLPs, as in Qwen3-30B-A3B).
+MOE = {"num_experts_per_tok": 2}
+FAMILY_DEFAULTS["mixtral"] = {**MOE, "num_local_experts": 4}
+FAMILY_DEFAULTS["qwen3_moe"] = {**MOE, "num_experts": 4, "moe_intermediate_size": 40}
+FAMILY_DEFAULTS["olmoe"] = {**NO_SPECIAL_TOKENS, **MOE, "num_experts": 4}
 # Families whose config class reads `attention_bias`.
 ATTENTION_BIAS = {"llama", "olmo2", "granite", "smollm3"}
 

@@ -201,6 +201,19 @@ def post_norms_dropped() -> Mutation:
     return mutate
 
 
+def experts_swapped(layer: int = 1, a: int = 0, b: int = 1) -> Mutation:
+    """Experts a and b of one MoE layer exchanged (an off-by-one expert index in the map):
+    the router still picks a, which now computes b."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        for name in ("W_gate", "W_in", "W_out"):
+            ka, kb = (f"blocks.{layer}.mlp.experts.{e}.{name}" for e in (a, b))
+            state[ka], state[kb] = state[kb], state[ka]
+        return cfg, state
+
+    return mutate
+
+
 def attn_types_shifted() -> Mutation:
     """The local / global pattern one layer late (layer i gets layer i - 1's type)."""
 
@@ -211,10 +224,43 @@ def attn_types_shifted() -> Mutation:
     return mutate
 
 
+def router_transposed(layer: int = 1) -> Mutation:
+    """The router's [n_experts, d_model] bytes read as [d_model, n_experts] without the
+    transpose (a `view` where a `rearrange` belongs)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        key = f"blocks.{layer}.mlp.W_gate"
+        w = state[key]  # [d_model, n_experts]
+        state[key] = w.T.contiguous().view(w.shape).clone()
+        return cfg, state
+
+    return mutate
+
+
 def local_rope_on_global_layers() -> Mutation:
     """Gemma 3's local rotary (rope_local_base_freq, no scaling) used on the global layers."""
 
     def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
         return replace(cfg, rope=cfg.rope_local, rope_local=None), state
+
+    return mutate
+
+
+def topk_not_renormalised() -> Mutation:
+    """The top-k weights left as the softmax gives them (Mixtral divides them by their sum)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        return replace(cfg, moe=replace(cfg.moe, norm_topk_prob=False)), state
+
+    return mutate
+
+
+def expert_gate_and_in_exchanged(layer: int = 1, expert: int = 0) -> Mutation:
+    """One expert's W_gate and W_in exchanged (w1 / w3, gate_proj / up_proj mixed up)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        g, i = (f"blocks.{layer}.mlp.experts.{expert}.{n}" for n in ("W_gate", "W_in"))
+        state[g], state[i] = state[i], state[g]
+        return cfg, state
 
     return mutate

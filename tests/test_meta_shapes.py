@@ -1,12 +1,16 @@
 """The weight map at real sizes (Llama-3-8B/70B, Mistral-7B, Qwen3-8B, Phi-3-mini, Phi-4-mini,
-OLMo2-7B, Granite-3-8B, SmolLM3-3B, Gemma-2-2B/9B, Gemma-3-1B/4B) on the meta device,
-config.json as shipped on the Hub (Gemma-3-4B: its `text_config`, as a Gemma3ForCausalLM)."""
+OLMo2-7B, Granite-3-8B, SmolLM3-3B, Gemma-2-2B/9B, Gemma-3-1B/4B, Mixtral-8x7B, Qwen3-30B-A3B,
+OLMoE-1B-7B) on the meta device, config.json as shipped on the Hub (Gemma-3-4B: its
+`text_config`, as a Gemma3ForCausalLM). The source names and shapes are the Hub files':
+the meta model's state dict through transformers' own save-time conversion (per-expert
+tensors from its fused in-memory experts; the identity for dense models)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
 
 from gqa_convert.mapping import apply_layout, plan_tasks
 from gqa_convert.model.decoder import GQATransformer
@@ -241,6 +245,79 @@ GEMMA3_4B_TEXT = {
     "sliding_window": 1024,
     "vocab_size": 262208,
 }
+# Mixtures of experts, config.json of mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B and
+# allenai/OLMoE-1B-7B-0924; ACTIVE: the active parameters per token their model cards state
+# (12.9B, 3.3B, 1.3B), within 0.1B.
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6,
+    "sliding_window": None,
+    "router_aux_loss_coef": 0.02,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "rope_scaling": None,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+OLMOE_1B_7B = {
+    "architectures": ["OlmoeForCausalLM"],
+    "model_type": "olmoe",
+    "hidden_size": 2048,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": False,
+    "vocab_size": 50304,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "clip_qkv": None,
+    "attention_bias": False,
+    "pad_token_id": 1,
+    "eos_token_id": 50279,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+ACTIVE = {"mixtral-8x7b": 12.9e9, "qwen3-30b-a3b": 3.3e9, "olmoe-1b-7b": 1.3e9}
 MODELS = {
     "llama-3-8b": LLAMA3_8B,
     "llama-3.1-8b": LLAMA31_8B,
@@ -256,7 +333,31 @@ MODELS = {
     "gemma-2-9b": GEMMA2_9B,
     "gemma-3-1b": GEMMA3_1B,
     "gemma-3-4b-text": GEMMA3_4B_TEXT,
+    "mixtral-8x7b": MIXTRAL_8X7B,
+    "qwen3-30b-a3b": QWEN3_30B_A3B,
+    "olmoe-1b-7b": OLMOE_1B_7B,
 }
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b"])
+def test_stacked_experts_map_at_real_shapes(name):
+    """transformers' in-memory layout (experts stacked in gate_up_proj / down_proj) maps to
+    the same targets and shapes as the Hub's per-expert tensors."""
+    config = AutoConfig.for_model(**MODELS[name])
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(config)
+    memory = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+    hub = revert_weight_conversion(hf_model, hf_model.state_dict())
+    cfg, stacked, _ = plan_tasks(MODELS[name], memory)
+    _, per_expert, _ = plan_tasks(MODELS[name], {k: tuple(v.shape) for k, v in hub.items()})
+    assert {t.target: t.target_shape for t in stacked} == {
+        t.target: t.target_shape for t in per_expert
+    }
+    last = cfg.n_experts - 1
+    task = next(t for t in stacked if t.target == f"blocks.0.mlp.experts.{last}.W_in")
+    assert task.expert == last and task.rows == (cfg.d_expert, 2 * cfg.d_expert)
+    tensor = torch.empty(memory[task.source], device="meta")
+    assert tuple(apply_layout(task, tensor, cfg).shape) == (cfg.d_model, cfg.d_expert)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -265,7 +366,8 @@ def test_map_real_shapes_on_meta(name):
     config = AutoConfig.for_model(**hf_config)
     with torch.device("meta"):
         hf_model = AutoModelForCausalLM.from_config(config)
-    hf_shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+    hub = revert_weight_conversion(hf_model, hf_model.state_dict())  # the names saved
+    hf_shapes = {k: tuple(v.shape) for k, v in hub.items()}
 
     cfg, tasks, dropped = plan_tasks(hf_config, hf_shapes)
     assert dropped == (["lm_head.weight"] if cfg.tie_word_embeddings else [])
@@ -312,6 +414,25 @@ def test_map_real_shapes_on_meta(name):
     if name == "granite-3-8b":
         assert (cfg.embedding_multiplier, cfg.attention_multiplier) == (12.0, 0.0078125)
         assert (cfg.residual_multiplier, cfg.logits_scaling) == (0.22, 16.0)
+    if cfg.moe is not None:
+        from gqa_convert.inspection import active_parameters
+
+        moe, e, i = cfg.moe, cfg.moe.n_experts - 1, cfg.moe.d_expert
+        last = model.blocks[cfg.n_layers - 1].mlp
+        assert last.W_gate.shape == (m, moe.n_experts) and len(last.experts) == moe.n_experts
+        assert state[f"blocks.0.mlp.experts.{e}.W_in"].shape == (m, i)
+        assert state[f"blocks.0.mlp.experts.{e}.W_out"].shape == (i, m)
+        total = sum(p.numel() for p in hf_model.parameters())
+        assert abs(active_parameters(cfg, total) - ACTIVE[name]) < 0.1e9
+    if name == "mixtral-8x7b":
+        assert (cfg.moe.n_experts, cfg.moe.top_k, cfg.moe.norm_topk_prob) == (8, 2, True)
+        assert set(cfg.attn_types) == {"global"}  # sliding_window null
+    if name == "qwen3-30b-a3b":
+        assert (cfg.moe.n_experts, cfg.moe.top_k, cfg.moe.d_expert) == (128, 8, 768)
+        assert cfg.qk_norm == "head" and all(cfg.moe.layers)
+    if name == "olmoe-1b-7b":
+        assert cfg.qk_norm == "proj" and cfg.norm_placement == "pre"
+        assert (cfg.moe.n_experts, cfg.moe.top_k, cfg.moe.norm_topk_prob) == (64, 8, False)
     if name == "smollm3-3b":
         assert cfg.tie_word_embeddings  # SmolLM3Config's default
         assert [i for i, r in enumerate(cfg.rope_layers) if not r] == list(range(3, 36, 4))

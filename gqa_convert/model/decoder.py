@@ -7,7 +7,8 @@ sublayer, Gemma 2/3), Granite's four multipliers, `rope_layers` (no rotary on Sm
 NoPE layers), partial rotary and the rope scalings (model/rotary.py); Gemma's norm offset
 (model/norm.py), embedding scale, GeGLU (`act_fn`), soft-caps on attention scores
 (attention.py) and logits, `query_pre_attn_scalar`, and a rotary per layer type
-(`rope_local`).
+(`rope_local`); `moe` (a mixture of experts for the MLP of the layers it names,
+model/moe.py).
 
 Parameter names are TransformerLens HookedTransformer names (`embed.W_E`,
 `blocks.{l}.attn.W_Q`, `blocks.{l}.mlp.W_gate`, `unembed.W_U`, ...). The numerics follow
@@ -31,6 +32,7 @@ from gqa_convert.model.attention import GroupedQueryAttention, soft_cap
 from gqa_convert.model.generate import GenerationDefaults, generate
 from gqa_convert.model.hooks import HookedRootModule, HookPoint
 from gqa_convert.model.kv_cache import KVCache
+from gqa_convert.model.moe import MoEMLP
 from gqa_convert.model.norm import RMSNorm
 from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_table
 
@@ -109,7 +111,7 @@ class TransformerBlock(nn.Module):
         self.ln2 = norm(cfg)
         if cfg.norm_placement == "sandwich":  # Gemma 2/3: TL's names for the norms after
             self.ln1_post, self.ln2_post = norm(cfg), norm(cfg)
-        self.mlp = GatedMLP(cfg)
+        self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer_id) else GatedMLP(cfg)
         self.use_rope = cfg.rope_layers[layer_id]  # False: a NoPE layer, no rotary at all
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()

@@ -37,9 +37,11 @@ from gqa_convert.verify.compare import (
     POST_NORM_COMPONENTS,
     component_order,
     note_nonfinite,
+    recording_routes,
     rel_err,
     run_hf_layer,
     run_our_block,
+    same_expert_sets,
 )
 from gqa_convert.verify.inputs import (
     DEFAULT_SENTENCES,
@@ -189,6 +191,7 @@ def verify(
             f"{converted or src}: our logits have shape {mine}, the HF model's {theirs}: "
             f"not a conversion of {src}"
         )
+    routing = {i: agree / total for i, (agree, total) in result.routing.items() if total}
     failures, first, components = judge(
         result.stats,
         limits,
@@ -198,6 +201,7 @@ def verify(
         result.localised,
         result.nonfinite,
         result.unembed_err,
+        routing,
     )
     found, missed = regimes(source_cfg, max(t.shape[1] for t in inputs))
     for line in missed:
@@ -231,6 +235,12 @@ def verify(
             **ref.info(),
         },
         mode=mode,
+        routing_agreement=(
+            sum(a for a, _ in result.routing.values()) / sum(t for _, t in result.routing.values())
+            if routing
+            else None
+        ),
+        routing_agreement_per_layer=routing,
         peak_memory_bytes=peak_rss(),
         memory=memory,
     )
@@ -363,6 +373,8 @@ class _Comparison:
     logit_shapes: tuple[list[int], list[int]] | None = None  # (HF's, ours) if they differ
     # Stream points (report.stream_points) where either side first holds NaN / Inf.
     nonfinite: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # MoE layer -> [tokens whose expert set is HF's, tokens], both models free-running.
+    routing: dict[int, list[int]] = field(default_factory=dict)
 
 
 def _compare_models(
@@ -432,26 +444,15 @@ def _step(
     order = component_order(ours.cfg.norm_placement)
     worst, parts = 0.0, {} if localising else None
     for s in range(len(hf_h)):
-        acts, forced = None, None
-        if layer is not None:
-            where = ref.device(i)
-            hidden = hf_h[s].to(where)
-            new_hf, acts = run_hf_layer(layer, hidden, _to(calls[s][i], where), localising)
-        else:
-            new_hf = hf_h[s]
-        if block is not None:
-            where = ours.device(i)
-            cos, sin = ours.rotary(hf_h[s].shape[1], i)
-            if localising and acts is not None and hf_h[s].shape[-1] == ours.cfg.d_model:
-                forced, errors = run_our_block(block, hf_h[s].to(where), cos, sin, acts)
-                parts = {c: max(parts.get(c, 0.0), errors[c]) for c in errors}
-            if forced is not None and torch.equal(our_h[s], hf_h[s]):
-                new_ours = forced  # same input: the free-running output is the same
-            else:
-                new_ours = block(our_h[s].to(where), cos, sin)
-        else:
-            new_ours = our_h[s]
-        if localising and forced is None:  # a layer one side lacks, or another d_model
+        with recording_routes(layer, block) as routes:
+            new_hf, new_ours, parts = _step_one(
+                ref, ours, i, layer, block, hf_h, our_h, calls, s, localising, parts
+            )
+        if routes["hf"] and routes["ours"]:  # the last call of ours is the free-running one
+            agree, total = same_expert_sets(routes["ours"][-1], routes["hf"][-1])
+            counts = result.routing.setdefault(i, [0, 0])
+            counts[0], counts[1] = counts[0] + agree, counts[1] + total
+        if localising and parts is None:  # a layer one side lacks, or another d_model
             parts = dict.fromkeys(order, math.inf)
         if layer is None or block is None:
             worst = math.inf
@@ -459,6 +460,45 @@ def _step(
             worst = max(worst, rel_err(new_ours, new_hf))
         hf_h[s], our_h[s] = new_hf, new_ours
     return worst, parts
+
+
+def _step_one(
+    ref: Reference,
+    ours: Ours,
+    i: int,
+    layer: nn.Module | None,
+    block: nn.Module | None,
+    hf_h: list[Tensor],
+    our_h: list[Tensor],
+    calls: list[list[Any]],
+    s: int,
+    localising: bool,
+    parts: dict[str, float] | None,
+) -> tuple[Tensor, Tensor, dict[str, float] | None]:
+    """Layer `i` on input `s`: HF's output, ours (free-running), and the components' errors
+    folded into `parts` (None when this input could not be compared component-wise)."""
+    acts, forced = None, None
+    if layer is not None:
+        where = ref.device(i)
+        hidden = hf_h[s].to(where)
+        new_hf, acts = run_hf_layer(layer, hidden, _to(calls[s][i], where), localising)
+    else:
+        new_hf = hf_h[s]
+    if block is not None:
+        where = ours.device(i)
+        cos, sin = ours.rotary(hf_h[s].shape[1], i)
+        if localising and acts is not None and hf_h[s].shape[-1] == ours.cfg.d_model:
+            forced, errors = run_our_block(block, hf_h[s].to(where), cos, sin, acts)
+            parts = {c: max(parts.get(c, 0.0), errors[c]) for c in errors}
+        if forced is not None and torch.equal(our_h[s], hf_h[s]):
+            new_ours = forced  # same input: the free-running output is the same
+        else:
+            new_ours = block(our_h[s].to(where), cos, sin)
+    else:
+        new_ours = our_h[s]
+    if localising and forced is None:
+        parts = None
+    return new_hf, new_ours, parts
 
 
 def _final(

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 # Inside one block, in forward order.
-# q_norm / k_norm only where the family has them (Qwen3, OLMo2). Post-norm blocks (OLMo2)
+# q_norm / k_norm only where the family has them (Qwen3, OLMo2); router (the router's
+# logits) only on a mixture-of-experts layer. Post-norm blocks (OLMo2)
 # run ln1 after attention and ln2 after the MLP: POST_NORM_COMPONENTS.
 COMPONENTS = (
     "ln1",
@@ -43,11 +44,20 @@ COMPONENTS = (
     "rot_k",
     "attn_out",
     "ln2",
+    "router",
     "mlp_out",
     "resid_post",
 )
-POST_NORM_COMPONENTS = (*COMPONENTS[1:9], "ln1", "mlp_out", "ln2", "resid_post")
-SANDWICH_COMPONENTS = (*COMPONENTS[:9], "ln1_post", "ln2", "mlp_out", "ln2_post", "resid_post")
+POST_NORM_COMPONENTS = (*COMPONENTS[1:9], "ln1", "router", "mlp_out", "ln2", "resid_post")
+SANDWICH_COMPONENTS = (
+    *COMPONENTS[:9],
+    "ln1_post",
+    "ln2",
+    "router",
+    "mlp_out",
+    "ln2_post",
+    "resid_post",
+)
 ORDERS = {"pre": COMPONENTS, "post": POST_NORM_COMPONENTS, "sandwich": SANDWICH_COMPONENTS}
 
 
@@ -142,7 +152,50 @@ def _hf_points(layer: nn.Module) -> dict[str, nn.Module]:
     for name in ("q", "k", "v", "qkv"):
         if hasattr(attn, f"{name}_proj"):
             parts[name] = getattr(attn, f"{name}_proj")
+    if hf_router(layer) is not None:
+        parts["router"] = hf_router(layer)
     return parts
+
+
+def hf_router(layer: nn.Module) -> nn.Module | None:
+    """An HF MoE layer's router (`mlp.gate`, returning logits, weights, expert indices)."""
+    router = getattr(getattr(layer, "mlp", None), "gate", None)
+    return router if hasattr(router, "top_k") else None
+
+
+def our_router(block: nn.Module) -> nn.Module | None:
+    """Our MoE block's hook on the chosen experts."""
+    return getattr(block.mlp, "hook_expert_indices", None)
+
+
+@contextmanager
+def recording_routes(layer: nn.Module | None, block: nn.Module | None):
+    """The experts each side's MoE layer chose, one [tokens, top_k] tensor per call, in
+    {"hf": [...], "ours": [...]} (empty lists on a dense layer)."""
+    routes: dict[str, list[Tensor]] = {"hf": [], "ours": []}
+    hooks = []
+    for side, module, pick in (
+        ("hf", layer is not None and hf_router(layer), lambda out: out[2]),
+        ("ours", block is not None and our_router(block), lambda out: out),
+    ):
+        if module:
+            hooks.append((module, lambda out, side=side, pick=pick: routes[side].append(pick(out))))
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, fn=fn: fn(out)) for module, fn in hooks
+    ]
+    try:
+        yield routes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def same_expert_sets(ours: Tensor, hf: Tensor) -> tuple[int, int]:
+    """(tokens whose set of chosen experts is the same on both sides, tokens)."""
+    ours, hf = ours.reshape(-1, ours.shape[-1]), hf.reshape(-1, hf.shape[-1]).to(ours.device)
+    if ours.shape != hf.shape:
+        return 0, hf.shape[0]
+    return int((ours.sort(-1).values == hf.sort(-1).values).all(-1).sum()), hf.shape[0]
 
 
 def _our_points(block: nn.Module) -> dict[str, nn.Module]:
@@ -160,6 +213,7 @@ def _our_points(block: nn.Module) -> dict[str, nn.Module]:
         "attn_out": block.attn if sandwich else block.hook_attn_out,
         "ln1_post": getattr(block, "ln1_post", None),
         "ln2": block.ln2,
+        "router": getattr(block.mlp, "hook_router_logits", None),
         "mlp_out": block.mlp if sandwich else block.hook_mlp_out,
         "ln2_post": getattr(block, "ln2_post", None),
     }
@@ -211,6 +265,8 @@ def run_hf_layer(
         out = _first(layer(hidden, *args, **kwargs))
     if components:
         _hf_rotated(layer, acts, *kwargs["position_embeddings"])
+        if "router" in acts:  # [batch * pos, n_experts] -> [batch, pos, n_experts]
+            acts["router"] = acts["router"].view(*hidden.shape[:2], -1)
         acts["resid_post"] = out
     return out, acts
 

@@ -110,6 +110,20 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
+class _Lazy:
+    """A source tensor read (by our reader) only when transformers' loader materialises it
+    with `tensor[...]`, as it does a safetensors slice: one tensor at a time is read and
+    cast, not the whole part."""
+
+    def __init__(self, info: TensorInfo):
+        self.info = info
+
+    def __getitem__(self, key: Any) -> Tensor:
+        from gqa_convert.export import to_torch
+
+        return to_torch(read_array(self.info), self.info.dtype)[key]
+
+
 class _Stub(nn.Module):
     """Stands in for the base model under ForCausalLM.forward: returns a given stream."""
 
@@ -118,9 +132,10 @@ class _Stub(nn.Module):
         self.hidden = hidden
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from transformers.modeling_outputs import BaseModelOutputWithPast
+        # The MoE output type: MoE ForCausalLM forwards also read `router_logits` (None).
+        from transformers.modeling_outputs import MoeModelOutputWithPast
 
-        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+        return MoeModelOutputWithPast(last_hidden_state=self.hidden)
 
 
 def _fresh_rotary(body: nn.Module) -> None:
@@ -196,6 +211,7 @@ class Reference(PartHolder):
         self.tied: dict[str, str] = dict(getattr(self.model, "_tied_weights_keys", None) or {})
         self._held: set[Part] = set()
         if not self.preloaded:
+            self.routes = self._route_sources()
             self._check_sources()
 
     def place(self, device_of: Callable[[Part], torch.device]) -> None:
@@ -229,9 +245,37 @@ class Reference(PartHolder):
     def _source(self, name: str) -> TensorInfo | None:
         return self.sources.get(name) or self.sources.get(self.tied.get(name, ""))
 
+    def _route_sources(self) -> dict[str, list[str]]:
+        """Each HF parameter -> the source tensors transformers' loader builds it from, by the
+        loader's own key renaming (`rename_source_key` over the model's conversion mapping):
+        the identity for most, the per-expert tensors of a fused `experts.gate_up_proj`."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+
+        self.conversions = get_model_conversion_mapping(self.model)
+        renamings = [c for c in self.conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in self.conversions if isinstance(c, WeightConverter)]
+        meta = self.model.state_dict()
+        prefix = self.model.base_model_prefix
+        routes: dict[str, list[str]] = {}
+        for name in self.sources:
+            target, _ = rename_source_key(name, renamings, converters, prefix, meta)
+            if target not in meta and name in meta:
+                target = name
+            routes.setdefault(target, []).append(name)
+        return routes
+
+    def _sources_of(self, full: str) -> list[str]:
+        tied = self.tied.get(full, "")
+        return self.routes.get(full) or ([tied] if tied in self.sources else [])
+
     def _check_sources(self) -> None:
         parts: list[Part] = ["embed", *range(self.n_layers), "final"]
-        missing = [n for p in parts for n, _, _ in self._parameters(p) if not self._source(n)]
+        missing = [n for p in parts for n, _, _ in self._parameters(p) if not self._sources_of(n)]
         if missing:
             raise BadInputError(
                 listing(f"{self.src}: tensors the {type(self.model).__name__} needs", missing)
@@ -243,28 +287,57 @@ class Reference(PartHolder):
         return self.body.layers[part]
 
     def _materialise(self, part: Part) -> None:
-        from accelerate.utils import set_module_tensor_to_device
+        """The part's source tensors, read by our reader, through transformers' own loader
+        (`convert_and_load_state_dict_in_model`: key renaming, experts stacked and fused,
+        the cast to the skeleton's dtype) into the skeleton's parameters."""
+        import inspect
 
-        from gqa_convert.export import to_torch
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
 
         device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
-        for full, module, name in self._parameters(part):
-            info = self._source(full)
-            tensor = to_torch(read_array(info), info.dtype)
-            if tuple(tensor.shape) != tuple(module.get_parameter(name).shape):
-                raise BadInputError(
-                    f"{info.path}: {info.name} has shape {list(tensor.shape)}, the "
-                    f"{type(self.model).__name__} expects {list(module.get_parameter(name).shape)}"
-                )
-            tensor = tensor.to(device=device, dtype=dtype)
-            set_module_tensor_to_device(module, name, device, value=tensor)
+        state: dict[str, _Lazy] = {}
+        for full, _, _ in self._parameters(part):
+            own = full in self.routes  # else tied: read the tie's source under our name
+            for source in self._sources_of(full):
+                state[source if own else full] = _Lazy(self.sources[source])
+        config = LoadStateDictConfig(
+            device_map={"": device}, dtype=dtype, weight_mapping=self.conversions
+        )
+        extra = {}
+        if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters:
+            extra["tp_plan"] = None  # transformers < 5.10
+        with _quiet_hf(), torch.no_grad():
+            result = convert_and_load_state_dict_in_model(self.model, state, config, **extra)
+        loading = result[0] if isinstance(result, tuple) else result
+        names = {full for full, _, _ in self._parameters(part)}
+        problems = [
+            f"{name} has shape {list(got)}, the {type(self.model).__name__} expects {list(want)}"
+            for name, got, want in sorted(loading.mismatched_keys, key=str)
+            if name in names
+        ]
+        problems += [
+            f"{full}: not loaded from {self._sources_of(full)}"
+            for full, module, name in self._parameters(part)
+            if module.get_parameter(name).device.type == "meta"
+        ]
+        if problems:
+            raise BadInputError(listing(f"{self.src}: the tensors do not fit the model", problems))
 
     def tensor_of_source(self, part: Part, source: str) -> Tensor:
         """The held HF tensor that was read from the source tensor `source` (a tied
         `lm_head.weight` is read from the embedding's)."""
+        from gqa_convert.export import to_torch
+
         for full, module, name in self._parameters(part):
             if source in (full, self.tied.get(full)):
                 return module.get_parameter(name).detach()
+        if source in self.sources and not self.preloaded:
+            # A source the loader fused into a bigger tensor (an expert of gate_up_proj):
+            # read again from its file, cast as the loader casts.
+            info = self.sources[source]
+            tensor = to_torch(read_array(info), info.dtype)
+            return tensor.to(device=self.device_of(part), dtype=COMPUTE_DTYPES[self.dtype])
         raise BadInputError(f"{self.src}: no tensor {source!r} in the {part} part of the model")
 
     def device(self, part: Part) -> torch.device:

@@ -1,0 +1,166 @@
+"""Build a random Mixtral-shaped checkpoint on disk, tensor by tensor, and measure that
+converting it stays O(largest tensor) in memory, not O(expert layer) or O(model).
+
+Shape (`SHAPE`): 2 layers, d_model 1024, 16 / 4 heads (d_head 64), 32 experts of width 1024,
+top 4, vocab 8192, bf16, Mixtral's per-expert Hub names (block_sparse_moe.experts.{e}.w1/2/3):
+436 MB in 2 shards. One expert layer (32 x 3 tensors of 2 MB, and attention) is 205 MB; the
+largest tensor is the 16 MB embedding (or lm_head). Weights are random bf16 of +-[2^-8, 2^-4)
+(build_llama8b_shaped's recipe), norms 1.
+
+    python scripts/build_moe_shaped.py [FOLDER]            # default $GQA_CONVERT_CACHE/moe-shaped
+    python scripts/build_moe_shaped.py [FOLDER] --measure  # then convert it (--no-verify, and
+        # with the gate, layer-streamed), each in a child process: peak RSS (ru_maxrss, the
+        # child spawned by a tiny launcher as scripts/bench.py does) against the tensor sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench
+from build_llama8b_shaped import random_bf16
+
+from gqa_convert.checkpoint import (
+    INDEX_NAME,
+    SafetensorsWriter,
+    TensorSpec,
+    shard_names,
+    shard_specs,
+)
+
+SHAPE = dict(layers=2, d_model=1024, n_heads=16, n_kv=4, d_head=64, d_expert=1024, experts=32)
+SHAPE |= dict(top_k=4, vocab=8192)
+SHARD_BYTES = 300_000_000
+MB = 1 << 20
+
+
+def hf_config(s: dict = SHAPE) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": s["d_model"],
+        "intermediate_size": s["d_expert"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["n_heads"],
+        "num_key_value_heads": s["n_kv"],
+        "head_dim": s["d_head"],
+        "num_local_experts": s["experts"],
+        "num_experts_per_tok": s["top_k"],
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "sliding_window": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "dtype": "bfloat16",
+    }
+
+
+def specs(s: dict = SHAPE) -> list[TensorSpec]:
+    m, i, v = s["d_model"], s["d_expert"], s["vocab"]
+    q, kv = s["n_heads"] * s["d_head"], s["n_kv"] * s["d_head"]
+    out = [TensorSpec("model.embed_tokens.weight", "BF16", (v, m))]
+    for layer in range(s["layers"]):
+        p = f"model.layers.{layer}."
+        out += [
+            TensorSpec(p + "self_attn.q_proj.weight", "BF16", (q, m)),
+            TensorSpec(p + "self_attn.k_proj.weight", "BF16", (kv, m)),
+            TensorSpec(p + "self_attn.v_proj.weight", "BF16", (kv, m)),
+            TensorSpec(p + "self_attn.o_proj.weight", "BF16", (m, q)),
+            TensorSpec(p + "block_sparse_moe.gate.weight", "BF16", (s["experts"], m)),
+            TensorSpec(p + "input_layernorm.weight", "BF16", (m,)),
+            TensorSpec(p + "post_attention_layernorm.weight", "BF16", (m,)),
+        ]
+        for e in range(s["experts"]):
+            x = f"{p}block_sparse_moe.experts.{e}."
+            out += [
+                TensorSpec(x + "w1.weight", "BF16", (i, m)),
+                TensorSpec(x + "w2.weight", "BF16", (m, i)),
+                TensorSpec(x + "w3.weight", "BF16", (i, m)),
+            ]
+    out.append(TensorSpec("model.norm.weight", "BF16", (m,)))
+    out.append(TensorSpec("lm_head.weight", "BF16", (v, m)))
+    return out
+
+
+def build(folder: Path, shape: dict = SHAPE, seed: int = 13) -> Path:
+    """Write the checkpoint into `folder` (kept if there already), one tensor in memory."""
+    if (folder / "config.json").exists():
+        return folder
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    all_specs = specs(shape)
+    shards = shard_specs(all_specs, SHARD_BYTES)
+    names = shard_names(len(shards))
+    for name, shard in zip(names, shards, strict=True):
+        writer = SafetensorsWriter(tmp / name, shard)
+        for spec in shard:
+            if spec.name.endswith("norm.weight"):
+                array = np.full(spec.shape, 0x3F80, dtype=np.uint16)  # 1.0
+            else:
+                array = random_bf16(rng, spec.shape)
+            writer.write(spec.name, array)
+            del array
+        writer.close()
+    weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
+    index = {"metadata": {"total_size": sum(s.nbytes for s in all_specs)}, "weight_map": weight_map}
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
+    os.replace(tmp, folder)
+    return folder
+
+
+def measure(src: Path) -> None:
+    all_specs = specs()
+    largest = max(s.nbytes for s in all_specs)
+    layer = sum(s.nbytes for s in all_specs if s.name.startswith("model.layers.0."))
+    total = sum(s.nbytes for s in all_specs)
+    print(
+        f"checkpoint {total / MB:.0f} MB, one layer {layer / MB:.0f} MB (experts and router), "
+        f"largest tensor {largest / MB:.0f} MB"
+    )
+    # The floor: the modules `convert --no-verify` imports, no tensor read.
+    imports = "import gqa_convert.cli, gqa_convert.api, gqa_convert.export, gqa_convert.mapping"
+    base = bench.run_child(bench.python_child(imports))
+    print(f"imports alone: peak RSS {base.rss_bytes / MB:.0f} MB")
+    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
+        for label, extra in (("--no-verify", ["--no-verify"]), ("gate, streamed", ["--streaming"])):
+            out = Path(tmp) / f"out{len(extra[0])}"
+            child = bench.run_child([*bench.cli(), "convert", str(src), str(out), *extra])
+            print(
+                f"convert {label}: peak RSS {child.rss_bytes / MB:.0f} MB, "
+                f"wall {child.wall_s:.1f} s"
+            )
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cache = os.environ.get("GQA_CONVERT_CACHE") or Path.home() / ".cache" / "gqa-convert"
+    parser.add_argument("folder", nargs="?", type=Path, default=Path(cache) / "moe-shaped")
+    parser.add_argument("--measure", action="store_true")
+    args = parser.parse_args()
+    folder = build(args.folder.expanduser())
+    print(folder)
+    if args.measure:
+        measure(folder)
+
+
+if __name__ == "__main__":
+    main()

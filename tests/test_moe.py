@@ -1,0 +1,331 @@
+"""Mixtures of experts (Mixtral, Qwen3-MoE, OLMoE): tiny random HF models with 4 experts, 2 per
+token, converted with the parity gate on, against transformers' own classes at 1e-4; routing
+agreement; the round trip to the Hub's per-expert layout; TransformerLens 3.9; the mutations
+the gate must localise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gqa_convert import GQATransformer, convert, convert_in_memory
+from gqa_convert.config import from_hf, load_hf_config
+from gqa_convert.errors import UnsupportedModelError
+from gqa_convert.model.moe import MoEMLP
+from gqa_convert.to_hf import export_to_hf
+from gqa_convert.verify import verify
+from tests import mutations as M
+from tests.hf_models import load_hf, make_hf_checkpoint, make_hf_model, random_tokens
+from tests.test_export import hf_tensors
+from tests.test_interop import needs_tl
+from tests.test_parity import assert_logits_match, hf_and_ours
+
+# (family, overrides, prompt length). Mixtral's prompts cross its window; Qwen3-MoE has a
+# dense layer among MoE ones, by mlp_only_layers or by decoder_sparse_step.
+CASES = {
+    "mixtral-window-8": ("mixtral", {"sliding_window": 8}, 40),
+    "mixtral-mqa": ("mixtral", {"num_key_value_heads": 1}, 40),
+    "qwen3-moe-dense-layer-1": ("qwen3_moe", {"mlp_only_layers": [1], "norm_topk_prob": True}, 40),
+    "qwen3-moe-sparse-step-2": ("qwen3_moe", {"decoder_sparse_step": 2}, 40),
+    "qwen3-moe-sliding": ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 6}, 40),
+    "olmoe": ("olmoe", {}, 40),
+    "olmoe-norm-topk": ("olmoe", {"norm_topk_prob": True}, 40),
+}
+
+
+def source(tmp_path, case):
+    family, overrides, n_pos = CASES[case]
+    return make_hf_checkpoint(tmp_path / "src", family, **overrides), n_pos
+
+
+@pytest.mark.parametrize("path", ["sdpa", "reference"])
+@pytest.mark.parametrize("case", CASES)
+def test_logits_equal_hf(tmp_path, case, path):
+    src, n_pos = source(tmp_path, case)
+    assert_logits_match(*hf_and_ours(src, n_pos, use_fast_path=path == "sdpa"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_convert_with_the_gate_then_load_and_round_trip(tmp_path, case):
+    """The gate passes with every token routed as HF routes it, the export reproduces HF, and
+    to-hf writes the Hub's per-expert tensors back bit for bit."""
+    src, n_pos = source(tmp_path, case)
+    out = convert(src, tmp_path / "out", verify=True)
+    report = json.loads((out / "conversion.json").read_text())["verification"]["report"]
+    assert report["passed"] and report["routing_agreement"] == 1.0
+    moe_layers = [i for i, moe in enumerate(load_hf_config(src).moe.layers) if moe]
+    assert sorted(int(i) for i in report["routing_agreement_per_layer"]) == moe_layers
+    ours, theirs = hf_and_ours(src, n_pos, lambda _: GQATransformer.from_pretrained(out))
+    assert_logits_match(ours, theirs)
+
+    back = export_to_hf(out, tmp_path / "back")
+    original, returned = hf_tensors(src), hf_tensors(back)
+    assert set(returned) == set(original)
+    assert any(".experts.3." in name for name in original)  # the Hub's per-expert names
+    for name, tensor in original.items():
+        assert torch.equal(returned[name], tensor), name
+
+
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1"])
+def test_streamed_verification_covers_the_moe_layers(tmp_path, case):
+    """Layer-streamed, each MoE layer (router and experts) is held alone, read through
+    transformers' loader on HF's side, and compared like a dense one."""
+    src, _ = source(tmp_path, case)
+    out = convert(src, tmp_path / "out", verify=False)
+    streamed = verify(src, out, streaming=True, seq_len=40)
+    whole = verify(src, out, streaming=False, seq_len=40)
+    assert streamed.mode == "streamed" and whole.mode == "whole"
+    assert streamed.passed and streamed.routing_agreement == 1.0
+    assert streamed.layer_rel_err == whole.layer_rel_err
+    assert streamed.routing_agreement_per_layer == whole.routing_agreement_per_layer
+
+
+def test_each_layer_has_the_mlp_hf_has(tmp_path):
+    """Qwen3-MoE's mlp_only_layers / decoder_sparse_step pick the same layers as HF's."""
+    for overrides in ({"mlp_only_layers": [0, 2]}, {"decoder_sparse_step": 2}, {}):
+        hf = make_hf_model("qwen3_moe", num_hidden_layers=4, **overrides)
+        cfg = from_hf(hf.config.to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]})
+        theirs = [hasattr(layer.mlp, "experts") for layer in hf.model.layers]
+        assert list(cfg.moe.layers) == theirs, overrides
+        model = GQATransformer(cfg)
+        assert [isinstance(b.mlp, MoEMLP) for b in model.blocks] == theirs
+
+
+def test_routing_hooks_see_what_hf_routes(tmp_path):
+    """hook_router_logits / hook_expert_indices / hook_expert_weights hold HF's router
+    logits, chosen experts and weights; each expert's hook_out sees only its tokens."""
+    src, n_pos = source(tmp_path, "mixtral-window-8")
+    hf, model = load_hf(src), convert_in_memory(src)
+    tokens = random_tokens(n_pos, batch=1)
+    seen, theirs = {}, {}
+    mlp = model.blocks[1].mlp
+    for name in ("hook_router_logits", "hook_expert_indices", "hook_expert_weights"):
+        getattr(mlp, name).register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o))
+    routed = {}
+    for e, expert in enumerate(mlp.experts):
+        expert.hook_out.register_forward_hook(lambda m, i, o, e=e: routed.__setitem__(e, o))
+    hf.model.layers[1].mlp.gate.register_forward_hook(
+        lambda m, i, o: theirs.update(zip(("logits", "weights", "indices"), o, strict=True))
+    )
+    with torch.no_grad():
+        model(tokens), hf(tokens)
+    torch.testing.assert_close(seen["hook_router_logits"][0], theirs["logits"], atol=1e-5, rtol=0)
+    assert torch.equal(seen["hook_expert_indices"][0], theirs["indices"])
+    torch.testing.assert_close(seen["hook_expert_weights"][0], theirs["weights"])
+    counts = torch.bincount(theirs["indices"].flatten(), minlength=4)
+    assert {e: out.shape[0] for e, out in routed.items()} == {
+        e: int(c) for e, c in enumerate(counts) if c
+    }
+
+
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1", "olmoe"])
+def test_on_the_same_input_routing_is_hfs_bit_for_bit(tmp_path, case):
+    """Router logits, chosen experts and their weights equal HF's router's exactly, so a tie
+    between two experts is broken as HF breaks it (the reference decides): experts 0 and 1
+    are given the same router row, a tie on every token."""
+    src, _ = source(tmp_path, case)
+    hf, model = load_hf(src), convert_in_memory(src)
+    i = next(i for i in range(3) if model.cfg.is_moe_layer(i))
+    mlp = model.blocks[i].mlp
+    with torch.no_grad():
+        hf.model.layers[i].mlp.gate.weight[1] = hf.model.layers[i].mlp.gate.weight[0]
+        mlp.W_gate[:, 1] = mlp.W_gate[:, 0]
+    x = torch.randn(2, 40, 64)
+    seen = {}
+    for name in ("hook_router_logits", "hook_expert_indices", "hook_expert_weights"):
+        getattr(mlp, name).register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, o))
+    with torch.no_grad():
+        mlp(x)
+        logits, weights, indices = hf.model.layers[i].mlp.gate(x)
+    assert torch.equal(seen["hook_router_logits"].reshape(-1, 4), logits)
+    assert torch.equal(seen["hook_expert_indices"].reshape(-1, 2), indices)
+    assert torch.equal(seen["hook_expert_weights"].reshape(-1, 2), weights)
+    # Tokens where the tie sits at the top-k boundary: one of the two tied experts is taken.
+    assert ((indices == 0).any(-1) ^ (indices == 1).any(-1)).any()
+
+
+def test_an_expert_ablated_by_a_hook_changes_the_output(tmp_path):
+    """A hook returning new weights reroutes: zeroing expert 0's weight in block 0 changes
+    the logits of every token routed to it there, and of none before the first such token."""
+    src, n_pos = source(tmp_path, "olmoe")
+    model = convert_in_memory(src)
+    tokens = random_tokens(n_pos, batch=1)
+    with torch.no_grad():
+        clean = model(tokens)
+        mlp = model.blocks[0].mlp
+        chosen = {}
+        mlp.hook_expert_indices.register_forward_hook(lambda m, i, o: chosen.update(idx=o))
+        mlp.hook_expert_weights.register_forward_hook(lambda m, i, w: w * (chosen["idx"] != 0))
+        ablated = model(tokens)
+    uses_0 = (chosen["idx"][0] == 0).any(-1)  # [pos]
+    changed = (ablated - clean).abs().amax(-1)[0] > 0
+    first = int(uses_0.int().argmax())  # the first position block 0 routes to expert 0
+    assert uses_0.any() and not changed[:first].any()  # causal: earlier positions untouched
+    assert changed[uses_0].all()
+
+
+@needs_tl
+@pytest.mark.parametrize(
+    "case", ["mixtral-window-8", "olmoe", "olmoe-norm-topk", "qwen3-moe-sliding"]
+)
+def test_hooked_transformer_logits_equal_hf(tmp_path, case):
+    from gqa_convert.interop import to_hooked_transformer
+
+    src, n_pos = source(tmp_path, case)
+    model = to_hooked_transformer(convert(src, tmp_path / "out"))
+    assert type(model.blocks[0].mlp).__name__ == "MoE"
+    tokens = random_tokens(n_pos)
+    with torch.no_grad():
+        assert_logits_match(model(tokens), load_hf(src)(tokens).logits)
+
+
+@needs_tl
+def test_hooked_transformer_refuses_dense_layers_among_moe_layers(tmp_path):
+    from gqa_convert.interop import to_hooked_transformer
+
+    src, _ = source(tmp_path, "qwen3-moe-dense-layer-1")
+    with pytest.raises(UnsupportedModelError, match=r"dense MLP layers \[1\]"):
+        to_hooked_transformer(convert(src, tmp_path / "out"))
+
+
+# (case, mutation, where the gate must say the first divergence is)
+MUTATIONS = {
+    "two-experts-swapped": ("mixtral-window-8", M.experts_swapped(layer=1), (1, "mlp_out")),
+    "router-transposed": ("olmoe", M.router_transposed(layer=1), (1, "router")),
+    "top-k-not-renormalised": ("mixtral-window-8", M.topk_not_renormalised(), (0, "mlp_out")),
+    "expert-gate-and-in-exchanged": (
+        "qwen3-moe-dense-layer-1",
+        M.expert_gate_and_in_exchanged(layer=2, expert=1),
+        (2, "mlp_out"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_an_moe_bug_fails_the_gate_where_it_is(tmp_path, name):
+    case, mutation, (layer, component) = MUTATIONS[name]
+    src, n_pos = source(tmp_path, case)
+    report = verify(src, model=M.mutated_model(src, mutation), seq_len=n_pos)
+    assert not report.passed
+    assert report.first_divergence == {"layer": layer, "component": component}
+    if name == "router-transposed":  # the tokens go to other experts, and the gate says so
+        assert report.routing_agreement_per_layer[1] < 1.0
+        assert any(f.startswith("routing of MoE layer 1") for f in report.failures)
+    else:  # the router of the broken layer, on the same input, routes as HF's
+        assert report.routing_agreement_per_layer[layer] == 1.0
+
+
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1", "olmoe"])
+def test_every_component_matches_on_a_correct_conversion(tmp_path, case):
+    """The router's logits are a component of each MoE layer; on a correct conversion every
+    component of every layer agrees."""
+    from gqa_convert.verify.compare import run_hf_layer, run_our_block
+    from gqa_convert.verify.ours import Ours
+    from gqa_convert.verify.reference import Reference
+
+    src, n_pos = source(tmp_path, case)
+    model = convert_in_memory(src)
+    ref = Reference(src, "float32", model=load_hf(src))
+    ours = Ours("float32", model=model, reference=ref)
+    errors = {}
+    with torch.no_grad():
+        hidden, calls = ref.layer_calls(ref.embed(random_tokens(n_pos, batch=1)))
+        for i in range(model.cfg.n_layers):
+            out, acts = run_hf_layer(ref.body.layers[i], hidden, calls[i], True)
+            cos, sin = ours.rotary(n_pos, i)
+            _, errs = run_our_block(model.blocks[i], hidden, cos, sin, acts)
+            errors.update({f"{name}.{i}": err for name, err in errs.items()})
+            hidden = out
+    routers = {name for name in errors if name.startswith("router.")}
+    assert routers == {f"router.{i}" for i in range(3) if model.cfg.is_moe_layer(i)}
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1", "olmoe"])
+def test_bfloat16_follows_hf_rounding(tmp_path, case):
+    """In bf16 a token's weighted expert outputs are summed as transformers' default experts
+    forward sums them (in fp32 for Mixtral's fp32 weights, then cast): logits within 1e-3
+    (measured: equal); summing them one index_add_ at a time in bf16 was 0.03-0.04 off on
+    Mixtral (measured)."""
+    src, _ = source(tmp_path, case)
+    report = verify(src, dtype="bfloat16")
+    assert report.passed and report.max_abs_logit_diff <= 1e-3
+    assert report.routing_agreement == 1.0
+
+
+def fused_checkpoint(folder, family, **overrides):
+    """A checkpoint in transformers' in-memory layout: the state dict saved as is (experts
+    stacked in experts.gate_up_proj / down_proj, Mixtral's router as mlp.gate)."""
+    from safetensors.torch import save_file
+
+    model = make_hf_model(family, **overrides)
+    model.save_pretrained(folder)
+    state = {n: t.contiguous() for n, t in model.state_dict().items()}
+    assert any(n.endswith("experts.gate_up_proj") for n in state)
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1", "olmoe"])
+def test_fused_experts_convert_too(tmp_path, case):
+    """The stacked layout converts through the same gate (HF's reference loads it as is),
+    our model equals HF's, and to-hf writes the Hub's per-expert layout, which HF reads
+    back to the same model."""
+    family, overrides, n_pos = CASES[case]
+    src = fused_checkpoint(tmp_path / "src", family, **overrides)
+    out = convert(src, tmp_path / "out", verify=True)
+    report = json.loads((out / "conversion.json").read_text())["verification"]["report"]
+    assert report["passed"] and report["routing_agreement"] == 1.0
+    assert verify(src, seq_len=n_pos).passed  # ours as views of HF's stacked tensors
+    from gqa_convert.inspection import inspect_checkpoint
+
+    quirks = inspect_checkpoint(src)["quirks"]
+    assert quirks["experts_stacked"] == "gate_up_proj, down_proj"
+    ours, theirs = hf_and_ours(src, n_pos, lambda _: GQATransformer.from_pretrained(out))
+    assert_logits_match(ours, theirs)
+    back = export_to_hf(out, tmp_path / "back")
+    assert any(".experts.3." in name for name in hf_tensors(back))
+    assert not any(name.endswith("gate_up_proj") for name in hf_tensors(back))
+    original, returned = load_hf(src).state_dict(), load_hf(back).state_dict()
+    assert set(original) == set(returned)
+    for name, tensor in original.items():
+        assert torch.equal(returned[name], tensor), name
+
+
+def test_clip_qkv_is_refused_naming_the_field():
+    hf = make_hf_model("olmoe").config.to_dict() | {"architectures": ["OlmoeForCausalLM"]}
+    with pytest.raises(UnsupportedModelError, match="clip_qkv"):
+        from_hf({**hf, "clip_qkv": 8.0})
+
+
+@pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1"])
+def test_inspect_reports_total_and_active_parameters(tmp_path, case):
+    """Active: every parameter but the (n_experts - top_k) / n_experts of each MoE layer's
+    experts that a token skips, counted on HF's own modules."""
+    from gqa_convert.inspection import inspect_checkpoint
+
+    src, _ = source(tmp_path, case)
+    hf = load_hf(src)
+    info = inspect_checkpoint(src)
+    total = sum(p.numel() for p in hf.parameters())
+    skipped = 0
+    for layer in hf.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            n, k = experts.num_experts, hf.config.num_experts_per_tok
+            skipped += sum(p.numel() for p in experts.parameters()) * (n - k) // n
+    assert info["parameters"] == total
+    assert info["active_parameters_per_token"] == total - skipped < total
+    assert "4 experts" in info["quirks"]["moe"]
+
+
+def test_the_model_card_shows_the_experts_and_the_routing_agreement(tmp_path):
+    src, _ = source(tmp_path, "qwen3-moe-dense-layer-1")
+    card = (convert(src, tmp_path / "out") / "README.md").read_text()
+    assert "| dense layers [1]: `blocks.{l}.mlp.W_gate`" in card
+    assert (
+        "`blocks.{l}.mlp.experts.{e}.W_gate`, `.W_in` / `.W_out` | `[64, 40]` / `[40, 64]`" in card
+    )
+    assert "| routing agreement (MoE) | 1 |" in card
