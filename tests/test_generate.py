@@ -14,14 +14,15 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from gqa_convert import GQATransformer, convert, convert_in_memory
 from gqa_convert.errors import BadInputError
 from gqa_convert.model.generate import filter_logits
-from tests import test_families, test_parity
+from tests import test_families, test_gemma, test_moe, test_parity
 from tests.cli_subprocess import run_cli
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
 from tests.test_verify import save_char_tokenizer
 
 NEW = 64
-# Every family case of test_families (families added there are covered here), and the Llama,
-# Mistral (windows of 8 and 5, MQA) and Qwen2 (biases) cases of test_parity.
+# Every family case of test_families, test_gemma and test_moe (families added there are
+# covered here), and the Llama, Mistral (windows of 8 and 5, MQA) and Qwen2 (biases) cases of
+# test_parity.
 PARITY_EXTRAS = [
     "llama-gqa4",
     "llama-mha",
@@ -30,9 +31,9 @@ PARITY_EXTRAS = [
     "qwen2-biases",
 ]
 GENERATE_CASES = {
-    **{
-        case: (family, overrides, n) for case, (family, overrides, n) in test_families.CASES.items()
-    },
+    **test_families.CASES,
+    **test_gemma.CASES,
+    **test_moe.CASES,
     **{case: test_parity.CASES[case][:2] + test_parity.CASES[case][3:] for case in PARITY_EXTRAS},
 }
 
