@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
@@ -24,6 +25,8 @@ from transformers import (
     Qwen3MoeConfig,
     SmolLM3Config,
 )
+
+from gqa_convert.verify.reference import attention_implementation
 
 CONFIG_CLASSES = {
     "llama": LlamaConfig,
@@ -77,7 +80,9 @@ def make_hf_model(family: str = "llama", seed: int = 0, **overrides: Any):
     if family not in ATTENTION_BIAS:
         params.pop("attention_bias", None)
     config = CONFIG_CLASSES[family](**params)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, **attention_implementation(config)
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -119,7 +124,10 @@ def to_legacy_rope_spelling(folder: Path) -> dict:
 
 
 def load_hf(folder: Path, dtype: torch.dtype = torch.float32):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    config = AutoConfig.from_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(
+        folder, config=config, dtype=dtype, **attention_implementation(config)
+    ).eval()
 
 
 def random_tokens(n_pos: int, vocab: int = 128, batch: int = 2, seed: int = 1) -> torch.Tensor:

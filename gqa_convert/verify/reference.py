@@ -63,14 +63,28 @@ def _quiet_hf():
             hf_logging.enable_progress_bar()
 
 
+def attention_implementation(config: Any) -> dict[str, str]:
+    """`attn_implementation="eager"` where the scores are soft-capped (Gemma 2): only
+    transformers' eager attention applies the cap, and transformers before 5.2x serves Gemma 2
+    with SDPA by default, which drops it (5.9.0: 1.8 off on the tiny Gemma 2's logits)."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return {"attn_implementation": "eager"}
+    return {}
+
+
 def load_reference(src: str | Path, dtype: str = "float32") -> nn.Module:
     """The whole HF model of `src` in `dtype`, by transformers' `from_pretrained` (never
     remote code). `verify(..., reference=)` takes it as is."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with _quiet_hf(), _loading(src, "model"):
+        config = AutoConfig.from_pretrained(src, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=COMPUTE_DTYPES[dtype], trust_remote_code=False
+            src,
+            config=config,
+            dtype=COMPUTE_DTYPES[dtype],
+            trust_remote_code=False,
+            **attention_implementation(config),
         )
     return model.eval()
 
@@ -84,7 +98,10 @@ def skeleton(src: str | Path, dtype: str = "float32") -> nn.Module:
         config = AutoConfig.from_pretrained(src, trust_remote_code=False)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(
-                config, dtype=COMPUTE_DTYPES[dtype], trust_remote_code=False
+                config,
+                dtype=COMPUTE_DTYPES[dtype],
+                trust_remote_code=False,
+                **attention_implementation(config),
             )
     return model.eval()
 
