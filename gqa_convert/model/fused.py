@@ -17,7 +17,7 @@ W_O.flatten(0, 1)` is already one matmul over a contiguous view.
 
 Memory: while the call runs, every layer holds a copy of its Q, K and V weights (K/V at
 n_kv heads) and non-zero biases: + (n_heads + 2 * n_kv_heads) * d_head * d_model elements a
-layer, the attention weights without W_O (48 MB fp32 on the benchmark model, 8% of it).
+layer, the attention weights without W_O (50 MB fp32 on the benchmark model, 8% of it).
 The copies are dropped when `generate` returns or raises.
 
 Weights edited during the call (a hook patching `W_Q`): a copy is remade when its source
