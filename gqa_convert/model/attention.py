@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from gqa_convert.config import ModelConfig
 from gqa_convert.model.attention_config import AttentionConfig, attention_config
+from gqa_convert.model.fused import FusedProjections
 from gqa_convert.model.hooks import HookPoint
 from gqa_convert.model.norm import apply_qk_norm, qk_norm
 from gqa_convert.model.rotary import apply_rotary, length_dependent, rotary_inv_freq, rotary_table
@@ -97,6 +98,8 @@ class GroupedQueryAttention(nn.Module):
         self.b_O = nn.Parameter(torch.zeros(m, dtype=dt))
         # RMSNorm of q and k before rotary (Qwen3 per head, OLMo2 over the projection), or None.
         self.q_norm, self.k_norm = qk_norm(acfg, n), qk_norm(acfg, k)
+        # Q/K/V in HF's fused layout, set only during `generate` (model/fused.py)
+        self.fused: FusedProjections | None = None
         self.attn_scale = acfg.attn_scale  # sqrt(d_head), or 1 / Granite's attention_multiplier
         if acfg.scale_attn_by_inverse_layer_idx:
             if layer_id is None:
@@ -149,8 +152,9 @@ class GroupedQueryAttention(nn.Module):
     def b_V(self, value: Tensor) -> None:
         self._b_V = value
 
-    @staticmethod
-    def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    def _project(self, name: str, x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        if x.ndim == 3 and self.fused is not None:  # in `generate`: one F.linear, as HF
+            return self.fused.project(name, x, W, b)
         if x.ndim == 3:  # [batch, pos, d_model], one input for every head
             # [1, b*p, m] @ [n, m, h] -> [n, b*p, h]: a batched matmul reading W in place
             # (einsum "bpm,nmh->bpnh" took 2.6x as long for one token, d_model 1024, 16
@@ -178,11 +182,11 @@ class GroupedQueryAttention(nn.Module):
         d_model]) or per head ([batch, pos, heads, d_model], TL's `use_split_qkv_input`).
         Per-head q/k norms (TL's `use_qk_norm`) apply here, after hook_q / hook_k, as TL's."""
         ungroup = self.cfg.ungroup_grouped_query_attention
-        q = self.hook_q(self._project(query_input, self.W_Q, self.b_Q))
+        q = self.hook_q(self._project("q", query_input, self.W_Q, self.b_Q))
         W_K, b_K = (self.W_K, self.b_K) if ungroup else (self._W_K, self._b_K)
         W_V, b_V = (self.W_V, self.b_V) if ungroup else (self._W_V, self._b_V)
-        k = self.hook_k(self._project(key_input, W_K, b_K))
-        v = self.hook_v(self._project(value_input, W_V, b_V))
+        k = self.hook_k(self._project("k", key_input, W_K, b_K))
+        v = self.hook_v(self._project("v", value_input, W_V, b_V))
         if self.cfg.qk_norm == "head":
             q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
         return q, k, v
