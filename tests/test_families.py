@@ -113,7 +113,12 @@ def test_logits_equal_hf(tmp_path, case, path):
 @pytest.mark.parametrize("case", CASES)
 def test_convert_with_the_gate_then_load_and_round_trip(tmp_path, case):
     """The default gate passes, the export reproduces HF, and to-hf gives the source's bytes."""
-    src, n_pos = source(tmp_path, case)
+    assert_gate_and_round_trip(tmp_path, *source(tmp_path, case))
+
+
+def assert_gate_and_round_trip(tmp_path, src, n_pos: int) -> tuple[dict, dict]:
+    """`convert` with the default gate passes, the export reproduces HF, and to-hf gives the
+    source's bytes back. Returns the manifest's verification and the source's tensors."""
     out = convert(src, tmp_path / "out", verify=True)
     manifest = json.loads((out / "conversion.json").read_text())
     assert manifest["verification"]["status"] == "passed"
@@ -125,6 +130,7 @@ def test_convert_with_the_gate_then_load_and_round_trip(tmp_path, case):
     assert set(returned) == set(original)
     for name, tensor in original.items():
         assert torch.equal(returned[name], tensor), name
+    return manifest["verification"], original
 
 
 @pytest.mark.parametrize("rope", ["linear", "dynamic", "yarn"])
@@ -272,27 +278,33 @@ def test_phi3_fused_rows_land_where_hf_reads_them(tmp_path):
 def test_every_component_matches_on_a_correct_conversion(tmp_path, case):
     """The gate's localisation reads the family's own points (q_norm, fused qkv_proj,
     post-norms, no rotary on NoPE layers): on a correct conversion all of them agree."""
+    model, errors = component_errors(*source(tmp_path, case))
+    names = {name.rsplit(".", 1)[0] for name in errors}
+    assert {"q", "k", "v", "rot_q", "rot_k", "attn_out", "ln1", "ln2", "mlp_out"} <= names
+    assert ("q_norm" in names) == (model.cfg.qk_norm is not None)
+    assert max(errors.values()) < 1e-5, errors
+
+
+def component_errors(src, n_pos: int):
+    """Our model of `src` and each component's error, by "{component}.{layer}", every block
+    run on HF's input to it, as the gate localises."""
     from gqa_convert.verify.compare import run_hf_layer, run_our_block
     from gqa_convert.verify.ours import Ours
     from gqa_convert.verify.reference import Reference
 
-    src, n_pos = source(tmp_path, case)
     model = convert_in_memory(src)
     ref = Reference(src, "float32", model=load_hf(src))
     ours = Ours("float32", model=model, reference=ref)
     errors = {}
     with torch.no_grad():
         hidden, calls = ref.layer_calls(ref.embed(random_tokens(n_pos, batch=1)))
-        for i in range(model.cfg.n_layers):  # each block on HF's input to it, as the gate
+        for i in range(model.cfg.n_layers):
             out, acts = run_hf_layer(ref.body.layers[i], hidden, calls[i], True)
             cos, sin = ours.rotary(n_pos, i)
             _, errs = run_our_block(model.blocks[i], hidden, cos, sin, acts)
             errors.update({f"{name}.{i}": err for name, err in errs.items()})
             hidden = out
-    names = {name.rsplit(".", 1)[0] for name in errors}
-    assert {"q", "k", "v", "rot_q", "rot_k", "attn_out", "ln1", "ln2", "mlp_out"} <= names
-    assert ("q_norm" in names) == (model.cfg.qk_norm is not None)
-    assert max(errors.values()) < 1e-5, errors
+    return model, errors
 
 
 TL_CASES = [

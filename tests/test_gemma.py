@@ -14,11 +14,10 @@ from transformers import AutoModelForCausalLM
 from gqa_convert import GQATransformer, convert, convert_in_memory
 from gqa_convert.config import from_hf, load_hf_config
 from gqa_convert.errors import UnsupportedModelError
-from gqa_convert.to_hf import export_to_hf
 from gqa_convert.verify import verify
 from tests import mutations as M
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
-from tests.test_export import hf_tensors
+from tests.test_families import assert_gate_and_round_trip, component_errors
 from tests.test_interop import needs_tl
 from tests.test_parity import assert_logits_match, hf_and_ours
 
@@ -70,18 +69,7 @@ def test_logits_equal_hf(tmp_path, case, path):
 @pytest.mark.parametrize("case", CASES)
 def test_convert_with_the_gate_then_load_and_round_trip(tmp_path, case):
     """The default gate passes, the export reproduces HF, and to-hf gives the source's bytes."""
-    src, n_pos = source(tmp_path, case)
-    out = convert(src, tmp_path / "out", verify=True)
-    manifest = json.loads((out / "conversion.json").read_text())
-    assert manifest["verification"]["status"] == "passed"
-    ours, theirs = hf_and_ours(src, n_pos, lambda _: GQATransformer.from_pretrained(out))
-    assert_logits_match(ours, theirs)
-
-    back = export_to_hf(out, tmp_path / "back")
-    original, returned = hf_tensors(src), hf_tensors(back)
-    assert set(returned) == set(original)
-    for name, tensor in original.items():
-        assert torch.equal(returned[name], tensor), name
+    assert_gate_and_round_trip(tmp_path, *source(tmp_path, case))
 
 
 def test_norm_weights_are_stored_as_hf_stores_them(tmp_path):
@@ -159,23 +147,7 @@ def test_every_component_matches_on_a_correct_conversion(tmp_path, case):
     """The gate's localisation reads Gemma's own points (four norms per block, q_norm /
     k_norm after the head transpose in Gemma 3, per-layer-type rotary): on a correct
     conversion all of them agree."""
-    from gqa_convert.verify.compare import run_hf_layer, run_our_block
-    from gqa_convert.verify.ours import Ours
-    from gqa_convert.verify.reference import Reference
-
-    src, n_pos = source(tmp_path, case)
-    model = convert_in_memory(src)
-    ref = Reference(src, "float32", model=load_hf(src))
-    ours = Ours("float32", model=model, reference=ref)
-    errors = {}
-    with torch.no_grad():
-        hidden, calls = ref.layer_calls(ref.embed(random_tokens(n_pos, batch=1)))
-        for i in range(model.cfg.n_layers):
-            out, acts = run_hf_layer(ref.body.layers[i], hidden, calls[i], True)
-            cos, sin = ours.rotary(n_pos, i)
-            _, errs = run_our_block(model.blocks[i], hidden, cos, sin, acts)
-            errors.update({f"{name}.{i}": err for name, err in errs.items()})
-            hidden = out
+    model, errors = component_errors(*source(tmp_path, case))
     names = {name.rsplit(".", 1)[0] for name in errors}
     expected = {"ln1", "q", "k", "v", "rot_q", "rot_k", "attn_out", "ln2", "mlp_out"}
     if model.cfg.norm_placement == "sandwich":

@@ -19,6 +19,7 @@ from gqa_convert.verify import verify
 from tests import mutations as M
 from tests.hf_models import load_hf, make_hf_checkpoint, make_hf_model, random_tokens
 from tests.test_export import hf_tensors
+from tests.test_families import assert_gate_and_round_trip, component_errors
 from tests.test_interop import needs_tl
 from tests.test_parity import assert_logits_match, hf_and_ours
 
@@ -52,20 +53,12 @@ def test_convert_with_the_gate_then_load_and_round_trip(tmp_path, case):
     """The gate passes with every token routed as HF routes it, the export reproduces HF, and
     to-hf writes the Hub's per-expert tensors back bit for bit."""
     src, n_pos = source(tmp_path, case)
-    out = convert(src, tmp_path / "out", verify=True)
-    report = json.loads((out / "conversion.json").read_text())["verification"]["report"]
+    verification, original = assert_gate_and_round_trip(tmp_path, src, n_pos)
+    report = verification["report"]
     assert report["passed"] and report["routing_agreement"] == 1.0
     moe_layers = [i for i, moe in enumerate(load_hf_config(src).moe.layers) if moe]
     assert sorted(int(i) for i in report["routing_agreement_per_layer"]) == moe_layers
-    ours, theirs = hf_and_ours(src, n_pos, lambda _: GQATransformer.from_pretrained(out))
-    assert_logits_match(ours, theirs)
-
-    back = export_to_hf(out, tmp_path / "back")
-    original, returned = hf_tensors(src), hf_tensors(back)
-    assert set(returned) == set(original)
     assert any(".experts.3." in name for name in original)  # the Hub's per-expert names
-    for name, tensor in original.items():
-        assert torch.equal(returned[name], tensor), name
 
 
 @pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1"])
@@ -221,23 +214,7 @@ def test_an_moe_bug_fails_the_gate_where_it_is(tmp_path, name):
 def test_every_component_matches_on_a_correct_conversion(tmp_path, case):
     """The router's logits are a component of each MoE layer; on a correct conversion every
     component of every layer agrees."""
-    from gqa_convert.verify.compare import run_hf_layer, run_our_block
-    from gqa_convert.verify.ours import Ours
-    from gqa_convert.verify.reference import Reference
-
-    src, n_pos = source(tmp_path, case)
-    model = convert_in_memory(src)
-    ref = Reference(src, "float32", model=load_hf(src))
-    ours = Ours("float32", model=model, reference=ref)
-    errors = {}
-    with torch.no_grad():
-        hidden, calls = ref.layer_calls(ref.embed(random_tokens(n_pos, batch=1)))
-        for i in range(model.cfg.n_layers):
-            out, acts = run_hf_layer(ref.body.layers[i], hidden, calls[i], True)
-            cos, sin = ours.rotary(n_pos, i)
-            _, errs = run_our_block(model.blocks[i], hidden, cos, sin, acts)
-            errors.update({f"{name}.{i}": err for name, err in errs.items()})
-            hidden = out
+    model, errors = component_errors(*source(tmp_path, case))
     routers = {name for name in errors if name.startswith("router.")}
     assert routers == {f"router.{i}" for i in range(3) if model.cfg.is_moe_layer(i)}
     assert max(errors.values()) < 1e-5, errors
