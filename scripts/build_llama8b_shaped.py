@@ -68,15 +68,11 @@ def hf_config(s: dict = SHAPE) -> dict:
 
 def specs(s: dict = SHAPE) -> list[TensorSpec]:
     m, f, v = s["d_model"], s["d_mlp"], s["vocab"]
-    q, kv = s["n_heads"] * s["d_head"], s["n_kv"] * s["d_head"]
     out = [TensorSpec("model.embed_tokens.weight", "BF16", (v, m))]
     for i in range(s["layers"]):
         p = f"model.layers.{i}."
+        out += attention_specs(p, s)
         out += [
-            TensorSpec(p + "self_attn.q_proj.weight", "BF16", (q, m)),
-            TensorSpec(p + "self_attn.k_proj.weight", "BF16", (kv, m)),
-            TensorSpec(p + "self_attn.v_proj.weight", "BF16", (kv, m)),
-            TensorSpec(p + "self_attn.o_proj.weight", "BF16", (m, q)),
             TensorSpec(p + "mlp.gate_proj.weight", "BF16", (f, m)),
             TensorSpec(p + "mlp.up_proj.weight", "BF16", (f, m)),
             TensorSpec(p + "mlp.down_proj.weight", "BF16", (m, f)),
@@ -86,6 +82,17 @@ def specs(s: dict = SHAPE) -> list[TensorSpec]:
     out.append(TensorSpec("model.norm.weight", "BF16", (m,)))
     out.append(TensorSpec("lm_head.weight", "BF16", (v, m)))
     return out
+
+
+def attention_specs(prefix: str, s: dict) -> list[TensorSpec]:
+    """A Llama layer's q / k / v / o projections, HF names under `prefix`."""
+    m, q, kv = s["d_model"], s["n_heads"] * s["d_head"], s["n_kv"] * s["d_head"]
+    return [
+        TensorSpec(prefix + "self_attn.q_proj.weight", "BF16", (q, m)),
+        TensorSpec(prefix + "self_attn.k_proj.weight", "BF16", (kv, m)),
+        TensorSpec(prefix + "self_attn.v_proj.weight", "BF16", (kv, m)),
+        TensorSpec(prefix + "self_attn.o_proj.weight", "BF16", (m, q)),
+    ]
 
 
 def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -103,17 +110,31 @@ def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 def build(folder: Path, shape: dict = SHAPE, shard_bytes: int = SHARD_BYTES, seed: int = 8) -> Path:
     """Write the checkpoint of `shape` into `folder` (kept if it is there already): random
     bf16 weights from `seed`, norms 1.0. `shape` may also set `rope_theta`, `max_position`."""
+    progress = shard_bytes == SHARD_BYTES
+    return write_checkpoint(folder, specs(shape), hf_config(shape), shard_bytes, seed, progress)
+
+
+def write_checkpoint(
+    folder: Path,
+    all_specs: list[TensorSpec],
+    config: dict,
+    shard_bytes: int,
+    seed: int,
+    progress: bool = False,
+) -> Path:
+    """`all_specs` written into `folder` shard by shard, one tensor in memory (random bf16
+    from `seed`, norms 1.0), with the index and `config`, then renamed into place; a folder
+    already holding a config.json is kept."""
     if (folder / "config.json").exists():
         return folder
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    all_specs = specs(shape)
     shards = shard_specs(all_specs, shard_bytes)
     names = shard_names(len(shards))
     for name, shard in zip(names, shards, strict=True):
-        if shard_bytes == SHARD_BYTES:
+        if progress:
             print(f"writing {name} ({len(shard)} tensors)", file=sys.stderr, flush=True)
         writer = SafetensorsWriter(tmp / name, shard)
         for spec in shard:
@@ -127,7 +148,7 @@ def build(folder: Path, shape: dict = SHAPE, shard_bytes: int = SHARD_BYTES, see
     weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
     index = {"metadata": {"total_size": sum(s.nbytes for s in all_specs)}, "weight_map": weight_map}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     os.replace(tmp, folder)
     return folder
 

@@ -16,27 +16,20 @@ largest tensor is the 16 MB embedding (or lm_head). Weights are random bf16 of +
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench
-from build_llama8b_shaped import random_bf16
+from build_llama8b_shaped import attention_specs, write_checkpoint
 
 from gqa_convert.checkpoint import (
-    INDEX_NAME,
-    SafetensorsWriter,
     TensorSpec,
-    shard_names,
-    shard_specs,
 )
 
 SHAPE = dict(layers=2, d_model=1024, n_heads=16, n_kv=4, d_head=64, d_expert=1024, experts=32)
@@ -72,15 +65,11 @@ def hf_config(s: dict = SHAPE) -> dict:
 
 def specs(s: dict = SHAPE) -> list[TensorSpec]:
     m, i, v = s["d_model"], s["d_expert"], s["vocab"]
-    q, kv = s["n_heads"] * s["d_head"], s["n_kv"] * s["d_head"]
     out = [TensorSpec("model.embed_tokens.weight", "BF16", (v, m))]
     for layer in range(s["layers"]):
         p = f"model.layers.{layer}."
+        out += attention_specs(p, s)
         out += [
-            TensorSpec(p + "self_attn.q_proj.weight", "BF16", (q, m)),
-            TensorSpec(p + "self_attn.k_proj.weight", "BF16", (kv, m)),
-            TensorSpec(p + "self_attn.v_proj.weight", "BF16", (kv, m)),
-            TensorSpec(p + "self_attn.o_proj.weight", "BF16", (m, q)),
             TensorSpec(p + "block_sparse_moe.gate.weight", "BF16", (s["experts"], m)),
             TensorSpec(p + "input_layernorm.weight", "BF16", (m,)),
             TensorSpec(p + "post_attention_layernorm.weight", "BF16", (m,)),
@@ -99,31 +88,7 @@ def specs(s: dict = SHAPE) -> list[TensorSpec]:
 
 def build(folder: Path, shape: dict = SHAPE, seed: int = 13) -> Path:
     """Write the checkpoint into `folder` (kept if there already), one tensor in memory."""
-    if (folder / "config.json").exists():
-        return folder
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    all_specs = specs(shape)
-    shards = shard_specs(all_specs, SHARD_BYTES)
-    names = shard_names(len(shards))
-    for name, shard in zip(names, shards, strict=True):
-        writer = SafetensorsWriter(tmp / name, shard)
-        for spec in shard:
-            if spec.name.endswith("norm.weight"):
-                array = np.full(spec.shape, 0x3F80, dtype=np.uint16)  # 1.0
-            else:
-                array = random_bf16(rng, spec.shape)
-            writer.write(spec.name, array)
-            del array
-        writer.close()
-    weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
-    index = {"metadata": {"total_size": sum(s.nbytes for s in all_specs)}, "weight_map": weight_map}
-    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
-    os.replace(tmp, folder)
-    return folder
+    return write_checkpoint(folder, specs(shape), hf_config(shape), SHARD_BYTES, seed)
 
 
 def measure(src: Path) -> None:
