@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +106,32 @@ def save_hf_checkpoint(
     return folder
 
 
+# Checkpoints built in this process, by their arguments: make_hf_model is a pure function of
+# them (it seeds torch), so a second test asking for the same one gets a copy of the files
+# (milliseconds) instead of a new model (0.1-0.4 s, more under load). Copies, so a test may
+# edit its folder.
+_BUILT: dict[str, Path] = {}
+_BUILT_DIR: Path | None = None
+
+
 def make_hf_checkpoint(
     folder: Path, family: str = "llama", *, dtype=None, max_shard_size=None, **kw
-):
-    return save_hf_checkpoint(
-        make_hf_model(family, **kw), folder, dtype=dtype, max_shard_size=max_shard_size
-    )
+) -> Path:
+    """`save_hf_checkpoint(make_hf_model(family, **kw), folder, ...)`, built once per
+    process for the same arguments and copied into `folder`."""
+    global _BUILT_DIR
+    key = repr((family, str(dtype), max_shard_size, sorted(kw.items())))
+    if key not in _BUILT:
+        if _BUILT_DIR is None:
+            _BUILT_DIR = Path(tempfile.mkdtemp(prefix="gqa-convert-tiny-"))
+            atexit.register(shutil.rmtree, _BUILT_DIR, ignore_errors=True)
+        built = _BUILT_DIR / str(len(_BUILT))
+        save_hf_checkpoint(
+            make_hf_model(family, **kw), built, dtype=dtype, max_shard_size=max_shard_size
+        )
+        _BUILT[key] = built
+    shutil.copytree(_BUILT[key], folder, dirs_exist_ok=True)
+    return folder
 
 
 def to_legacy_rope_spelling(folder: Path) -> dict:

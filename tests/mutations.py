@@ -190,6 +190,16 @@ def config_field(name: str, value: object) -> Mutation:
     return mutate
 
 
+def moe_field(name: str, value: object) -> Mutation:
+    """One field of the mixture-of-experts config replaced (the expert weights applied in
+    the compute dtype where Mixtral keeps them fp32, ...)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        return replace(cfg, moe=replace(cfg.moe, **{name: value})), state
+
+    return mutate
+
+
 def post_norms_dropped() -> Mutation:
     """Gemma 2/3's ln1_post / ln2_post left out (a converter that maps Gemma 2 onto Gemma's
     pre-norm block, ln2 from pre_feedforward_layernorm): the sublayer outputs go unnormed."""

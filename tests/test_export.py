@@ -60,6 +60,7 @@ def test_round_trip_is_bit_identical(tmp_path, case):
     tokens = random_tokens(16)
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)(tokens).logits
+        # the same HF class on the same weights: the same ops, equal on any CPU
         assert torch.equal(reloaded, load_hf(src)(tokens).logits)
 
 
@@ -212,7 +213,9 @@ def special_floats() -> torch.Tensor:
 
 @pytest.mark.parametrize("dst", ["bfloat16", "float16"])
 def test_our_float32_cast_equals_torchs(dst):
-    """dtypes.cast, our numpy rounding, against torch's own .to(): bit for bit, NaN a NaN."""
+    """dtypes.cast, our numpy rounding, against torch's own .to(): bit for bit, NaN a NaN.
+    Exact on every CPU: round-to-nearest-even is defined to the bit (subnormals included,
+    which `special_floats` holds); both implement it."""
     from gqa_convert.checkpoint import DTYPES
     from gqa_convert.dtypes import CODES, cast
 

@@ -21,6 +21,7 @@ from gqa_convert.errors import BadInputError, UnsupportedModelError
 from gqa_convert.export import load_export
 from gqa_convert.interop import INSTALL_HINT, to_hooked_transformer
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
+from tests.numerics import assert_logits_match
 from tests.test_parity import LLAMA3_ROPE
 
 # In CI these tests run (and fail with the install hint) rather than skip.
@@ -62,11 +63,6 @@ def hf_logits(src: Path, tokens: torch.Tensor) -> torch.Tensor:
 def tl_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens)  # HookedTransformer: tokens [batch, pos] -> logits
-
-
-def assert_logits_match(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
 def edit_config(out: Path, **changes) -> None:

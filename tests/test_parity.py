@@ -8,6 +8,7 @@ import torch
 from gqa_convert import GQATransformer, convert, convert_in_memory
 from gqa_convert.config import load_hf_config
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens, to_legacy_rope_spelling
+from tests.numerics import assert_logits_match
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -45,11 +46,6 @@ CASES = {
         40,
     ),
 }
-
-
-def assert_logits_match(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
 def hf_and_ours(folder, n_pos, model_from=convert_in_memory, use_fast_path=None):
