@@ -120,6 +120,7 @@ def test_model_card_front_matter_and_body(tmp_path):
     assert _is_hub_id("HuggingFaceTB/SmolLM2-135M") and not _is_hub_id("/tmp/x/y")
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_dtype_cast_matches_torch(tmp_path, dtype):
     src = make_hf_checkpoint(tmp_path / "src", "llama", dtype=torch.bfloat16)
@@ -211,6 +212,7 @@ def special_floats() -> torch.Tensor:
     return torch.cat([special, spread])
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("dst", ["bfloat16", "float16"])
 def test_our_float32_cast_equals_torchs(dst):
     """dtypes.cast, our numpy rounding, against torch's own .to(): bit for bit, NaN a NaN.
@@ -229,6 +231,7 @@ def test_our_float32_cast_equals_torchs(dst):
     assert torch.equal(ours[~nan].view(torch.int16), theirs[~nan].view(torch.int16))
 
 
+@pytest.mark.exactness
 def test_a_float32_source_converted_to_bfloat16_equals_torchs_cast(tmp_path):
     """Every other cast test started from bf16: this one runs the rounding, on real weights
     and a NaN (--allow-nonfinite), through convert."""

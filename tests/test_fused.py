@@ -24,6 +24,7 @@ def attentions(model):
     return [block.attn for block in model.blocks]
 
 
+@pytest.mark.exactness
 def test_fused_q_k_v_equal_transformers_projections_exactly(pair):
     """hook_q / hook_k / hook_v inside the block are HF's q_proj / k_proj / v_proj outputs
     on the same layer input, bit for bit, viewed as [batch, pos, heads, d_head]."""

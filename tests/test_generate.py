@@ -110,8 +110,27 @@ def clear_prompts(hf, lengths: list[int], **kw):
     raise AssertionError(f"no prompt without a near-tie in 10 seeds: {last}")
 
 
-@pytest.mark.exactness
-@pytest.mark.parametrize("case", GENERATE_CASES)
+# Rerun under every CPU capability (scripts/cpu_matrix.sh): a case of each mechanism the
+# greedy comparison could trip on (rotary variants, windows, q/k and sandwich norms, soft-caps,
+# routing, biases); the margin argument is the same for all.
+MATRIX_CASES = {
+    "qwen3",
+    "phi3-longrope-long",
+    "olmo2",
+    "granite",
+    "gemma2",
+    "gemma3",
+    "mixtral-window-8",
+    "olmoe",
+    "mistral-mqa-window-5",
+    "qwen2-biases",
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=[pytest.mark.exactness] * (c in MATRIX_CASES)) for c in GENERATE_CASES],
+)
 def test_greedy_equals_hf_generate(tmp_path, case):
     """fp32, 64 new tokens, three left-padded prompts of different lengths: token for token.
     The prompts cross each case's window, longrope switch or dynamic threshold, or the 64
@@ -128,6 +147,7 @@ def test_greedy_equals_hf_generate(tmp_path, case):
         assert ours.cfg.sliding_window < NEW
 
 
+@pytest.mark.exactness
 def test_unpadded_prompt_equals_hf_and_the_padded_row(tmp_path):
     """No mask (HF drops an all-ones one): the same tokens as that row inside a padded batch."""
     src = make_hf_checkpoint(tmp_path / "src", "mistral", sliding_window=5)
@@ -139,6 +159,7 @@ def test_unpadded_prompt_equals_hf_and_the_padded_row(tmp_path):
     assert torch.equal(batched[1, 13:], alone[0])
 
 
+@pytest.mark.exactness
 def test_longrope_refeeds_the_sequence_when_it_crosses_the_original_length(tmp_path):
     """Phi-3's generate: past original_max_position_embeddings (16) the cache is rebuilt with
     the long factors. Without that step our tokens would differ from HF's (checked here)."""
@@ -163,6 +184,7 @@ def test_longrope_refeeds_the_sequence_when_it_crosses_the_original_length(tmp_p
     assert not torch.equal(stale, theirs)
 
 
+@pytest.mark.exactness
 def test_stop_tokens_pad_finished_rows_as_hf(tmp_path):
     src = make_hf_checkpoint(tmp_path / "src", "llama")
     hf, ours = load_hf(src), convert_in_memory(src)
@@ -237,6 +259,7 @@ def test_sampling_equals_hf_with_the_same_seed(tmp_path):
     assert not torch.equal(again, other) and not torch.equal(again, greedy)
 
 
+@pytest.mark.exactness
 def test_a_sampling_step_draws_what_hf_draws():
     """On the same logits and seed, our step (filter_logits, softmax, one multinomial draw
     from a Generator seeded with `seed`) draws HF's tokens (its warpers, softmax and
@@ -259,6 +282,7 @@ def test_a_sampling_step_draws_what_hf_draws():
         assert torch.equal(torch.cat(mine, 1), torch.cat(theirs, 1))
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize(
     ("temperature", "top_k", "top_p"),
     [
@@ -529,6 +553,7 @@ def test_smollm2_greedy_equals_hf_on_real_prompts(smollm2_dir, tmp_path):
     assert "fibonacci" in text or "return" in text  # a trained model continues the code
 
 
+@pytest.mark.exactness
 def test_dynamic_rope_cached_keys_keep_their_frequencies_as_hf(tmp_path):
     """Past max_position_embeddings (24), HF's generate rotates each key once, at the
     frequencies of its step; a fresh forward over the whole sequence at every step (what

@@ -93,6 +93,7 @@ def test_each_layer_has_the_mlp_hf_has(tmp_path):
         assert [isinstance(b.mlp, MoEMLP) for b in model.blocks] == theirs
 
 
+@pytest.mark.exactness
 def test_routing_hooks_see_what_hf_routes(tmp_path):
     """hook_router_logits / hook_expert_indices / hook_expert_weights hold HF's router
     logits, chosen experts and weights; each expert's hook_out sees only its tokens."""
@@ -123,6 +124,7 @@ def test_routing_hooks_see_what_hf_routes(tmp_path):
     }
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("case", ["mixtral-window-8", "qwen3-moe-dense-layer-1", "olmoe"])
 def test_on_the_same_input_routing_is_hfs_bit_for_bit(tmp_path, case):
     """Router logits, chosen experts and their weights equal HF's router's exactly, so a tie

@@ -56,6 +56,7 @@ def hf_and_ours(folder, n_pos, model_from=convert_in_memory, use_fast_path=None)
     return ours, theirs
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("path", ["sdpa", "reference"])
 @pytest.mark.parametrize("case", CASES)
 def test_logits_equal_hf(tmp_path, case, path):

@@ -86,6 +86,7 @@ def test_a_correct_conversion_passes(tmp_path, case):
         assert report.regimes
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("case", ["llama-bf16-source", "llama3-rope-past-original-len"])
 def test_bf16_compute_passes_with_the_bf16_tolerance(tmp_path, case):
     family, overrides, save, _ = CASES[case]
@@ -167,6 +168,7 @@ def test_grouping_in_weights_equals_the_grouping_bug_in_the_model(llama):
     assert report.first_divergence == {"layer": 1, "component": "attn_out"}
 
 
+@pytest.mark.exactness
 def test_kv_swap_is_caught_in_bf16_too(llama):
     report = verify(llama, model=M.mutated_model(llama, M.swap_kv_heads()), dtype="bfloat16")
     assert not report.passed and report.first_divergence == {"layer": 1, "component": "k"}
