@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from gqa_convert import __version__
-from gqa_convert.errors import GQAConvertError, ParityError, UsageError
+from gqa_convert.errors import GQAConvertError, InsufficientMemoryError, ParityError, UsageError
 
 if TYPE_CHECKING:
     from gqa_convert.mapping import ConversionPlan
@@ -620,7 +620,9 @@ def generate_command(
         float | None, typer.Option(help="Sample from the smallest set of this probability.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling (reproducible).")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:N or auto (cuda when there is one).")
+    ] = "cpu",
     dtype: Annotated[
         str, typer.Option(help="Compute dtype: auto (the export's), float32, bfloat16, float16.")
     ] = "auto",
@@ -630,18 +632,22 @@ def generate_command(
 ) -> None:
     """Continue PROMPT with the model in OUT, streaming the text as it comes: the quick check
     that a converted model talks. Greedy unless --temperature (> 0), --top-k or --top-p ask
-    for sampling; stops at the export's stop tokens (generation_config.json)."""
+    for sampling; stops at the export's stop tokens (generation_config.json). The KV cache
+    grows with the tokens generated: exit 3 if memory runs out."""
+    import math
     import time
 
     import torch
 
+    from gqa_convert.memory import is_out_of_memory
     from gqa_convert.model.decoder import GQATransformer
+    from gqa_convert.verify import resolve_device
 
     sample = bool(temperature) or top_k is not None or top_p is not None
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature is not None and temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {temperature}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {temperature}")
     if temperature == 0 and (top_k is not None or top_p is not None):
         raise UsageError("--temperature 0 is greedy: drop --top-k / --top-p, or raise it")
     if top_k is not None and top_k < 1:
@@ -650,8 +656,9 @@ def generate_command(
         raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise UsageError(f"--dtype: {dtype!r} is not auto, float32, float16 or bfloat16")
+    target = resolve_device(device)  # exit 2 for a device that is not here
     model = GQATransformer.from_pretrained(
-        out, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device
+        out, dtype=None if dtype == "auto" else getattr(torch, dtype), device=str(target)
     )
     tokens = model.to_tokens(prompt)
     if tokens.shape[1] == 0:
@@ -671,16 +678,26 @@ def generate_command(
     if not json_output:
         console.print(prompt, end="", style="bold", markup=False)
     start = time.perf_counter()
-    result = model.generate(
-        tokens,
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature or 1.0,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        on_token=stream,
-    )
+    try:
+        result = model.generate(
+            tokens,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature or 1.0,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            on_token=stream,
+        )
+    except RuntimeError as e:  # torch's OutOfMemoryError is one
+        if not is_out_of_memory(e):
+            raise
+        if not json_output:
+            console.print()
+        raise InsufficientMemoryError(
+            f"not enough memory on {target} to go on after {len(new_ids)} new tokens "
+            f"(prompt: {tokens.shape[1]}): lower --max-new-tokens"
+        ) from None
     seconds = time.perf_counter() - start
     stopped = bool(new_ids) and new_ids[-1] in model.generation_defaults.eos_token_ids
     summary = {

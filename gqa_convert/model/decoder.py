@@ -250,7 +250,8 @@ class GQATransformer(HookedRootModule):
 
     def new_cache(self, capacity: int = 0) -> KVCache:
         """An empty generation cache: every layer at n_kv heads, sliding-window layers
-        holding their last window - 1 tokens; `capacity`: tokens to allocate for."""
+        holding their last window - 1 tokens; `capacity`: the most tokens the caller will
+        feed (buffers grow in blocks up to it, model/kv_cache.py)."""
         return KVCache([block.attn.window for block in self.blocks], capacity)
 
     generate = generate  # model/generate.py
