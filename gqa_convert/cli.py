@@ -77,18 +77,25 @@ def root(
 
 
 def parse_size(text: str, option: str = "--shard-size") -> int:
-    """'5GB', '500MB', '2GiB' or a plain byte count -> bytes."""
+    """'5GB', '500MB', '2GiB', '1.5GB' or '800000000B' -> bytes. The unit is required: a bare
+    number (`--max-memory 1.5`, meant as GB) would silently be bytes."""
     units = {
-        "": 1,
         "B": 1,
         "KB": 10**3,
         "MB": 10**6,
         "GB": 10**9,
+        "TB": 10**12,
         "KIB": 2**10,
         "MIB": 2**20,
         "GIB": 2**30,
+        "TIB": 2**40,
     }
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if match and not match.group(2):
+        number = match.group(1)
+        raise UsageError(
+            f"{option} {number}: give a unit, e.g. {number}GB, {number}MB or {number}B"
+        )
     if not match or match.group(2).upper() not in units:
         raise UsageError(f"{option}: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
     size = int(float(match.group(1)) * units[match.group(2).upper()])
@@ -122,7 +129,8 @@ ActRtolOpt = Annotated[
 MaxMemoryOpt = Annotated[
     str | None,
     typer.Option(
-        help="Memory budget of the check, e.g. 6GB (default: what is available). Whole-model "
+        help="Memory budget of the check, with its unit: 6GB, 1.5GiB, 800MB (default: what "
+        "is available). Whole-model "
         "when it fits, else layer-streamed; exit 3 if even streaming does not fit."
     ),
 ]
@@ -263,7 +271,7 @@ def convert(
     out: Annotated[Path, typer.Argument(help="Output folder; must not exist unless --overwrite.")],
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     shard_size: Annotated[
-        str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")
+        str, typer.Option(help="Largest safetensors shard, with its unit: 5GB, 500MB.")
     ] = "5GB",
     allow_nonfinite: Annotated[
         bool, typer.Option(help="Convert weights holding NaN or Inf instead of refusing.")
@@ -549,7 +557,7 @@ def to_hf(
     out: Annotated[Path, typer.Argument(help="Output HF checkpoint folder.")],
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     shard_size: Annotated[
-        str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")
+        str, typer.Option(help="Largest safetensors shard, with its unit: 5GB, 500MB.")
     ] = "5GB",
 ) -> None:
     """Write CONVERTED back as an HF checkpoint (HF names, same dtype) that transformers loads."""
