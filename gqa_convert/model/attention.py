@@ -232,6 +232,12 @@ class GroupedQueryAttention(nn.Module):
         return self.hook_z(torch.einsum("bknh,bnqk->bqnh", v, pattern))
 
     @property
+    def can_fuse(self) -> bool:
+        """Whether `generate` may project with fused copies (model/fused.py): not under
+        TL's `ungroup_grouped_query_attention`, whose K/V are remade at n_heads per call."""
+        return not self.cfg.ungroup_grouped_query_attention
+
+    @property
     def needs_pattern(self) -> bool:
         """True when a hook reads scores or pattern, so the fast path cannot be used."""
         return self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,14 +39,6 @@ from gqa_convert.model.fused import fused_projections
 if TYPE_CHECKING:
     from gqa_convert.model.decoder import GQATransformer
     from gqa_convert.model.kv_cache import KVCache
-
-
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """What an export's generation_config.json says about stopping (read by export.py)."""
-
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
 
 
 def filter_logits(
