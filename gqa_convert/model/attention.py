@@ -168,8 +168,8 @@ class GroupedQueryAttention(nn.Module):
             x = x.reshape(1, batch * pos, m)
             if x.dtype in HALF:  # x @ W + b rounded once, as HF's (and TL's) F.linear
                 out = torch.baddbmm(b[:, None, :], x.expand(W.shape[0], -1, -1), W)
-            else:  # fp32: a second rounding costs nothing visible; baddbmm's kernel is slower
-                out = torch.matmul(x, W) + b[:, None, :]
+            else:  # fp32, as before: the second rounding is at fp32 precision (1e-6 from
+                out = torch.matmul(x, W) + b[:, None, :]  # F.linear: measure_half_bias.py)
             return out.permute(1, 0, 2).unflatten(0, (batch, pos))
         return torch.einsum("bpnm,nmh->bpnh", x, W) + b  # per-head inputs, as TL's
 
