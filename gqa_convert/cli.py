@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from gqa_convert import __version__
-from gqa_convert.errors import GQAConvertError, ParityError, UsageError
+from gqa_convert.errors import GQAConvertError, InsufficientMemoryError, ParityError, UsageError
 
 if TYPE_CHECKING:
     from gqa_convert.mapping import ConversionPlan
@@ -77,18 +77,25 @@ def root(
 
 
 def parse_size(text: str, option: str = "--shard-size") -> int:
-    """'5GB', '500MB', '2GiB' or a plain byte count -> bytes."""
+    """'5GB', '500MB', '2GiB', '1.5GB' or '800000000B' -> bytes. The unit is required: a bare
+    number (`--max-memory 1.5`, meant as GB) would silently be bytes."""
     units = {
-        "": 1,
         "B": 1,
         "KB": 10**3,
         "MB": 10**6,
         "GB": 10**9,
+        "TB": 10**12,
         "KIB": 2**10,
         "MIB": 2**20,
         "GIB": 2**30,
+        "TIB": 2**40,
     }
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if match and not match.group(2):
+        number = match.group(1)
+        raise UsageError(
+            f"{option} {number}: give a unit, e.g. {number}GB, {number}MB or {number}B"
+        )
     if not match or match.group(2).upper() not in units:
         raise UsageError(f"{option}: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
     size = int(float(match.group(1)) * units[match.group(2).upper()])
@@ -122,7 +129,8 @@ ActRtolOpt = Annotated[
 MaxMemoryOpt = Annotated[
     str | None,
     typer.Option(
-        help="Memory budget of the check, e.g. 6GB (default: what is available). Whole-model "
+        help="Memory budget of the check, with its unit: 6GB, 1.5GiB, 800MB (default: what "
+        "is available). Whole-model "
         "when it fits, else layer-streamed; exit 3 if even streaming does not fit."
     ),
 ]
@@ -263,7 +271,7 @@ def convert(
     out: Annotated[Path, typer.Argument(help="Output folder; must not exist unless --overwrite.")],
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     shard_size: Annotated[
-        str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")
+        str, typer.Option(help="Largest safetensors shard, with its unit: 5GB, 500MB.")
     ] = "5GB",
     allow_nonfinite: Annotated[
         bool, typer.Option(help="Convert weights holding NaN or Inf instead of refusing.")
@@ -549,7 +557,7 @@ def to_hf(
     out: Annotated[Path, typer.Argument(help="Output HF checkpoint folder.")],
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     shard_size: Annotated[
-        str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")
+        str, typer.Option(help="Largest safetensors shard, with its unit: 5GB, 500MB.")
     ] = "5GB",
 ) -> None:
     """Write CONVERTED back as an HF checkpoint (HF names, same dtype) that transformers loads."""
@@ -620,7 +628,9 @@ def generate_command(
         float | None, typer.Option(help="Sample from the smallest set of this probability.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling (reproducible).")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:N or auto (cuda when there is one).")
+    ] = "cpu",
     dtype: Annotated[
         str, typer.Option(help="Compute dtype: auto (the export's), float32, bfloat16, float16.")
     ] = "auto",
@@ -630,18 +640,22 @@ def generate_command(
 ) -> None:
     """Continue PROMPT with the model in OUT, streaming the text as it comes: the quick check
     that a converted model talks. Greedy unless --temperature (> 0), --top-k or --top-p ask
-    for sampling; stops at the export's stop tokens (generation_config.json)."""
+    for sampling; stops at the export's stop tokens (generation_config.json). The KV cache
+    grows with the tokens generated: exit 3 if memory runs out."""
+    import math
     import time
 
     import torch
 
+    from gqa_convert.memory import is_out_of_memory
     from gqa_convert.model.decoder import GQATransformer
+    from gqa_convert.verify import resolve_device
 
     sample = bool(temperature) or top_k is not None or top_p is not None
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature is not None and temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {temperature}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {temperature}")
     if temperature == 0 and (top_k is not None or top_p is not None):
         raise UsageError("--temperature 0 is greedy: drop --top-k / --top-p, or raise it")
     if top_k is not None and top_k < 1:
@@ -650,8 +664,9 @@ def generate_command(
         raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise UsageError(f"--dtype: {dtype!r} is not auto, float32, float16 or bfloat16")
+    target = resolve_device(device)  # exit 2 for a device that is not here
     model = GQATransformer.from_pretrained(
-        out, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device
+        out, dtype=None if dtype == "auto" else getattr(torch, dtype), device=str(target)
     )
     tokens = model.to_tokens(prompt)
     if tokens.shape[1] == 0:
@@ -671,16 +686,26 @@ def generate_command(
     if not json_output:
         console.print(prompt, end="", style="bold", markup=False)
     start = time.perf_counter()
-    result = model.generate(
-        tokens,
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature or 1.0,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        on_token=stream,
-    )
+    try:
+        result = model.generate(
+            tokens,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature or 1.0,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            on_token=stream,
+        )
+    except RuntimeError as e:  # torch's OutOfMemoryError is one
+        if not is_out_of_memory(e):
+            raise
+        if not json_output:
+            console.print()
+        raise InsufficientMemoryError(
+            f"not enough memory on {target} to go on after {len(new_ids)} new tokens "
+            f"(prompt: {tokens.shape[1]}): lower --max-new-tokens"
+        ) from None
     seconds = time.perf_counter() - start
     stopped = bool(new_ids) and new_ids[-1] in model.generation_defaults.eos_token_ids
     summary = {

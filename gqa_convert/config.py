@@ -620,10 +620,19 @@ def load_hf_config(src: Path) -> ModelConfig:
     return from_hf(read_json(Path(src) / "config.json"))
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What an export says about stopping: read by export.py (`stop_tokens_from_hf`), used
+    by the model's `generate` (here, below both, so neither imports the other for it)."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+
 def stop_tokens_from_hf(
     generation_config: dict[str, Any] | None, hf: dict[str, Any]
-) -> tuple[tuple[int, ...], int | None]:
-    """(eos token ids, pad token id) as transformers' `generate` takes them: from
+) -> GenerationDefaults:
+    """Eos token ids and pad token id as transformers' `generate` takes them: from
     generation_config.json, or, without one, from config.json (`GenerationConfig.
     from_model_config`). `eos_token_id` may be one id or a list."""
     source, where = (
@@ -641,4 +650,4 @@ def stop_tokens_from_hf(
             f"{where}: eos_token_id = {source.get('eos_token_id')!r}, pad_token_id = {pad!r}: "
             "expected token ids (ints >= 0)"
         )
-    return tuple(eos), pad
+    return GenerationDefaults(tuple(eos), pad)

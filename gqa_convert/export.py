@@ -48,7 +48,7 @@ from gqa_convert.mapping import ConversionPlan, expected_tasks, iter_arrays
 if TYPE_CHECKING:
     import torch
 
-    from gqa_convert.model.generate import GenerationDefaults
+    from gqa_convert.config import GenerationDefaults
 
 log = logging.getLogger(__name__)
 
@@ -574,13 +574,11 @@ def load_extras(folder: Path) -> tuple[GenerationDefaults, Callable[[], Any]]:
     """An export's stop tokens (generation_config.json, else the source's config.json) and
     the loader of its tokenizer (`load_tokenizer`, called on first use)."""
     from gqa_convert.config import stop_tokens_from_hf
-    from gqa_convert.model.generate import GenerationDefaults
 
     gen_path = folder / "generation_config.json"
     generation = read_json(gen_path) if gen_path.exists() else None
     hf = read_json(folder / "config.json").get("hf_config") or {}
-    eos, pad = stop_tokens_from_hf(generation, hf)
-    return GenerationDefaults(eos, pad), lambda: load_tokenizer(folder)  # on first use
+    return stop_tokens_from_hf(generation, hf), lambda: load_tokenizer(folder)  # on first use
 
 
 def load_tokenizer(folder: Path) -> Any:

@@ -191,3 +191,9 @@ def choose_mode(
 
 def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch failing to allocate: its CPU allocator's RuntimeError
+    ("can't allocate memory"), or `torch.OutOfMemoryError` (CUDA)."""
+    return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(error)

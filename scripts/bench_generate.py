@@ -9,6 +9,10 @@
     c. what re-rotating every cached key at each step would cost (TL's `KeyValueCacheEntry`
        keeps keys unrotated): one step's `apply_rotary` over the keys held, all layers, as a
        share of one of our decode steps. Our `LayerCache` holds keys after rotary instead.
+    d. decode tokens/s of `--long` new tokens (default 512: the buffers grow twice) with the
+       cache grown in blocks (issue 22) vs allocated for the whole call at once (the cache
+       before it: `LayerCache.BLOCK` past the capacity), paired and interleaved as in b,
+       at the first thread count.
 
 The model is a random Llama-shaped checkpoint built here with transformers (d_model 1024,
 8 layers, 16 heads / 4 KV heads, d_head 64, d_mlp 2816, vocab 32000, untied: 151 M
@@ -36,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gqa_convert import convert_in_memory  # noqa: E402
+from gqa_convert.model.kv_cache import LayerCache  # noqa: E402
 from gqa_convert.model.rotary import apply_rotary  # noqa: E402
 
 BEGIN, END = "<!-- bench-generate:begin -->", "<!-- bench-generate:end -->"
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="new tokens per generation")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--threads", default="1,2", help="torch thread counts for figure b")
+    parser.add_argument("--long", type=int, default=512, help="new tokens for figure d")
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
@@ -162,6 +168,24 @@ def main() -> None:
     rerotate()
     rot = statistics.median(timed(rerotate) for _ in range(5))
 
+    # d. the cache grown in blocks vs allocated at once (first allocation = the capacity)
+    block = LayerCache.BLOCK
+
+    def run_at_once(new: int):
+        LayerCache.BLOCK = 2**62
+        try:
+            return run_ours(new)
+        finally:
+            LayerCache.BLOCK = block
+
+    growth: dict[str, list[float]] = {"blocks": [], "once": []}
+    for i in range(args.runs):
+        sides = [("blocks", run_ours), ("once", run_at_once)]
+        for name, fn in sides if i % 2 == 0 else sides[::-1]:
+            full, one = timed(lambda fn=fn: fn(args.long)), timed(lambda fn=fn: fn(1))
+            growth[name].append((args.long - 1) / max(full - one, 1e-9))
+    growth_ratios = [b / o for b, o in zip(growth["blocks"], growth["once"], strict=True)]
+
     med = statistics.median
     rows = [
         (
@@ -201,6 +225,16 @@ def main() -> None:
             f"one decode step {step * 1e3:.1f} ms",
             f"{rot / step:.1%} of a step",
             "avoided: keys cached after rotary",
+        ),
+        (
+            f"d. decode tokens/s, {threads[0]} thread(s), prompt {args.prompt}, {args.long} new, "
+            f"cache grown in blocks of {block} then doubling",
+            f"{med(growth['blocks']):.1f} tok/s",
+            f"allocated at once {med(growth['once']):.1f} tok/s",
+            f"{med(growth_ratios):.2f}x (median of {args.runs} paired: "
+            + ", ".join(f"{r:.2f}" for r in growth_ratios)
+            + ")",
+            "the cache before issue 22 allocated prompt + max_new_tokens at once",
         ),
     ]
     lines = [

@@ -222,6 +222,71 @@ def test_kv_cache_bytes_per_token_are_n_kv_heads_and_windows_are_capped(tmp_path
         assert cache.length == fed
 
 
+def test_a_huge_max_new_tokens_that_stops_early_allocates_for_what_it_fed(tmp_path):
+    """max_new_tokens=10**9 used to allocate prompt + 10**9 tokens up front (64 GB on this
+    model, killed); buffers now grow in blocks, and `nbytes` counts the tokens held."""
+    from gqa_convert.model.kv_cache import LayerCache
+
+    model = convert_in_memory(make_hf_checkpoint(tmp_path / "src", "llama"))
+    tokens = random_tokens(10, batch=1)
+    free = model.generate(tokens, 12, eos_token_id=[])[0, 10:].tolist()
+    step = next(i for i in range(3, 12) if free[i] not in free[:i])  # its first emission
+    cache = model.new_cache()
+    out = model.generate(tokens, 10**9, eos_token_id=free[step], cache=cache)
+    assert out[0, 10:].tolist() == free[: step + 1]
+    fed = 10 + step  # the stop token is never fed
+    per_token = 2 * model.cfg.n_key_value_heads * model.cfg.d_head * 4  # K and V, fp32
+    assert cache.length == fed and cache.nbytes == len(cache.layers) * fed * per_token
+    assert all(layer.allocated == LayerCache.BLOCK for layer in cache.layers)
+    assert cache.allocated_nbytes == len(cache.layers) * LayerCache.BLOCK * per_token
+
+
+def test_layer_cache_grows_in_blocks_and_keeps_what_it_held():
+    """A global layer's buffer: BLOCK tokens, then doubling, at most `capacity` when that
+    holds what is fed; the keys and values returned are every token appended, in order."""
+    from gqa_convert.model.kv_cache import LayerCache
+
+    block = LayerCache.BLOCK
+    g = torch.Generator().manual_seed(0)
+    for capacity, chunks, sizes in [
+        (0, [5, 1, block - 6, 1, block, 1], [block, block, block, 2 * block, 4 * block]),
+        (block + 10, [5, block, 5], [block, block + 10, block + 10]),
+        (7, [5, 1, 1, 3], [7, 7, 7, block]),  # fed past the capacity: grows on
+    ]:
+        layer, keys, values, allocated = LayerCache(capacity=capacity), [], [], []
+        for n in chunks:
+            k, v = torch.randn(2, n, 3, 4, generator=g), torch.randn(2, n, 3, 4, generator=g)
+            keys.append(k)
+            values.append(v)
+            all_k, all_v = layer.append(k, v)
+            assert torch.equal(all_k, torch.cat(keys, dim=1))  # copies of the same values
+            assert torch.equal(all_v, torch.cat(values, dim=1))
+            if layer.allocated not in allocated:
+                allocated.append(layer.allocated)
+        assert allocated == sorted(set(sizes)), capacity
+        held = sum(chunks)
+        assert layer.length == held and layer.nbytes == 2 * 2 * held * 3 * 4 * 4
+        assert layer.allocated_nbytes == 2 * 2 * layer.allocated * 3 * 4 * 4
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("case", ["llama-gqa4", "qwen3-sliding-upper-layers"])
+def test_greedy_equals_hf_generate_while_the_cache_grows(tmp_path, monkeypatch, case):
+    """Buffers of 4 tokens, doubled 5 times during the prompt and the 64 new tokens: the
+    same tokens as HF's generate (left-padded prompts)."""
+    from gqa_convert.model.kv_cache import LayerCache
+
+    monkeypatch.setattr(LayerCache, "BLOCK", 4)
+    family, overrides, _ = GENERATE_CASES[case]
+    src = make_hf_checkpoint(tmp_path / "src", family, **overrides)
+    hf, ours = load_hf(src), convert_in_memory(src)
+    tokens, mask, theirs = clear_prompts(hf, [3, 2])
+    cache = ours.new_cache()
+    mine = ours.generate(tokens, NEW, attention_mask=mask, eos_token_id=[], cache=cache)
+    assert torch.equal(mine, theirs)
+    assert cache.layers[0].allocated == NEW + 3 - 1  # 4, 8, ... 64, then the capacity
+
+
 @pytest.mark.exactness
 def test_sampling_equals_hf_with_the_same_seed(tmp_path):
     """One multinomial draw per step after temperature, top-k and top-p, as HF's.
@@ -316,6 +381,8 @@ def test_bad_generation_arguments_are_refused(tiny):
     for kw, match in [
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"do_sample": True, "temperature": float("nan")}, "temperature"),
+        ({"do_sample": True, "temperature": float("inf")}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"attention_mask": torch.tensor([[1, 1, 1, 1, 0]] * 2)}, "right padding"),
     ]:
@@ -519,6 +586,69 @@ def test_cli_generate_usage_errors_exit_2(export_with_tokenizer, args, message):
     _, out = export_with_tokenizer
     run = run_cli("generate", out, "hi", *args)
     assert run.code == 2 and message in run.message, run.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "cuda:99"], "--device cuda:99"),  # no CUDA, or fewer than 100 GPUs
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--temperature", "nan"], "--temperature must be a finite number"),
+        (["--temperature", "inf"], "--temperature must be a finite number"),
+        (["--temperature", "-inf"], "--temperature must be a finite number"),
+    ],
+)
+def test_cli_generate_device_and_temperature_mistakes_exit_2_before_printing(
+    export_with_tokenizer, args, message
+):
+    """They were internal errors (exit 1; nan after the prompt was printed): now refused
+    in one line, exit 2, before anything is loaded or printed."""
+    _, out = export_with_tokenizer
+    run = run_cli("generate", out, "hi", *args)
+    assert run.code == 2 and message in run.message, run.stderr
+    assert run.stdout == "" and run.stderr.strip() == f"error: {run.message}", run.stderr
+
+
+def test_cli_generate_huge_max_new_tokens_stops_at_eos(export_with_tokenizer, tmp_path):
+    """--max-new-tokens 10**9 allocated the whole KV cache up front (exit 1 on a memory
+    error); now it returns at the export's stop token as any other run does."""
+    import shutil
+
+    _, out = export_with_tokenizer
+    model = GQATransformer.from_pretrained(out)
+    prompt = len(model.to_tokens("The cat")[0])
+    free = model.generate("The cat", 12, eos_token_id=[])[0, prompt:].tolist()
+    step = next(i for i in range(3, 12) if free[i] not in free[:i])  # its first emission
+    copy = shutil.copytree(out, tmp_path / "out")
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": free[step]}))
+    run = run_cli("generate", copy, "The cat", "--max-new-tokens", str(10**9), "--json")
+    assert run.code == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["new_tokens"] == free[: step + 1] and result["stop_reason"] == "eos"
+
+
+def test_cli_generate_out_of_memory_exits_3(export_with_tokenizer):
+    """A KV cache that cannot grow (here: a first block of 2**40 tokens, 140 TB, a real
+    failed allocation, under --max-new-tokens 10**15) is "not enough memory", exit 3 in one
+    line, not an internal error."""
+    import subprocess
+    import sys
+
+    from tests.cli_subprocess import cli_env
+
+    _, out = export_with_tokenizer
+    code = (
+        "import sys; from gqa_convert.model.kv_cache import LayerCache; "
+        "LayerCache.BLOCK = 2**40; from gqa_convert.cli import main; "
+        f"sys.argv = ['gqa-convert', 'generate', {str(out)!r}, 'The cat', "
+        "'--max-new-tokens', str(10**15)]; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120
+    )
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: not enough memory"), done.stderr
 
 
 def test_cli_generate_missing_export_exits_3(tmp_path):

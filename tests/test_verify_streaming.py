@@ -184,6 +184,14 @@ def test_a_budget_smaller_than_one_layer_is_refused_before_loading(llama):
     assert "--max-memory" in run.message
 
 
+@pytest.mark.parametrize(("size", "message"), [("1.5", "give a unit"), ("lots", "cannot read")])
+def test_a_budget_without_a_unit_is_a_usage_error(llama, size, message):
+    """`--max-memory 1.5` was 1.5 bytes ("a budget of 0.0 MB"): a number needs its unit."""
+    run = run_cli("verify", llama, "--max-memory", size)
+    assert run.code == 2 and "--max-memory" in run.message and message in run.message, run.stderr
+    assert run.stderr.strip() == f"error: {run.message}"
+
+
 def test_convert_takes_the_same_memory_options(tmp_path, llama):
     run = run_cli("convert", llama, tmp_path / "out", "--max-memory", "1MB")
     assert run.code == 3 and "needs about" in run.message
@@ -236,7 +244,7 @@ def test_streaming_verifies_within_a_budget_the_whole_model_exceeds(tmp_path):
     spec.loader.exec_module(builder)
     src = builder.build(tmp_path / "mid", MID_SHAPE, shard_bytes=200_000_000)
 
-    bounded = spawn_cli(tmp_path, "verify", src, "--json", "--max-memory", str(BUDGET))
+    bounded = spawn_cli(tmp_path, "verify", src, "--json", "--max-memory", f"{BUDGET}B")
     assert bounded.code == 0, bounded.stderr
     streamed = json.loads(bounded.stdout)
     assert streamed["mode"] == "streamed" and streamed["passed"] is True

@@ -38,6 +38,7 @@ from gqa_convert.model.rotary import apply_rotary, length_dependent, rotary_inv_
 
 # Buffers TL's attention holds and derives from its config; we derive them per call.
 TL_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
+HALF = (torch.float16, torch.bfloat16)
 
 
 def soft_cap(x: Tensor, cap: float | None) -> Tensor:
@@ -153,16 +154,33 @@ class GroupedQueryAttention(nn.Module):
         self._b_V = value
 
     def _project(self, name: str, x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        """x @ W + b per head: [batch, pos, d_model] or per-head inputs [batch, pos, heads,
+        d_model] -> [batch, pos, heads, d_head]. In half precision rounded once, as HF's
+        q/k/v_proj (`F.linear`); `+ b` after a bf16 matmul rounds twice (0.031 on the bf16
+        gate of Qwen2, measured: scripts/measure_half_bias.py)."""
         if x.ndim == 3 and self.fused is not None:  # in `generate`: one F.linear, as HF
             return self.fused.project(name, x, W, b)
         if x.ndim == 3:  # [batch, pos, d_model], one input for every head
             # [1, b*p, m] @ [n, m, h] -> [n, b*p, h]: a batched matmul reading W in place
             # (einsum "bpm,nmh->bpnh" took 2.6x as long for one token, d_model 1024, 16
             # heads, one thread: 217 vs 82 us, measured).
-            batch, pos, _ = x.shape
-            out = torch.matmul(x.reshape(1, batch * pos, -1), W)
-            return out.permute(1, 0, 2).unflatten(0, (batch, pos)) + b
-        return torch.einsum("bpnm,nmh->bpnh", x, W) + b  # per-head inputs
+            batch, pos, m = x.shape
+            x = x.reshape(1, batch * pos, m)
+            if x.dtype in HALF:  # x @ W + b rounded once, as HF's (and TL's) F.linear
+                out = torch.baddbmm(b[:, None, :], x.expand(W.shape[0], -1, -1), W)
+            else:  # fp32, as before: the second rounding is at fp32 precision (1e-6 from
+                out = torch.matmul(x, W) + b[:, None, :]  # F.linear: measure_half_bias.py)
+            return out.permute(1, 0, 2).unflatten(0, (batch, pos))
+        return torch.einsum("bpnm,nmh->bpnh", x, W) + b  # per-head inputs, as TL's
+
+    def _project_out(
+        self, z: Float[Tensor, "batch pos head_index d_head"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """z @ W_O + b_O as HF's o_proj: one matmul over (head, d_head) together with b_O
+        folded in (F.linear, one rounding in bf16). einsum "bqnh,nhm->bqm" sums per-head
+        partial products, each rounded in bf16 (twice HF's error, measured); adding b_O
+        after the matmul rounds twice (0.023 on the bf16 gate, measured)."""
+        return F.linear(z.flatten(2), self.W_O.flatten(0, 1).T, self.b_O)  # [b, q, n*h] -> m
 
     def calculate_qkv_matrices(
         self,
@@ -212,6 +230,12 @@ class GroupedQueryAttention(nn.Module):
         if not self.cfg.ungroup_grouped_query_attention:
             v = torch.repeat_interleave(v, self.repeat_kv_heads, dim=2)
         return self.hook_z(torch.einsum("bknh,bnqk->bqnh", v, pattern))
+
+    @property
+    def can_fuse(self) -> bool:
+        """Whether `generate` may project with fused copies (model/fused.py): not under
+        TL's `ungroup_grouped_query_attention`, whose K/V are remade at n_heads per call."""
+        return not self.cfg.ungroup_grouped_query_attention
 
     @property
     def needs_pattern(self) -> bool:
@@ -331,9 +355,7 @@ class GroupedQueryAttention(nn.Module):
         if self.cfg.use_attn_result:  # per-head outputs, as TL: [batch, pos, head, d_model]
             result = self.hook_result(torch.einsum("bqnh,nhm->bqnm", z, self.W_O))
             return result.sum(dim=2) + self.b_O
-        # One matmul over (head, d_head) together, as HF's o_proj: einsum "bqnh,nhm->bqm"
-        # sums per-head partial products, each rounded in bf16 (twice HF's error, measured).
-        return z.flatten(2) @ self.W_O.flatten(0, 1) + self.b_O  # [b, q, n*h] @ [n*h, m]
+        return self._project_out(z)
 
     def _sdpa(
         self,

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from gqa_convert.config import ModelConfig
+from gqa_convert.config import GenerationDefaults, ModelConfig
 from gqa_convert.model.attention import GroupedQueryAttention, soft_cap
-from gqa_convert.model.generate import GenerationDefaults, generate
+from gqa_convert.model.generate import generate
 from gqa_convert.model.hooks import HookedRootModule, HookPoint
 from gqa_convert.model.kv_cache import KVCache
 from gqa_convert.model.moe import MoEMLP
@@ -250,7 +250,8 @@ class GQATransformer(HookedRootModule):
 
     def new_cache(self, capacity: int = 0) -> KVCache:
         """An empty generation cache: every layer at n_kv heads, sliding-window layers
-        holding their last window - 1 tokens; `capacity`: tokens to allocate for."""
+        holding their last window - 1 tokens; `capacity`: the most tokens the caller will
+        feed (buffers grow in blocks up to it, model/kv_cache.py)."""
         return KVCache([block.attn.window for block in self.blocks], capacity)
 
     generate = generate  # model/generate.py
@@ -304,8 +305,9 @@ class GQATransformer(HookedRootModule):
         cls, converted_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
     ) -> GQATransformer:
         """Load an export of `gqa-convert convert` (config.json + safetensors), with its stop
-        tokens (generation_config.json) and its tokenizer, when they were copied."""
-        from gqa_convert.export import load_export, load_extras  # files are export's business
+        tokens (generation_config.json) and its tokenizer, when they were copied. export.py
+        reads the files (it imports nothing of model/); the model takes the tensors."""
+        from gqa_convert.export import load_export, load_extras
 
         cfg, state = load_export(Path(converted_dir))
         model = cls.from_state_dict(cfg, state, dtype=dtype, device=device)

@@ -79,19 +79,12 @@ class FusedProjections:
 
 @contextmanager
 def fused_projections(model: nn.Module) -> Iterator[None]:
-    """Within the block, every `GroupedQueryAttention` of `model` projects Q/K/V with
-    fused copies of its weights (module docstring); they are dropped on exit. Nested
-    use keeps the outer block's copies. Attentions under TL's
-    `ungroup_grouped_query_attention` (never ours) keep the plain path."""
-    from gqa_convert.model.attention import GroupedQueryAttention
-
-    attns = [
-        m
-        for m in model.modules()
-        if isinstance(m, GroupedQueryAttention)
-        and m.fused is None
-        and not m.cfg.ungroup_grouped_query_attention  # TL's option: K/V remade per call
-    ]
+    """Within the block, every module of `model` that can fuse its projections
+    (`GroupedQueryAttention.can_fuse`: not under TL's `ungroup_grouped_query_attention`,
+    never ours) projects Q/K/V with fused copies of its weights (module docstring); they are
+    dropped on exit. Nested use keeps the outer block's copies. (Read by that attribute:
+    attention.py imports this module, not the reverse.)"""
+    attns = [m for m in model.modules() if getattr(m, "can_fuse", False) and m.fused is None]
     for attn in attns:
         attn.fused = FusedProjections()
     try:

@@ -26,8 +26,8 @@ per-head layout made decoding half as fast as HF's).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,14 +39,6 @@ from gqa_convert.model.fused import fused_projections
 if TYPE_CHECKING:
     from gqa_convert.model.decoder import GQATransformer
     from gqa_convert.model.kv_cache import KVCache
-
-
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """What an export's generation_config.json says about stopping (read by export.py)."""
-
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
 
 
 def filter_logits(
@@ -74,8 +66,10 @@ def filter_logits(
 def _check(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (do_sample=False is greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature must be finite and > 0 (do_sample=False is greedy), got {temperature}"
+        )
     if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -149,7 +143,7 @@ def generate(
         cache = model.new_cache(capacity)
     elif cache.length:
         raise ValueError("cache must be empty (model.new_cache())")
-    for layer in cache.layers:  # one allocation of what this call will feed
+    for layer in cache.layers:  # buffers grow in blocks, never past what the call feeds
         layer.capacity = max(layer.capacity, capacity)
     with fused_projections(model):  # Q/K/V in HF's layout for this call
         logits = model(

@@ -61,13 +61,16 @@ class LayerCache:
     behaves as HF's `generate`, whose cached keys keep the frequencies of the step that wrote
     them (re-rotating would give the frequencies of a fresh forward at the current length).
 
-    A global layer writes into one buffer of `capacity` tokens (allocated on the first
-    append, grown by doubling if a caller feeds more); a sliding-window layer keeps only its
-    last `window - 1` tokens (HF's `DynamicSlidingWindowLayer`): a new query sees those and
-    itself, exactly its window.
+    A global layer writes into one buffer that grows in blocks (the first `BLOCK` tokens,
+    then doubling: amortised O(1) copy per token; never past `capacity`, the most tokens
+    the caller said it would feed, unless it feeds more): `generate(max_new_tokens=10**9)`
+    that stops after a few tokens allocates for a few hundred. A sliding-window layer keeps
+    only its last `window - 1` tokens (HF's `DynamicSlidingWindowLayer`): a new query sees
+    those and itself, exactly its window.
     """
 
     keys_rotated = True  # GroupedQueryAttention appends after rotary
+    BLOCK = 256  # tokens of a global layer's first buffer
 
     def __init__(self, window: int | None = None, capacity: int = 0):
         self.window, self.capacity = window, capacity
@@ -94,12 +97,23 @@ class LayerCache:
             self.length = self.keys.shape[1]
             return keys, values
         end = self.length + n
-        if self.keys is None or end > self.keys.shape[1]:
-            self._grow(new_keys, max(end, self.capacity, 2 * self.length))
+        if end > self.allocated:
+            self._grow(new_keys, self._next_size(end))
         self.keys[:, self.length : end] = new_keys
         self.values[:, self.length : end] = new_values
         self.length = end
         return self.keys[:, :end], self.values[:, :end]
+
+    @property
+    def allocated(self) -> int:
+        """Tokens the buffers have room for (a window layer: those it holds)."""
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def _next_size(self, end: int) -> int:
+        """The buffer size that holds `end` tokens: BLOCK, then doubling, capped at
+        `capacity` when that is enough."""
+        size = max(end, self.BLOCK, 2 * self.allocated)
+        return min(size, self.capacity) if self.capacity >= end else size
 
     def _grow(self, like: Tensor, size: int) -> None:
         shape = (like.shape[0], size, *like.shape[2:])
@@ -111,7 +125,14 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the tensors held (a global layer's whole buffer)."""
+        """Bytes of the keys and values held (the tokens in it, not the room for more)."""
+        if self.keys is None:
+            return 0
+        return 2 * self.keys[:, : self.length].nelement() * self.keys.element_size()
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated: those held and the room for more in a global layer's buffer."""
         held = (t for t in (self.keys, self.values) if t is not None)
         return sum(t.untyped_storage().nbytes() for t in held)
 
@@ -129,4 +150,11 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the keys and values held, every layer."""
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated, every layer (held + room to grow: at most twice the held, or
+        BLOCK tokens a global layer)."""
+        return sum(layer.allocated_nbytes for layer in self.layers)
