@@ -50,6 +50,10 @@ OURS_ONLY = re.compile(
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    return builder(tmp_path_factory)
+
+
+def builder(tmp_path_factory):
     """case -> (ours, TL's HookedTransformer, prompt length), one export per case."""
     made = {}
 

@@ -376,9 +376,9 @@ class ActivationCache:
         """Each neuron's output of `layer`, post_n * W_out[n]: [..., neurons, d_model], or
         projected onto `project_output_onto` ([d_model] or [d_model, n_outs])."""
         neuron_slice, pos_slice = as_slice(neuron_slice), as_slice(pos_slice)
+        W_out = neuron_slice.apply(self._dense_mlp(layer).W_out, dim=0)
         acts = pos_slice.apply(self["post", layer, "mlp"], dim=-2)
         acts = neuron_slice.apply(acts, dim=-1)
-        W_out = neuron_slice.apply(self._dense_mlp(layer).W_out, dim=0)
         if project_output_onto is None:
             return acts[..., None] * W_out
         projected = W_out @ project_output_onto
