@@ -166,6 +166,28 @@ def test_optional_hook_points_equal_tls(built, case):
         ours.run_with_cache(tokens, names_filter="blocks.0.attn.hook_result")
 
 
+@needs_tl
+@pytest.mark.parametrize("case", ["llama-gqa4", "qwen3"])
+def test_ungrouped_kv_as_tls(built, case):
+    """TL's ungroup_grouped_query_attention: K / V and their hooks at n_heads, same values;
+    refused where a q/k norm spans the KV projection (OLMo2's, as in our constructor)."""
+    ours, tl, n_pos = built(case)
+    tokens = random_tokens(n_pos)
+    try:
+        ours.set_ungroup_grouped_query_attention(True)
+        tl.set_ungroup_grouped_query_attention(True)
+        with torch.no_grad():
+            _, cache = ours.run_with_cache(tokens)
+            _, tl_cache = tl.run_with_cache(tokens)
+    finally:
+        ours.set_ungroup_grouped_query_attention(False)
+        tl.set_ungroup_grouped_query_attention(False)
+    assert cache["blocks.0.attn.hook_k"].shape[2] == ours.cfg.n_heads
+    assert_same_caches(cache.cache_dict, tl_cache.cache_dict)
+    with pytest.raises(ValueError, match="n_kv heads"):
+        built("olmo2")[0].set_ungroup_grouped_query_attention(True)
+
+
 # ---- editing through the norm and MLP hooks -----------------------------------------------
 
 

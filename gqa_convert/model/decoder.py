@@ -32,7 +32,7 @@ from gqa_convert.model.attention import GroupedQueryAttention, soft_cap
 from gqa_convert.model.generate import GenerationDefaults, generate
 from gqa_convert.model.hooks import HookPoint
 from gqa_convert.model.kv_cache import KVCache
-from gqa_convert.model.lens import TransformerLensAPI
+from gqa_convert.model.lens import RETURN_TYPES, TransformerLensAPI, lm_cross_entropy_loss
 from gqa_convert.model.moe import MoEMLP
 from gqa_convert.model.norm import RMSNorm
 from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_table
@@ -86,29 +86,6 @@ class Unembed(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return self.hook_out(self.hook_in(x) @ self.W_U)
-
-
-RETURN_TYPES = ("logits", "loss", "both", None)
-
-
-def lm_cross_entropy_loss(
-    logits: Float[Tensor, "batch pos d_vocab"],
-    tokens: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-    per_token: bool = False,
-) -> Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]:
-    """TL's next-token loss: -log p(token i + 1) at each position i, averaged over the
-    positions whose token and next token are both attended (`attention_mask`), or per token
-    (masked positions 0)."""
-    log_probs = F.log_softmax(logits, dim=-1)
-    predicted = log_probs[..., :-1, :].gather(-1, tokens[..., 1:, None])[..., 0]
-    n_tokens = predicted.numel()
-    if attention_mask is not None:
-        mask = attention_mask[:, -tokens.shape[1] :].bool()
-        keep = mask[:, :-1] & mask[:, 1:]
-        predicted = predicted.masked_fill(~keep, 0.0)
-        n_tokens = int(keep.sum())
-    return -predicted if per_token else -predicted.sum() / n_tokens
 
 
 def norm(cfg: ModelConfig) -> RMSNorm:

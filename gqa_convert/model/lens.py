@@ -3,7 +3,8 @@
 `accumulated_bias`, `tokens_to_residual_directions`, `to_single_token`, `to_str_tokens`,
 and TL's switches for the optional hook points (`set_use_attn_result`,
 `set_use_split_qkv_input`, `set_use_hook_mlp_in`, `set_ungroup_grouped_query_attention`;
-`set_use_attn_in` is refused, as TL refuses it for grouped-query attention).
+`set_use_attn_in` is refused, as TL refuses it for grouped-query attention); TL's
+next-token loss (`lm_cross_entropy_loss`) for the forward's `return_type`.
 
 A mixin of `GQATransformer` (it reads `blocks`, `embed`, `unembed`, `cfg` and the tokenizer
 methods), kept out of decoder.py so that the decoder stays the model. Biases TL has and no
@@ -17,11 +18,34 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from gqa_convert.model.activation_cache import ActivationCache
 from gqa_convert.model.hooks import HookedRootModule
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+def lm_cross_entropy_loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    per_token: bool = False,
+) -> Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]:
+    """TL's next-token loss: -log p(token i + 1) at each position i, averaged over the
+    positions whose token and next token are both attended (`attention_mask`), or per token
+    (masked positions 0)."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    predicted = log_probs[..., :-1, :].gather(-1, tokens[..., 1:, None])[..., 0]
+    n_tokens = predicted.numel()
+    if attention_mask is not None:
+        mask = attention_mask[:, -tokens.shape[1] :].bool()
+        keep = mask[:, :-1] & mask[:, 1:]
+        predicted = predicted.masked_fill(~keep, 0.0)
+        n_tokens = int(keep.sum())
+    return -predicted if per_token else -predicted.sum() / n_tokens
 
 
 class TransformerLensAPI(HookedRootModule):
@@ -53,6 +77,8 @@ class TransformerLensAPI(HookedRootModule):
 
     def set_ungroup_grouped_query_attention(self, ungroup: bool) -> None:
         """K / V (and their hooks) at n_heads, expanded, as TL's option."""
+        if ungroup and self.cfg.qk_norm == "proj":
+            raise ValueError("a q/k norm over the whole projection needs K at n_kv heads")
         self._set_attention(ungroup_grouped_query_attention=ungroup)
 
     def _set_attention(self, **change: bool) -> None:
