@@ -477,3 +477,35 @@ def test_text_input_as_tls(with_tokenizer):
         torch.testing.assert_close(logits, tl_logits, atol=1e-4, rtol=0)
     assert ours.to_single_token("H") == tl.to_single_token("H")
     assert ours.to_str_tokens("Hi!") == tl.to_str_tokens("Hi!")
+
+
+# ---- real models ----------------------------------------------------------------------
+
+
+@needs_tl
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2_dir", "gemma3_dir"])
+def test_real_model_text_hooks_and_cache_as_tls(tmp_path, request, name):
+    """SmolLM2-135M (30 layers) and Gemma-3-270M (18, q/k norms, sandwich norms): text in
+    through the export's own tokenizer (BOS as TL adds it: `prepend_bos=True`), every hook
+    and the logit lens as TL's. Deep fp32 stacks drift a little more than the tiny models
+    (logits 7.8e-5 apart from HF's on SmolLM2, tests/test_interop.py): the same 1e-5-of-scale
+    bound holds."""
+    from transformers import AutoTokenizer
+
+    from gqa_convert.interop import to_hooked_transformer
+
+    out = convert(request.getfixturevalue(name), tmp_path / "out")
+    ours = GQATransformer.from_pretrained(out)
+    tl = to_hooked_transformer(out, tokenizer=AutoTokenizer.from_pretrained(out))
+    text = "The quick brown fox jumps over the lazy dog. Grouped-query attention"
+    assert torch.equal(ours.to_tokens(text, prepend_bos=True), tl.to_tokens(text, prepend_bos=True))
+    with torch.no_grad():
+        logits, cache = ours.run_with_cache(text, prepend_bos=True)
+        tl_logits, tl_cache = tl.run_with_cache(text, prepend_bos=True)
+    assert_same_caches(cache.cache_dict, tl_cache.cache_dict)
+    assert_same_activation("logits", logits, tl_logits)
+    lens = cache.accumulated_resid(apply_ln=True, pos_slice=-1)
+    assert_same_activation(
+        "logit lens", lens, tl_cache.accumulated_resid(apply_ln=True, pos_slice=-1)
+    )
