@@ -194,6 +194,38 @@ class ModelConfig:
         """Query heads per KV head: head h reads KV head h // group_size."""
         return self.n_heads // self.n_key_value_heads
 
+    # TransformerLens's HookedTransformerConfig names for what code written against TL reads
+    # from `model.cfg` (ActivationCache, SAE libraries); derived, never stored.
+    normalization_type = "RMS"
+    attn_only = False
+    gated_mlp = True
+    final_rms = True
+    parallel_attn_mlp = False
+
+    @property
+    def positional_embedding_type(self) -> str:
+        return "rotary" if any(self.rope_layers) else "standard"
+
+    @property
+    def use_normalization_before_and_after(self) -> bool:
+        return self.norm_placement == "sandwich"
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
+
+    @property
+    def original_architecture(self) -> str:
+        return self.architecture
+
+    @property
+    def num_experts(self) -> int | None:
+        return self.moe.n_experts if self.moe else None
+
+    @property
+    def experts_per_token(self) -> int | None:
+        return self.moe.top_k if self.moe else None
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for name in ("attn_types", "rope_layers"):

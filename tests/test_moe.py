@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gqa_convert import GQATransformer, convert, convert_in_memory
 from gqa_convert.config import from_hf, load_hf_config
@@ -95,14 +96,15 @@ def test_each_layer_has_the_mlp_hf_has(tmp_path):
 
 @pytest.mark.exactness
 def test_routing_hooks_see_what_hf_routes(tmp_path):
-    """hook_router_logits / hook_expert_indices / hook_expert_weights hold HF's router
-    logits, chosen experts and weights; each expert's hook_out sees only its tokens."""
+    """hook_router_logits, hook_expert_weights (TL's: the whole softmax, rows = tokens),
+    hook_expert_indices and hook_topk_weights hold HF's router logits, its softmax, chosen
+    experts and weights; each expert's hook_out sees only its tokens."""
     src, n_pos = source(tmp_path, "mixtral-window-8")
     hf, model = load_hf(src), convert_in_memory(src)
     tokens = random_tokens(n_pos, batch=1)
     seen, theirs = {}, {}
     mlp = model.blocks[1].mlp
-    for name in ("hook_router_logits", "hook_expert_indices", "hook_expert_weights"):
+    for name in ROUTING_HOOKS:
         getattr(mlp, name).register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o))
     routed = {}
     for e, expert in enumerate(mlp.experts):
@@ -116,12 +118,23 @@ def test_routing_hooks_see_what_hf_routes(tmp_path):
     # The router inputs are ours and HF's layer-1 streams (fp32 rounding apart): the same
     # experts on every CPU because every token's top-k boundary is clear.
     assert routing_gap(theirs["logits"], 2).min() > ROUTING_MARGIN
-    assert torch.equal(seen["hook_expert_indices"][0], theirs["indices"])
-    torch.testing.assert_close(seen["hook_expert_weights"][0], theirs["weights"])
+    assert seen["hook_expert_weights"].shape == (n_pos, 4)  # [batch * pos, n_experts]
+    probs = theirs["logits"].float().softmax(-1)
+    torch.testing.assert_close(seen["hook_expert_weights"], probs, atol=1e-6, rtol=0)
+    assert torch.equal(seen["hook_expert_indices"], theirs["indices"])
+    torch.testing.assert_close(seen["hook_topk_weights"], theirs["weights"])
     counts = torch.bincount(theirs["indices"].flatten(), minlength=4)
     assert {e: out.shape[0] for e, out in routed.items()} == {
         e: int(c) for e, c in enumerate(counts) if c
     }
+
+
+ROUTING_HOOKS = (
+    "hook_router_logits",
+    "hook_expert_weights",
+    "hook_expert_indices",
+    "hook_topk_weights",
+)
 
 
 @pytest.mark.exactness
@@ -141,32 +154,38 @@ def test_on_the_same_input_routing_is_hfs_bit_for_bit(tmp_path, case):
         mlp.W_gate[:, 1] = mlp.W_gate[:, 0]
     x = torch.randn(2, 40, 64)
     seen = {}
-    for name in ("hook_router_logits", "hook_expert_indices", "hook_expert_weights"):
+    for name in ROUTING_HOOKS:
         getattr(mlp, name).register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, o))
     with torch.no_grad():
         mlp(x)
         logits, weights, indices = hf.model.layers[i].mlp.gate(x)
     assert torch.equal(seen["hook_router_logits"].reshape(-1, 4), logits)
-    assert torch.equal(seen["hook_expert_indices"].reshape(-1, 2), indices)
-    assert torch.equal(seen["hook_expert_weights"].reshape(-1, 2), weights)
+    # the same softmax (F.softmax in fp32) on the same logits
+    assert torch.equal(seen["hook_expert_weights"], F.softmax(logits, dim=-1, dtype=torch.float))
+    assert torch.equal(seen["hook_expert_indices"], indices)
+    assert torch.equal(seen["hook_topk_weights"], weights)
     # Tokens where the tie sits at the top-k boundary: one of the two tied experts is taken.
     assert ((indices == 0).any(-1) ^ (indices == 1).any(-1)).any()
 
 
 def test_an_expert_ablated_by_a_hook_changes_the_output(tmp_path):
-    """A hook returning new weights reroutes: zeroing expert 0's weight in block 0 changes
-    the logits of every token routed to it there, and of none before the first such token."""
+    """TL's way to keep every token away from an expert: zero its column of
+    hook_expert_weights, which top-k picks from. In block 0 no token then picks expert 0;
+    the logits change at every token that picked it, and at none before the first one."""
     src, n_pos = source(tmp_path, "olmoe")
     model = convert_in_memory(src)
     tokens = random_tokens(n_pos, batch=1)
+    name = "blocks.0.mlp.hook_expert_indices"
+
+    def no_expert_0(probs, hook):
+        return probs * (torch.arange(probs.shape[-1]) != 0)
+
     with torch.no_grad():
-        clean = model(tokens)
-        mlp = model.blocks[0].mlp
-        chosen = {}
-        mlp.hook_expert_indices.register_forward_hook(lambda m, i, o: chosen.update(idx=o))
-        mlp.hook_expert_weights.register_forward_hook(lambda m, i, w: w * (chosen["idx"] != 0))
-        ablated = model(tokens)
-    uses_0 = (chosen["idx"][0] == 0).any(-1)  # [pos]
+        clean, before = model.run_with_cache(tokens, names_filter=name)
+        with model.hooks([("blocks.0.mlp.hook_expert_weights", no_expert_0)]):
+            ablated, after = model.run_with_cache(tokens, names_filter=name)
+    assert (after[name] != 0).all()
+    uses_0 = (before[name] == 0).any(-1)  # [pos] (batch 1)
     changed = (ablated - clean).abs().amax(-1)[0] > 0
     first = int(uses_0.int().argmax())  # the first position block 0 routes to expert 0
     assert uses_0.any() and not changed[:first].any()  # causal: earlier positions untouched

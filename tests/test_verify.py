@@ -43,15 +43,24 @@ JSON_KEYS = {
 }
 
 
-def save_char_tokenizer(folder):
-    """A character-level tokenizer (96 ids) that fits the tiny models' 128-token vocab."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+def save_char_tokenizer(folder, bos: str | None = None):
+    """A character-level tokenizer (96 ids) that fits the tiny models' 128-token vocab;
+    with `bos`, one more id, which it puts before every text (as Llama's tokenizer does)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(string.printable[:95])}}
+    if bos is not None:
+        vocab[bos] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, vocab[bos])]
+        )
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token=bos).save_pretrained(
+        folder
+    )
     return folder
 
 

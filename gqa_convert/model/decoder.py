@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from gqa_convert.config import GenerationDefaults, ModelConfig
 from gqa_convert.model.attention import GroupedQueryAttention, soft_cap
 from gqa_convert.model.generate import generate
-from gqa_convert.model.hooks import HookedRootModule, HookPoint
+from gqa_convert.model.hooks import HookPoint
 from gqa_convert.model.kv_cache import KVCache
+from gqa_convert.model.lens import RETURN_TYPES, TransformerLensAPI, lm_cross_entropy_loss
 from gqa_convert.model.moe import MoEMLP
 from gqa_convert.model.norm import RMSNorm
 from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_table
@@ -57,12 +58,14 @@ class GatedMLP(nn.Module):
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
         self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp], gate before the activation
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp], input of W_out
+        # TL's GatedMLP hook points, all [batch, pos, d_mlp]
+        self.hook_pre = HookPoint()  # x W_gate, before the activation
+        self.hook_pre_linear = HookPoint()  # x W_in
+        self.hook_post = HookPoint()  # act(pre) * pre_linear, the input of W_out
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         gate = self.hook_pre(x @ self.W_gate)
-        return self.hook_post(self.act(gate) * (x @ self.W_in)) @ self.W_out
+        return self.hook_post(self.act(gate) * self.hook_pre_linear(x @ self.W_in)) @ self.W_out
 
 
 class Embed(nn.Module):
@@ -78,9 +81,11 @@ class Unembed(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
+        self.hook_in = HookPoint()  # [batch, pos, d_model], after ln_final (TL's Unembed)
+        self.hook_out = HookPoint()  # [batch, pos, d_vocab], before scaling and soft-cap
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return x @ self.W_U
+        return self.hook_out(self.hook_in(x) @ self.W_U)
 
 
 def norm(cfg: ModelConfig) -> RMSNorm:
@@ -102,6 +107,9 @@ def final_logits(cfg: ModelConfig, logits: Tensor) -> Tensor:
     return soft_cap(logits / cfg.logits_scaling, cfg.final_logit_softcap)
 
 
+SPLIT_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -113,11 +121,21 @@ class TransformerBlock(nn.Module):
             self.ln1_post, self.ln2_post = norm(cfg), norm(cfg)
         self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer_id) else GatedMLP(cfg)
         self.use_rope = cfg.rope_layers[layer_id]  # False: a NoPE layer, no rotary at all
-        self.hook_resid_pre = HookPoint()
+        self.hook_resid_pre = HookPoint()  # every residual-stream hook: [batch, pos, d_model]
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        # TL's optional inputs, firing only when the model's set_use_* turns them on:
+        # per-head copies of resid_pre [batch, pos, heads (n_kv for k / v), d_model] ...
+        self.use_split_qkv_input = False
+        self.hook_q_input = HookPoint()
+        self.hook_k_input = HookPoint()
+        self.hook_v_input = HookPoint()
+        self.hook_attn_in = HookPoint()  # TL's use_attn_in, refused with GQA (as TL): never
+        # ... and the MLP's input, resid_mid [batch, pos, d_model]
+        self.use_hook_mlp_in = False
+        self.hook_mlp_in = HookPoint()
 
     def forward(
         self,
@@ -135,16 +153,47 @@ class TransformerBlock(nn.Module):
         cache entry) and `attention_mask` go to the attention."""
         pre, m = self.cfg.norm_placement != "post", self.cfg.residual_multiplier
         resid = self.hook_resid_pre(resid)
-        x = self.ln1(resid) if pre else resid
+        if self.use_split_qkv_input:  # TL's: q, k, v inputs per head, each through ln1
+            acfg = self.attn.cfg
+            kv = acfg.n_heads if acfg.ungroup_grouped_query_attention else acfg.n_key_value_heads
+            hooks = (
+                (self.hook_q_input, acfg.n_heads),
+                (self.hook_k_input, kv),
+                (self.hook_v_input, kv),
+            )
+            inputs = [hook(resid[:, :, None].expand(-1, -1, n, -1)) for hook, n in hooks]
+            q_in, k_in, v_in = (self.ln1(x) if pre else x for x in inputs)
+        else:
+            q_in = k_in = v_in = self.ln1(resid) if pre else resid
         rotary = (cos, sin) if self.use_rope else None
         attn_out = self.attn(
-            x, x, x, cache, None, attention_mask, rotary=rotary, use_fast_path=use_fast_path
+            q_in,
+            k_in,
+            v_in,
+            cache,
+            None,
+            attention_mask,
+            rotary=rotary,
+            use_fast_path=use_fast_path,
         )
         attn_out = self.hook_attn_out(self.norm_after(1, attn_out))
         resid = self.hook_resid_mid(resid + attn_out * m)
-        mlp_out = self.mlp(self.ln2(resid) if pre else resid)
+        mlp_in = self.hook_mlp_in(resid.clone()) if self.use_hook_mlp_in else resid
+        mlp_out = self.mlp(self.ln2(mlp_in) if pre else mlp_in)
         mlp_out = self.hook_mlp_out(self.norm_after(2, mlp_out))
         return self.hook_resid_post(resid + mlp_out * m)
+
+    def inactive_hooks(self) -> dict[str, str]:
+        """{hook point name within the block: the setting that makes it fire} for those
+        that do not fire now (TL's optional hook points)."""
+        off = {"hook_attn_in": "use_attn_in, which grouped-query attention refuses (as TL)"}
+        if not self.use_split_qkv_input:
+            off |= dict.fromkeys(SPLIT_INPUTS, "model.set_use_split_qkv_input(True)")
+        if not self.use_hook_mlp_in:
+            off["hook_mlp_in"] = "model.set_use_hook_mlp_in(True)"
+        if not self.attn.cfg.use_attn_result:
+            off["attn.hook_result"] = "model.set_use_attn_result(True)"
+        return off
 
     def norm_after(self, i: int, out: Tensor) -> Tensor:
         """Sublayer i's output through the norm after it: ln{i} under "post" (OLMo2),
@@ -155,13 +204,14 @@ class TransformerBlock(nn.Module):
         return getattr(self, f"ln{i}" if placement == "post" else f"ln{i}_post")(out)
 
 
-class GQATransformer(HookedRootModule):
+class GQATransformer(TransformerLensAPI):
     """A Llama-family decoder in TransformerLens layout: tokens [batch, pos] -> logits.
 
-    Also the research tool (TL's API): `run_with_cache`, `hooks`, `run_with_hooks`,
-    `reset_hooks` (model/hooks.py), `generate` with a KV cache at n_kv heads
-    (model/generate.py), `to_tokens` / `to_string` with the tokenizer `from_pretrained`
-    attaches (from the export's files)."""
+    Also the research tool (TL's API): `run_with_cache` returning an `ActivationCache`,
+    the stacked weights and token helpers (model/lens.py, model/activation_cache.py),
+    `hooks`, `run_with_hooks`, `reset_hooks` (model/hooks.py), `generate` with a KV cache
+    at n_kv heads (model/generate.py), `to_tokens` / `to_string` with the tokenizer
+    `from_pretrained` attaches (from the export's files)."""
 
     generation_defaults = GenerationDefaults()  # stop tokens; from_pretrained reads the export's
     tokenizer_loader: Callable[[], Any] | None = None  # set by from_pretrained
@@ -170,7 +220,7 @@ class GQATransformer(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.embed = Embed(cfg)
-        self.hook_embed = HookPoint()
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]: what enters block 0 (scaled)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = norm(cfg)
         self.unembed = Unembed(cfg)
@@ -215,21 +265,42 @@ class GQATransformer(HookedRootModule):
 
     def forward(
         self,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"] | str | list[str],
         use_fast_path: bool | None = None,
         *,
         cache: KVCache | None = None,
         attention_mask: Int[Tensor, "batch positions_so_far"] | None = None,
         logits_to_keep: int = 0,
-    ) -> Float[Tensor, "batch pos d_vocab"]:
-        """Logits. `use_fast_path`: None picks SDPA unless a hook reads scores or pattern;
-        False forces the reference path (explicit scores, pattern, repeat_interleave).
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        stop_at_layer: int | None = None,
+    ) -> Any:
+        """Logits [batch, pos, d_vocab]. `use_fast_path`: None picks SDPA unless a hook reads
+        scores or pattern; False forces the reference path (explicit scores, pattern,
+        repeat_interleave).
+
+        TL's options: `tokens` may be a string or a list of strings (tokenised by `tokenize`
+        with `prepend_bos` and `padding_side`, padding masked); `return_type` "logits",
+        "loss" (next-token cross-entropy, `loss_per_token`: [batch, pos - 1]), "both"
+        ((logits, loss)) or None; `stop_at_layer` (None: all layers): run only
+        `blocks[:stop_at_layer]` (negative counts from the end) and return that residual
+        stream [batch, pos, d_model], as TL's `HookedTransformer`.
 
         For generation (model/generate.py): `cache` holds the keys and values of the tokens
         fed before (`tokens` come after them); `attention_mask` [batch, cached + new] is 0 on
         left padding; each row's rotary positions count its attended tokens (HF's
         `generate`: the mask's cumsum - 1). `logits_to_keep` > 0: logits of the last ones."""
-        resid = scale_embeddings(self.cfg, self.hook_embed(self.embed(tokens)))
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+        if isinstance(tokens, str | list):
+            tokens, mask = self.tokenize(tokens, padding_side or "left", prepend_bos)
+            if attention_mask is None and not mask.all():
+                attention_mask = mask
+        elif tokens.ndim == 1:
+            tokens = tokens[None]  # TL: one sequence gets a batch dimension
+        resid = self.hook_embed(scale_embeddings(self.cfg, self.embed(tokens)))
         n_new, past = tokens.shape[1], cache.length if cache is not None else 0
         if attention_mask is not None:
             positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -n_new:]
@@ -241,12 +312,21 @@ class GQATransformer(HookedRootModule):
             t: self.rotary(n_new, dtype, None, t, positions) for t in set(self.cfg.attn_types)
         }
         layers = cache.layers if cache is not None else [None] * len(self.blocks)
-        for block, entry in zip(self.blocks, layers, strict=True):
+        for block, entry in list(zip(self.blocks, layers, strict=True))[:stop_at_layer]:
             cos, sin = tables[block.attn.attn_type]
             resid = block(resid, cos, sin, use_fast_path, entry, attention_mask)
+        if stop_at_layer is not None:
+            return resid
         if logits_to_keep:
             resid = resid[:, -logits_to_keep:]
-        return final_logits(self.cfg, self.unembed(self.ln_final(resid)))
+        if return_type is None:
+            self.ln_final(resid)  # its hook points still fire, as TL's
+            return None
+        logits = final_logits(self.cfg, self.unembed(self.ln_final(resid)))
+        if return_type == "logits":
+            return logits
+        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
 
     def new_cache(self, capacity: int = 0) -> KVCache:
         """An empty generation cache: every layer at n_kv heads, sliding-window layers
@@ -271,23 +351,43 @@ class GQATransformer(HookedRootModule):
         return self._tokenizer
 
     def to_tokens(
-        self, text: str | list[str], padding_side: str = "left"
+        self, text: str | list[str], padding_side: str = "left", prepend_bos: bool | None = None
     ) -> Int[Tensor, "batch pos"]:
         """Token ids [batch, pos] on the model's device, as the tokenizer makes them (its
-        special tokens included); several texts are padded on `padding_side`."""
-        return self.tokenize(text, padding_side)[0]
+        special tokens included; `prepend_bos` as in `tokenize`); several texts are padded on
+        `padding_side`."""
+        return self.tokenize(text, padding_side, prepend_bos)[0]
 
     def tokenize(
-        self, text: str | list[str], padding_side: str = "left"
+        self, text: str | list[str], padding_side: str = "left", prepend_bos: bool | None = None
     ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-        """`to_tokens` and the attention mask (0 on padding), both [batch, pos]."""
+        """`to_tokens` and the attention mask (0 on padding), both [batch, pos].
+        `prepend_bos` (TL's): None keeps what the tokenizer does; True starts every text with
+        BOS (added where the tokenizer adds none), False drops the BOS the tokenizer adds."""
         tok = self.tokenizer
         texts = [text] if isinstance(text, str) else list(text)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token or tok.unk_token
-        out = tok(texts, return_tensors="pt", padding=True, padding_side=padding_side)
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        rows = tok(texts).input_ids
+        if prepend_bos is not None:
+            bos = tok.bos_token_id
+            if bos is None and prepend_bos:
+                raise ValueError("prepend_bos=True, but the tokenizer has no BOS token")
+            adds = bos is not None and tok("").input_ids[:1] == [bos]
+            if prepend_bos and not adds:
+                rows = [[bos, *row] for row in rows]
+            elif not prepend_bos and adds:
+                rows = [row[1:] for row in rows]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if padding_side == "left" else slice(len(row))
+            ids[i, span], mask[i, span] = torch.tensor(row, dtype=torch.long), 1
         device = self.embed.W_E.device
-        return out.input_ids.to(device), out.attention_mask.to(device)
+        return ids.to(device), mask.to(device)
 
     def to_string(self, tokens: Int[Tensor, "... pos"] | list[int] | int) -> str | list[str]:
         """Text of 1-D tokens (a str) or of each row of 2-D tokens (a list), special

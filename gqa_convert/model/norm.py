@@ -1,12 +1,66 @@
-"""RMSNorm, and the q / k norms some families put between the projections and rotary."""
+"""RMSNorm, and the q / k norms some families put between the projections and rotary.
+
+Every norm carries TransformerLens's two hook points (TL's `RMSNorm` / `LayerNorm`):
+`hook_scale` [..., 1], the divisor sqrt(mean(x^2) + eps) in fp32, and `hook_normalized`
+[..., d], x / scale in fp32, before the weight. `normalize` is the one place that computes
+them: a new norm module (a LayerNorm, a norm of another family) calls it with its own
+variance, so it gets the same hook points with the same semantics.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from gqa_convert.model.attention_config import AttentionConfig
+from gqa_convert.model.hooks import HookPoint, through
+
+
+def normalize(
+    x32: Float[Tensor, "... d"],
+    var_eps: Float[Tensor, "... 1"],
+    hook_scale: HookPoint,
+    hook_normalized: HookPoint,
+    rows: bool = False,
+) -> Float[Tensor, "... d"]:
+    """x32 / sqrt(var_eps), through TL's hook points: `hook_scale` sees sqrt(var_eps) and
+    `hook_normalized` the result (`rows`: both seen as [-1, last dim], TL's view of the q/k
+    norms over d_head). Computed as HF does, x32 * rsqrt(var_eps), bit for bit, unless a
+    hook changes the scale (then x32 / the hook's scale, TL's formula); gradients reach
+    `hook_scale` as in TL's graph (`InverseOf`)."""
+    if not hook_scale.has_hooks:
+        out = x32 * torch.rsqrt(var_eps)
+    else:
+        scale, changed = through(hook_scale, var_eps.sqrt(), rows)
+        if changed:
+            out = x32 / scale
+        elif scale.requires_grad:
+            out = x32 * InverseOf.apply(scale, var_eps)
+        else:
+            out = x32 * torch.rsqrt(var_eps)
+    if not hook_normalized.has_hooks:
+        return out
+    return through(hook_normalized, out, rows)[0]
+
+
+class InverseOf(torch.autograd.Function):
+    """1 / scale with its value computed as rsqrt(var_eps) (HF's, bit for bit) and its
+    gradient flowing back through `scale` only (d(1/s)/ds = -1/s^2), as through TL's
+    x / scale."""
+
+    @staticmethod
+    def forward(ctx: Any, scale: Tensor, var_eps: Tensor) -> Tensor:
+        inv = torch.rsqrt(var_eps)
+        ctx.save_for_backward(inv)
+        return inv
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (inv,) = ctx.saved_tensors
+        return -grad * inv * inv, None
 
 
 class RMSNorm(nn.Module):
@@ -22,10 +76,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight_in_fp32 = weight_in_fp32
         self.offset = offset
+        self.hook_scale = HookPoint()  # [..., 1]: sqrt(mean(x^2) + eps), fp32
+        self.hook_normalized = HookPoint()  # [..., d]: x / scale, fp32, before the weight
 
-    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+    def forward(self, x: Float[Tensor, "... d"], rows: bool = False) -> Float[Tensor, "... d"]:
+        """`rows`: the hook points see [-1, d] (see `normalize`)."""
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        var_eps = x32.pow(2).mean(-1, keepdim=True) + self.eps
+        x32 = normalize(x32, var_eps, self.hook_scale, self.hook_normalized, rows)
         if self.offset:
             return (x32 * (self.offset + self.w.float())).to(x.dtype)
         if self.weight_in_fp32:
@@ -47,9 +105,10 @@ def qk_norm(cfg: AttentionConfig, heads: int) -> RMSNorm | None:
 def apply_qk_norm(
     norm: RMSNorm | None, x: Float[Tensor, "batch pos head d_head"]
 ) -> Float[Tensor, "batch pos head d_head"]:
-    """`norm` over each head ([..., d_head] weights) or over the flattened heads."""
+    """`norm` over each head ([..., d_head] weights; its hook points see [batch * pos * head,
+    d_head], as TL's) or over the flattened heads ([batch, pos, head * d_head])."""
     if norm is None:
         return x
     if norm.w.shape[-1] == x.shape[-1]:
-        return norm(x)
+        return norm(x, rows=True)
     return norm(x.flatten(2)).view(x.shape)  # [b, p, n * h] -> [b, p, n, h]

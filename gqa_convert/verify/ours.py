@@ -183,8 +183,8 @@ class Ours(PartHolder):
         """The stream entering block 0 (Granite, Gemma: times embedding_multiplier)."""
         from gqa_convert.model.decoder import scale_embeddings
 
-        out = self.model.hook_embed(self.model.embed(tokens.to(self.device("embed"))))
-        return scale_embeddings(self.cfg, out.to(COMPUTE_DTYPES[self.dtype]))
+        out = self.model.embed(tokens.to(self.device("embed")))
+        return self.model.hook_embed(scale_embeddings(self.cfg, out.to(COMPUTE_DTYPES[self.dtype])))
 
     def rotary(self, n_pos: int, part: Part) -> tuple[Tensor, Tensor]:
         """cos / sin for a sequence of `n_pos` at layer `part`'s type (Gemma 3: local
