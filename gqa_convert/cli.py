@@ -44,7 +44,10 @@ SmolLM3 (layers without rotary); Gemma (norms scaling by 1 + w, embeddings times
 sqrt(d_model), GeGLU); Gemma-2 (sandwich norms, attention and final logit soft-caps,
 query_pre_attn_scalar, alternating local/global layers); Gemma-3 text (Gemma-2 without
 soft-caps, q/k RMSNorm per head, a rotary per layer type); mixtures of experts: Mixtral,
-Qwen3-MoE, OLMoE (top-k router, per-expert gated MLPs, Qwen3-MoE's dense layers).
+Qwen3-MoE, OLMoE (top-k router, per-expert gated MLPs, Qwen3-MoE's dense layers); the
+dense families of 2026: Seed_OSS (q/k/v and o biases by their own switches), InternLM3
+(Llama with every projection biased), Helium (interleaved rotary), ERNIE4_5 (interleaved
+rotary in fp32, use_bias).
 
 Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
 Anything else is refused, naming the field."""

@@ -157,7 +157,8 @@ def hooked_transformer_config(
         positional_embedding_type="rotary",
         rotary_dim=cfg.rotary_dim,  # Phi-3's partial rotary: the first rotary_dim dims
         rotary_base=cfg.rope.theta,
-        rotary_adjacent_pairs=False,  # HF's rotate-half: pairs (i, i + d_head / 2)
+        # rotate-half (pairs (i, i + rotary_dim / 2)), or interleaved (Helium, ERNIE, GLM-4)
+        rotary_adjacent_pairs=cfg.rotary_adjacent_pairs,
         **ROPE_FIELDS[cfg.rope.type](cfg.rope),
         use_attn_scale=True,  # scores / sqrt(d_head), or / sqrt(query_pre_attn_scalar):
         attn_scale=cfg.query_pre_attn_scalar**0.5 if cfg.query_pre_attn_scalar else -1.0,
@@ -186,6 +187,11 @@ TL_LACKS = (
     ("attention_multiplier", None),  # Granite
     ("residual_multiplier", 1.0),  # Granite
     ("logits_scaling", 1.0),  # Granite
+    ("logit_scale", 1.0),  # Cohere
+    ("attn_sinks", False),  # Granite SWA
+    ("query_scale_beta", None),  # Ministral 3's llama_4_scaling_beta
+    ("qk_norm_after_rotary", False),  # Hunyuan
+    ("rope_thetas", ()),  # Granite SWA's per-layer theta
 )
 
 
@@ -212,6 +218,10 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
         problems.append("norm_placement = 'post' (TL applies it to OLMo2 only)")
     if cfg.qk_norm == "proj" and cfg.architecture not in PROJ_QK_NORM:
         problems.append("qk_norm = 'proj' (TL applies it to OLMo2 and OLMoE only)")
+    if cfg.qk_norm == "heads":
+        problems.append("qk_norm = 'heads' (TL's q / k norm weights are shared by the heads)")
+    if cfg.mlp_bias and cfg.gated_mlp:
+        problems.append("mlp_bias with a gated MLP (TL's GatedMLP has no bias on its gate)")
     if cfg.moe is not None and not all(cfg.moe.layers):
         dense = [i for i, moe in enumerate(cfg.moe.layers) if not moe]
         problems.append(f"dense MLP layers {dense} among MoE layers (TL's MoE is on every layer)")

@@ -264,3 +264,14 @@ def expert_gate_and_in_exchanged(layer: int = 1, expert: int = 0) -> Mutation:
         return cfg, state
 
     return mutate
+
+
+def tensor_zeroed(name: str) -> Mutation:
+    """One tensor replaced by zeros: a bias the converter did not read (Seed-OSS's o_proj
+    bias under its own switch, an MLP bias), a sink left at its initial value."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        state[name] = torch.zeros_like(state[name])
+        return cfg, state
+
+    return mutate

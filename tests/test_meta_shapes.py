@@ -317,6 +317,92 @@ OLMOE_1B_7B = {
     "tie_word_embeddings": False,
     "torch_dtype": "float32",
 }
+# The dense families of 2026 (issue 26). Where a number is not in the source named, it is
+# the transformers config class's default, which its docstring names as that model's.
+# ByteDance-Seed/Seed-OSS-36B-Instruct, its model card: 64 layers, 80 / 8 query / KV heads
+# of 128, hidden 5120, rope theta 1e7, 512K context; vocabulary 155136 and MLP 27648 as
+# SeedOssConfig (the card: "155K").
+SEED_OSS_36B = {
+    "architectures": ["SeedOssForCausalLM"],
+    "model_type": "seed_oss",
+    "hidden_size": 5120,
+    "intermediate_size": 27648,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 80,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 155136,
+    "max_position_embeddings": 524288,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e7,
+    "attention_bias": True,
+    "attention_out_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# internlm/internlm3-8b-instruct: InternLM3Config's defaults ("InternLM3-8B style": 48 layers,
+# 32 / 2 heads of 128, hidden 4096) in the Hub's spellings (qkv_bias, bias); the rope scaling
+# (dynamic, factor 6) illustrative.
+INTERNLM3_8B = {
+    "architectures": ["InternLM3ForCausalLM"],
+    "model_type": "internlm3",
+    "hidden_size": 4096,
+    "intermediate_size": 10240,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "vocab_size": 128512,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 50000000,
+    "rope_scaling": {"factor": 6.0, "rope_type": "dynamic"},
+    "qkv_bias": False,
+    "bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# kyutai/helium-1-preview-2b: HeliumConfig's defaults (24 layers, 20 heads of 128 without
+# grouping, hidden 2560, theta 100000).
+HELIUM_2B = {
+    "architectures": ["HeliumForCausalLM"],
+    "model_type": "helium",
+    "hidden_size": 2560,
+    "intermediate_size": 7040,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 20,
+    "head_dim": 128,
+    "vocab_size": 48000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-8,
+    "rope_theta": 100000.0,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# baidu/ERNIE-4.5-0.3B-PT: 18 layers, 16 / 2 heads of 128, hidden 1024, MLP 3072, vocabulary
+# 103424, theta 500000, 131072 context (apxml.com's ERNIE-4.5-0.3B-Base page, and
+# Ernie4_5Config's defaults), tied embeddings, no biases.
+ERNIE45_03B = {
+    "architectures": ["Ernie4_5ForCausalLM"],
+    "model_type": "ernie4_5",
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "vocab_size": 103424,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "use_bias": False,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
 ACTIVE = {"mixtral-8x7b": 12.9e9, "qwen3-30b-a3b": 3.3e9, "olmoe-1b-7b": 1.3e9}
 MODELS = {
     "llama-3-8b": LLAMA3_8B,
@@ -336,6 +422,10 @@ MODELS = {
     "mixtral-8x7b": MIXTRAL_8X7B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,
     "olmoe-1b-7b": OLMOE_1B_7B,
+    "seed-oss-36b": SEED_OSS_36B,
+    "internlm3-8b": INTERNLM3_8B,
+    "helium-2b": HELIUM_2B,
+    "ernie-4.5-0.3b": ERNIE45_03B,
 }
 
 
@@ -456,6 +546,15 @@ def test_map_real_shapes_on_meta(name):
     if name == "gemma-3-1b":
         assert cfg.sliding_window == 512 and cfg.rope.type == "default"
         assert attn._W_K.shape == (1, 1152, 256)  # MQA
+    if name == "seed-oss-36b":
+        assert (cfg.qkv_bias, cfg.o_bias, cfg.d_head) == (True, False, 128)
+        assert state["blocks.0.attn.b_Q"].shape == (80, 128)
+    if name == "internlm3-8b":
+        assert cfg.family == "internlm3" and not cfg.qkv_bias and cfg.rope.type == "dynamic"
+    if name in ("helium-2b", "ernie-4.5-0.3b"):
+        assert cfg.rotary_adjacent_pairs and cfg.d_head == 128
+    if name == "ernie-4.5-0.3b":
+        assert cfg.tie_word_embeddings and cfg.rotary_in_fp32 and not cfg.mlp_bias
     if name == "gemma-3-4b-text":
         assert cfg.sliding_window == 1024
         assert (cfg.rope.type, cfg.rope.factor) == ("linear", 8.0)

