@@ -47,7 +47,9 @@ soft-caps, q/k RMSNorm per head, a rotary per layer type); mixtures of experts: 
 Qwen3-MoE, OLMoE (top-k router, per-expert gated MLPs, Qwen3-MoE's dense layers); the
 dense families of 2026: Seed_OSS (q/k/v and o biases by their own switches), InternLM3
 (Llama with every projection biased), Helium (interleaved rotary), ERNIE4_5 (interleaved
-rotary in fp32, use_bias).
+rotary in fp32, use_bias), OLMo3 (OLMo2 with 3:1 sliding layers, a rotary per layer
+type), EXAONE4 (post-norms, q/k norm, global layers without rotary), Ministral (windows by
+layer_types), Ministral3 (llama_4_scaling_beta query scale).
 
 Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
 Anything else is refused, naming the field."""

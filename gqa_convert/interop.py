@@ -20,16 +20,18 @@ sandwich norms are TL's `use_normalization_before_and_after` (`ln1_post`, `ln2_p
 soft-caps `attn_scores_soft_cap` / `output_logits_soft_cap`, its query_pre_attn_scalar
 `attn_scale`, Gemma 3's local rotary `rotary_base_local`.
 
-Qwen3's q/k norms are TL's `use_qk_norm` (`attn.q_norm.w`), OLMo2's
-post-norms and OLMo2's and OLMoE's projection-wide q/k norms come with their
-`original_architecture`, a mixture of experts (Mixtral, OLMoE) is TL's `MoE` (router and
-experts as nn.Linear: our tensors transposed, `_moe_as_linear`), Phi-3's
-partial rotary is `rotary_dim`, linear and yarn rope are TL's own. What TL 3.9 lacks is
-refused naming the option: Granite's multipliers, SmolLM3's layers without rotary, dynamic
-and longrope scaling. The config maps one to one: RMSNorm, gated SiLU MLP, rotate-half rotary
-(`rotary_adjacent_pairs=False`) at the checkpoint's theta, llama3 rope as TL's NTK-by-parts
-(the same formula as HF's), sliding-window layers as TL's `"local"` attention (TL keeps keys
-with `q - k < window_size`, HF's rule).
+Qwen3's q/k norms are TL's `use_qk_norm` (`attn.q_norm.w`), OLMo 2's and 3's post-norms
+and OLMo 2's, 3's and OLMoE's projection-wide q/k norms come with their
+`original_architecture` (OLMo 3's yarn on global layers only: `yarn_global_attn_only`), a
+mixture of experts (Mixtral, OLMoE) is TL's `MoE` (router and experts as nn.Linear: our
+tensors transposed, `_moe_as_linear`), Phi-3's partial rotary is `rotary_dim`, interleaved
+rotary (Helium, ERNIE, GLM-4) `rotary_adjacent_pairs`, linear and yarn rope are TL's own. What
+TL 3.9 lacks is refused naming the option: Granite's multipliers, SmolLM3's layers without
+rotary, dynamic and longrope scaling, MLP biases on a gated MLP, Ministral 3's query scale,
+and the other options of `TL_LACKS`. The config maps one to one: RMSNorm, gated SiLU MLP,
+rotary at the checkpoint's theta, llama3 rope as TL's NTK-by-parts (the same formula as
+HF's), sliding-window layers as TL's `"local"` attention (TL keeps keys with
+`q - k < window_size`, HF's rule).
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ PREPEND_BOS = {
 }
 
 # Architectures whose q / k norm TL applies over the whole projection.
-PROJ_QK_NORM = ("Olmo2ForCausalLM", "OlmoeForCausalLM")
+PROJ_QK_NORM = ("Olmo2ForCausalLM", "OlmoeForCausalLM", "Olmo3ForCausalLM")
+# Architectures whose ln1 / ln2 TL applies after the sublayer (its POST_NORM_ARCHITECTURES).
+POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 # HookedTransformer parameters that no source of ours has, so no export holds them.
 ALWAYS_ZERO = ("b_in", "b_out", "b_U")
@@ -166,6 +170,8 @@ def hooked_transformer_config(
         output_logits_soft_cap=cfg.final_logit_softcap or -1.0,
         use_normalization_before_and_after=cfg.norm_placement == "sandwich",
         rotary_base_local=cfg.rope_local.theta if cfg.rope_local else None,
+        # OLMo 3: yarn on global layers only, plain rotary on local ones
+        yarn_global_attn_only=cfg.rope_local is not None,
         use_qk_norm=cfg.qk_norm == "head",  # Qwen3; OLMo2's "proj" comes with its architecture
         scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
         use_local_attn=local,
@@ -214,8 +220,8 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
             "layers without rotary (no_rope_layers: "
             f"{[i for i, r in enumerate(cfg.rope_layers) if not r]})"
         )
-    if cfg.norm_placement == "post" and cfg.architecture != "Olmo2ForCausalLM":
-        problems.append("norm_placement = 'post' (TL applies it to OLMo2 only)")
+    if cfg.norm_placement == "post" and cfg.architecture not in POST_NORM:
+        problems.append("norm_placement = 'post' (TL applies it to OLMo 2 and 3 only)")
     if cfg.qk_norm == "proj" and cfg.architecture not in PROJ_QK_NORM:
         problems.append("qk_norm = 'proj' (TL applies it to OLMo2 and OLMoE only)")
     if cfg.qk_norm == "heads":
@@ -237,7 +243,7 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
 
 
 # Global rope types TL applies to global layers only, so a plain local rotary stays plain.
-ROPE_LOCAL_OK = ("default", "linear")
+ROPE_LOCAL_OK = ("default", "linear", "yarn")
 
 
 def tl_tensor(

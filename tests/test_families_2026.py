@@ -22,6 +22,22 @@ from tests.test_families import DYNAMIC, assert_gate_and_round_trip, component_e
 from tests.test_interop import needs_tl
 from tests.test_parity import assert_logits_match, hf_and_ours
 
+YARN_FULL = {
+    "rope_type": "yarn",
+    "rope_theta": 10_000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+MINISTRAL3_YARN = {
+    **YARN_FULL,
+    "rope_theta": 1e6,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
+
 # (HF config class key in tests/hf_models.py, overrides, prompt length)
 CASES = {
     # Seed-OSS: q/k/v biases on by default, o_proj's under attention_out_bias, MLP biases.
@@ -54,6 +70,54 @@ CASES = {
     "ernie4_5-use-bias-untied-head_dim-12": (
         "ernie4_5",
         {"use_bias": True, "tie_word_embeddings": False, "head_dim": 12},
+        40,
+    ),
+    # OLMo 3: OLMo2's block, three local layers to one global, a rotary per layer type.
+    "olmo3-window-3-to-1": ("olmo3", {"sliding_window": 8, "num_hidden_layers": 4}, 40),
+    "olmo3-rope-per-layer-type": (
+        "olmo3",
+        {
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": YARN_FULL,
+            },
+            "max_position_embeddings": 64,
+        },
+        40,
+    ),
+    # EXAONE 4: post-norms, q/k norm per head, no rotary on global layers when windowed.
+    "exaone4-nope-global": ("exaone4", {"sliding_window": 8, "sliding_window_pattern": 2}, 40),
+    "exaone4-no-window-mha": (
+        "exaone4",
+        {"sliding_window": None, "layer_types": ["full_attention"] * 3, "num_key_value_heads": 8},
+        40,
+    ),
+    # Ministral: windows on the layers layer_types names; Ministral 3: yarn and the query
+    # scale past original_max_position_embeddings (16 < 40).
+    "ministral-layer-types": (
+        "ministral",
+        {
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"] * 1 + ["sliding_attention"],
+        },
+        40,
+    ),
+    "ministral-mqa-window": ("ministral", {"sliding_window": 6, "num_key_value_heads": 1}, 40),
+    "ministral3-query-scale": (
+        "ministral3",
+        {"rope_parameters": MINISTRAL3_YARN, "max_position_embeddings": 64},
+        40,
+    ),
+    "ministral3-window-tied": (
+        "ministral3",
+        {
+            "rope_parameters": MINISTRAL3_YARN,
+            "max_position_embeddings": 64,
+            "sliding_window": 8,
+            "tie_word_embeddings": True,
+        },
         40,
     ),
 }
@@ -125,6 +189,32 @@ MUTATIONS = {
         M.tensor_zeroed("blocks.2.mlp.b_out"),
         (2, "mlp_out"),
     ),
+    "olmo3-local-rope-on-global-layer": (
+        "olmo3-rope-per-layer-type",
+        M.local_rope_on_global_layers(),
+        (1, "rot_q"),
+    ),
+    "olmo3-window-ignored": ("olmo3-window-3-to-1", M.sliding_window_ignored(), (0, "attn_out")),
+    "exaone4-rotary-on-a-nope-global-layer": (
+        "exaone4-nope-global",
+        M.config_field("rope_layers", (True, True, True)),
+        (1, "rot_q"),
+    ),
+    "exaone4-q-norm-dropped": (
+        "exaone4-nope-global",
+        M.norm_to_ones("blocks.0.attn.q_norm.w"),
+        (0, "q_norm"),
+    ),
+    "ministral-layer-types-unread": (
+        "ministral-layer-types",
+        M.config_field("attn_types", ("local", "local", "local")),
+        (1, "attn_out"),
+    ),
+    "ministral3-query-scale-dropped": (
+        "ministral3-query-scale",
+        M.config_field("query_scale_beta", None),
+        (0, "attn_out"),
+    ),
 }
 
 
@@ -140,7 +230,16 @@ def test_a_family_bug_fails_the_gate_where_it_is(tmp_path, name):
 # One case per family: the streamed HF side (its layers one at a time, masks and rotary
 # per layer from its own forward) gives the whole model's report, on SRC's mapping and on
 # an export's files.
-STREAMED = ["seed_oss", "internlm3-biases", "helium", "ernie4_5-use-bias-untied-head_dim-12"]
+STREAMED = [
+    "seed_oss",
+    "internlm3-biases",
+    "helium",
+    "ernie4_5-use-bias-untied-head_dim-12",
+    "olmo3-rope-per-layer-type",
+    "exaone4-nope-global",
+    "ministral-layer-types",
+    "ministral3-window-tied",
+]
 
 
 @pytest.mark.parametrize("case", STREAMED)
@@ -191,7 +290,22 @@ CONFIG_VARIANTS = [
     ("helium", {"attention_bias": True}),  # theta 100000, head_dim 128
     ("ernie4_5", {}),  # theta 500000, tied, head_dim 128
     ("ernie4_5", {"use_bias": True, "tie_word_embeddings": False, "head_dim": 8}),
+    ("olmo3", {}),  # 3:1 layers, window 4096, theta 500000 on both types
+    ("olmo3", {"rope_theta": 1000.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("exaone4", {}),  # every 4th layer global, without rotary
+    ("exaone4", {"sliding_window": 16, "layer_types": ["full_attention"] * 4}),
+    ("exaone4", {"sliding_window": None, "layer_types": ["full_attention"] * 4}),
+    # MinistralConfig derives no head_dim (its model fails without one): stated.
+    ("ministral", {"head_dim": 8}),  # window 4096 on every layer
+    ("ministral", {"head_dim": 16, "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    ("ministral3", {}),  # yarn, head_dim 128, llama_4_scaling_beta 0.1: the class's rope
+    ("ministral3", {"sliding_window": 16, "layer_types": ["full_attention"] * 4}),  # unread
 ]
+
+
+# Models whose mask is one for every layer, by config.sliding_window (Ministral3Model: its
+# create_sliding_window_causal_mask when set), whatever layer_types the config holds.
+UNIFORM_WINDOW = {"ministral3"}
 
 
 @pytest.mark.parametrize(("model_type", "extra"), CONFIG_VARIANTS)
@@ -211,6 +325,9 @@ def test_config_reads_as_transformers_does(model_type, extra):
     assert cfg.mlp_bias == any(p.endswith("bias") for p, _ in layer.mlp.named_parameters())
     assert cfg.tie_word_embeddings == theirs.tie_word_embeddings
     hf_types = getattr(theirs, "layer_types", None) or ["full_attention"] * cfg.n_layers
+    if model_type in UNIFORM_WINDOW:  # the model masks every layer alike, layer_types unread
+        window = theirs.sliding_window is not None
+        hf_types = ["sliding_attention" if window else "full_attention"] * cfg.n_layers
     assert list(cfg.attn_types) == [
         {"full_attention": "global", "sliding_attention": "local"}[t] for t in hf_types
     ]
@@ -237,8 +354,14 @@ def rotary_of(cfg):
     return model
 
 
-TL_CASES = ["seed_oss", "internlm3", "helium", "helium-qkv-bias-mha", "ernie4_5-tied"]
+TL_CASES = [
+    *("seed_oss", "internlm3", "helium", "helium-qkv-bias-mha", "ernie4_5-tied"),
+    *("olmo3-window-3-to-1", "olmo3-rope-per-layer-type", "ministral-layer-types"),
+    "ministral-mqa-window",
+]
 TL_REFUSED = {
+    "exaone4-nope-global": "norm_placement",
+    "ministral3-query-scale": "query_scale_beta",
     "internlm3-mqa-dynamic": "dynamic",
     "seed_oss-o-and-mlp-bias-tied-head_dim-12": "mlp_bias",
     "internlm3-biases": "mlp_bias",

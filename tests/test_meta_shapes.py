@@ -403,6 +403,108 @@ ERNIE45_03B = {
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
 }
+# allenai/Olmo-3-32B: 64 layers, hidden 5120, 40 / 8 heads, window 4096 on three layers of
+# four, YaRN on the global layers only, 8192-token pretraining context extended 8x (the
+# OLMo 3 report, as summarised by apxml.com and emergentmind.com); MLP width and vocabulary
+# (OLMo 2's 100352) illustrative.
+OLMO3_32B = {
+    "architectures": ["Olmo3ForCausalLM"],
+    "model_type": "olmo3",
+    "hidden_size": 5120,
+    "intermediate_size": 27648,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "vocab_size": 100352,
+    "max_position_embeddings": 65536,
+    "rms_norm_eps": 1e-6,
+    "sliding_window": 4096,
+    "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+    "rope_parameters": {
+        "full_attention": {
+            "rope_type": "yarn",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+    },
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+OLMO3_32B["layer_types"] = OLMO3_32B["layer_types"] * 16
+# LGAI-EXAONE/EXAONE-4.0-32B's scheme (its model card and the transformers docs: local and
+# global layers 3:1, a 4K window, no RoPE on global layers, QK-Reorder-Norm) on
+# Exaone4Config's default shape (32 layers of 4096, 32 heads, vocabulary 102400).
+EXAONE4 = {
+    "architectures": ["Exaone4ForCausalLM"],
+    "model_type": "exaone4",
+    "hidden_size": 4096,
+    "intermediate_size": 16384,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 102400,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 4,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# mistralai/Ministral-8B-Instruct-2410, its model card: 36 layers, dim 4096, 32 / 8 heads of
+# 128, MLP 12288, vocabulary 131072, attention "ragged (128k, 32k, 32k, 32k)" (one global
+# layer, then three with a 32768 window), 8,019,808,256 parameters; theta 1e8 (apxml.com).
+MINISTRAL_8B = {
+    "architectures": ["MinistralForCausalLM"],
+    "model_type": "ministral",
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 131072,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000000.0,
+    "sliding_window": 32768,
+    "layer_types": (["full_attention"] + ["sliding_attention"] * 3) * 9,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# Ministral 3: Ministral3Config's defaults (34 layers of 4096, 32 / 8 heads of 128, yarn x16
+# from 16384 with llama_4_scaling_beta 0.1), its rope as the class writes it.
+MINISTRAL3 = {
+    "architectures": ["Ministral3ForCausalLM"],
+    "model_type": "ministral3",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 131072,
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 1000000.0,
+        "factor": 16.0,
+        "original_max_position_embeddings": 16384,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "llama_4_scaling_beta": 0.1,
+    },
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 ACTIVE = {"mixtral-8x7b": 12.9e9, "qwen3-30b-a3b": 3.3e9, "olmoe-1b-7b": 1.3e9}
 MODELS = {
     "llama-3-8b": LLAMA3_8B,
@@ -426,6 +528,10 @@ MODELS = {
     "internlm3-8b": INTERNLM3_8B,
     "helium-2b": HELIUM_2B,
     "ernie-4.5-0.3b": ERNIE45_03B,
+    "olmo3-32b": OLMO3_32B,
+    "exaone4": EXAONE4,
+    "ministral-8b": MINISTRAL_8B,
+    "ministral3": MINISTRAL3,
 }
 
 
@@ -555,6 +661,21 @@ def test_map_real_shapes_on_meta(name):
         assert cfg.rotary_adjacent_pairs and cfg.d_head == 128
     if name == "ernie-4.5-0.3b":
         assert cfg.tie_word_embeddings and cfg.rotary_in_fp32 and not cfg.mlp_bias
+    if name == "olmo3-32b":
+        assert cfg.attn_types == ("local", "local", "local", "global") * 16
+        assert (cfg.rope.type, cfg.rope_local.type) == ("yarn", "default")
+        assert cfg.qk_norm == "proj" and state["blocks.0.attn.k_norm.w"].shape == (1024,)
+    if name == "exaone4":
+        assert cfg.attn_types == ("local", "local", "local", "global") * 8
+        assert cfg.rope_layers == (True, True, True, False) * 8  # global layers: no rotary
+        assert cfg.norm_placement == "post" and cfg.qk_norm == "head"
+    if name == "ministral-8b":
+        assert sum(p.numel() for p in hf_model.parameters()) == 8_019_808_256
+        assert cfg.attn_types == ("global", "local", "local", "local") * 9
+        assert cfg.sliding_window == 32768
+    if name == "ministral3":
+        assert (cfg.query_scale_beta, cfg.query_scale_length) == (0.1, 16384)
+        assert cfg.rope.type == "yarn" and set(cfg.attn_types) == {"global"}
     if name == "gemma-3-4b-text":
         assert cfg.sliding_window == 1024
         assert (cfg.rope.type, cfg.rope.factor) == ("linear", 8.0)
