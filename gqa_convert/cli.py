@@ -49,7 +49,9 @@ dense families of 2026: Seed_OSS (q/k/v and o biases by their own switches), Int
 (Llama with every projection biased), Helium (interleaved rotary), ERNIE4_5 (interleaved
 rotary in fp32, use_bias), OLMo3 (OLMo2 with 3:1 sliding layers, a rotary per layer
 type), EXAONE4 (post-norms, q/k norm, global layers without rotary), Ministral (windows by
-layer_types), Ministral3 (llama_4_scaling_beta query scale).
+layer_types), Ministral3 (llama_4_scaling_beta query scale), GLM4 (sandwich norms,
+interleaved rotary on half of each head), StarCoder2 (LayerNorm with bias, ungated GELU MLP),
+Apertus (ungated xIELU MLP with learned parameters, q/k norm).
 
 Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
 Anything else is refused, naming the field."""

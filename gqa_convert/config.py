@@ -630,7 +630,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         rotary_math_in_fp32=fixed.get("rotary_math_in_fp32", False),
         qk_norm_after_rotary=fixed.get("qk_norm_after_rotary", False),
         norm_type=fixed.get("norm_type", "rms"),
-        norm_bias=bool(fixed.get("norm_bias", False)) and biases["norm"],
+        norm_bias=fixed.get("norm_bias", False),
         parallel_attn_mlp=fixed.get("parallel_attn_mlp", False),
         gated_mlp=gated,
         logit_scale=option("logit_scale", float, 1.0),

@@ -155,9 +155,9 @@ def hooked_transformer_config(
         d_vocab=cfg.d_vocab,
         eps=cfg.eps,
         act_fn=cfg.act_fn,
-        normalization_type="RMS",
-        final_rms=True,
-        gated_mlp=True,
+        normalization_type="LN" if cfg.norm_type == "layer" else "RMS",  # StarCoder2: LN
+        final_rms=cfg.norm_type == "rms",
+        gated_mlp=cfg.gated_mlp,  # StarCoder2, Apertus: TL's MLP (W_in, act, W_out)
         positional_embedding_type="rotary",
         rotary_dim=cfg.rotary_dim,  # Phi-3's partial rotary: the first rotary_dim dims
         rotary_base=cfg.rope.theta,
@@ -186,7 +186,8 @@ def hooked_transformer_config(
     )
 
 
-TL_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")  # the same functions in TL's table
+# The same functions in TL's table; xielu: TL's XIELU module (mlp.act_fn.*, Apertus).
+TL_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "xielu")
 
 # Our options with no HookedTransformer equivalent in TL 3.9, as (field, value TL assumes).
 TL_LACKS = (
@@ -265,6 +266,8 @@ def tl_tensor(
 def _zero_by_construction(cfg: ModelConfig, name: str) -> bool:
     """A bias the source does not have: zero in TL, never written to the export."""
     leaf = name.rsplit(".", 1)[-1]
+    if leaf == "b" and cfg.norm_type == "layer":  # a LayerNorm's (Cohere's have none)
+        return not cfg.norm_bias
     if leaf in ("b_Q", "_b_K", "_b_V"):
         return not cfg.qkv_bias
     if leaf == "b_O":
@@ -350,20 +353,22 @@ def _full_state_dict(
     """
     problems = [
         f"{name}: in the export, not a HookedTransformer parameter"
-        for name in sorted(set(state) - set(params))
+        for name in sorted(set(state) - set(tl_state))
     ]
     full: dict[str, torch.Tensor] = {}
     for name, value in tl_state.items():
-        if name not in params:  # rotary_sin/cos, mask, IGNORE: computed from the config
-            full[name] = value
-        elif name in state:
+        if name in state:  # a parameter, or a buffer the export holds (xIELU's beta, eps)
             tensor = state[name]
-            if tuple(tensor.shape) != tuple(params[name].shape):
+            if tensor.numel() == 1 and value.numel() == 1:  # xIELU: HF's [1], TL's []
+                tensor = tensor.reshape(value.shape)
+            if tuple(tensor.shape) != tuple(value.shape):
                 problems.append(
                     f"{name}: shape {list(tensor.shape)} in the export, "
-                    f"HookedTransformer wants {list(params[name].shape)}"
+                    f"HookedTransformer wants {list(value.shape)}"
                 )
             full[name] = tl_tensor(cfg, name, tensor.to(device), dtype)
+        elif name not in params:  # rotary_sin/cos, mask, IGNORE: computed from the config
+            full[name] = value
         elif _zero_by_construction(cfg, name):
             full[name] = torch.zeros_like(params[name])
         else:

@@ -242,6 +242,8 @@ def contiguous(array: np.ndarray) -> np.ndarray:
     large stride for every element and runs 4-5x slower than memory allows; a few
     columns at a time keep the source rows being read in cache.
     """
+    if array.ndim == 0:  # a scalar (xIELU's beta, eps): ascontiguousarray would make it [1]
+        return array.copy()
     if array.ndim < 2 or array.flags.c_contiguous or array.strides[-1] == array.itemsize:
         return np.ascontiguousarray(array)
     out = np.empty(array.shape, array.dtype)

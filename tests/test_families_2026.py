@@ -38,6 +38,15 @@ MINISTRAL3_YARN = {
     "llama_4_scaling_beta": 0.1,
 }
 
+LLAMA3_16 = {
+    "rope_type": "llama3",
+    "rope_theta": 500_000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
 # (HF config class key in tests/hf_models.py, overrides, prompt length)
 CASES = {
     # Seed-OSS: q/k/v biases on by default, o_proj's under attention_out_bias, MLP biases.
@@ -117,6 +126,44 @@ CASES = {
             "max_position_embeddings": 64,
             "sliding_window": 8,
             "tie_word_embeddings": True,
+        },
+        40,
+    ),
+    # GLM-4: sandwich norms, interleaved rotary on half of each head, q/k/v biases, fused
+    # gate_up_proj.
+    "glm4": ("glm4", {}, 40),
+    "glm4-full-rotary-no-bias-tied-mqa": (
+        "glm4",
+        {
+            "partial_rotary_factor": 1.0,
+            "attention_bias": False,
+            "tie_word_embeddings": True,
+            "num_key_value_heads": 1,
+        },
+        40,
+    ),
+    # StarCoder2: LayerNorm with bias, ungated tanh-GELU MLP, biases everywhere, window.
+    # (seeds: models whose greedy continuations are not one or two tokens repeated)
+    "starcoder2-window": ("starcoder2", {"sliding_window": 8, "seed": 7}, 40),
+    "starcoder2-no-bias-untied": (
+        "starcoder2",
+        {"use_bias": False, "tie_word_embeddings": False},
+        40,
+    ),
+    # Apertus: renamed pre-norms, q/k norm, ungated xIELU MLP with learned parameters, llama3
+    # rope past its original length (16 < 40).
+    "apertus-xielu-llama3": (
+        "apertus",
+        {"rope_parameters": LLAMA3_16, "max_position_embeddings": 64},
+        40,
+    ),
+    "apertus-gelu-attention-bias": (
+        "apertus",
+        {
+            "attention_bias": True,
+            "hidden_act": "gelu_pytorch_tanh",
+            "rope_parameters": LLAMA3_16,
+            "seed": 6,
         },
         40,
     ),
@@ -210,6 +257,32 @@ MUTATIONS = {
         M.config_field("attn_types", ("local", "local", "local")),
         (1, "attn_out"),
     ),
+    "glm4-post-norms-missing": ("glm4", M.post_norms_dropped(), (0, "ln1_post")),
+    "glm4-interleaved-partial-rotary-as-rotate-half": (
+        "glm4",
+        M.config_field("rotary_adjacent_pairs", False),
+        (0, "rot_q"),
+    ),
+    "starcoder2-layernorm-bias-unread": (
+        "starcoder2-window",
+        M.tensor_zeroed("blocks.1.ln2.b"),
+        (1, "ln2"),
+    ),
+    "starcoder2-ungated-mlp-bias-unread": (
+        "starcoder2-window",
+        M.tensor_zeroed("blocks.0.mlp.b_in"),
+        (0, "mlp_out"),
+    ),
+    "apertus-renamed-norm-unread": (
+        "apertus-xielu-llama3",
+        M.norm_to_ones("blocks.1.ln2.w"),
+        (1, "ln2"),
+    ),
+    "apertus-xielu-parameter-unread": (
+        "apertus-xielu-llama3",
+        M.tensor_zeroed("blocks.0.mlp.act_fn.alpha_n"),
+        (0, "mlp_out"),
+    ),
     "ministral3-query-scale-dropped": (
         "ministral3-query-scale",
         M.config_field("query_scale_beta", None),
@@ -239,6 +312,9 @@ STREAMED = [
     "exaone4-nope-global",
     "ministral-layer-types",
     "ministral3-window-tied",
+    "glm4",
+    "starcoder2-window",
+    "apertus-xielu-llama3",
 ]
 
 
@@ -300,12 +376,18 @@ CONFIG_VARIANTS = [
     ("ministral", {"head_dim": 16, "layer_types": ["sliding_attention", "full_attention"] * 2}),
     ("ministral3", {}),  # yarn, head_dim 128, llama_4_scaling_beta 0.1: the class's rope
     ("ministral3", {"sliding_window": 16, "layer_types": ["full_attention"] * 4}),  # unread
+    ("glm4", {}),  # rotary on half of each head of 128, q/k/v biases
+    ("glm4", {"partial_rotary_factor": 0.25, "head_dim": 16, "attention_bias": False}),
+    ("starcoder2", {}),  # use_bias, tied, no window
+    ("starcoder2", {"use_bias": False, "sliding_window": 16}),
+    ("apertus", {}),  # llama3 rope at theta 12e6, xIELU
 ]
 
 
-# Models whose mask is one for every layer, by config.sliding_window (Ministral3Model: its
-# create_sliding_window_causal_mask when set), whatever layer_types the config holds.
-UNIFORM_WINDOW = {"ministral3"}
+# Models whose mask is one for every layer, by config.sliding_window (Ministral3Model,
+# Starcoder2Model: create_sliding_window_causal_mask when it is set), whatever layer_types
+# the config holds.
+UNIFORM_WINDOW = {"ministral3", "starcoder2"}
 
 
 @pytest.mark.parametrize(("model_type", "extra"), CONFIG_VARIANTS)
@@ -358,6 +440,8 @@ TL_CASES = [
     *("seed_oss", "internlm3", "helium", "helium-qkv-bias-mha", "ernie4_5-tied"),
     *("olmo3-window-3-to-1", "olmo3-rope-per-layer-type", "ministral-layer-types"),
     "ministral-mqa-window",
+    *("glm4", "glm4-full-rotary-no-bias-tied-mqa", "starcoder2-window"),
+    *("starcoder2-no-bias-untied", "apertus-xielu-llama3", "apertus-gelu-attention-bias"),
 ]
 TL_REFUSED = {
     "exaone4-nope-global": "norm_placement",
@@ -390,6 +474,34 @@ def test_hooked_transformer_refuses_what_tl_lacks(tmp_path, case):
     out = convert(src, tmp_path / "out")
     with pytest.raises(UnsupportedModelError, match=TL_REFUSED[case]):
         to_hooked_transformer(out)
+
+
+def test_new_modules_carry_transformerlens_hooks(tmp_path):
+    """LayerNorm's hook_scale (sqrt(var + eps)) and hook_normalized, the ungated MLP's hook_pre
+    / hook_post (TL's names): cached without changing the logits; a scale returned by a hook
+    is the one used."""
+    src, n_pos = source(tmp_path, "starcoder2-window")
+    model = convert_in_memory(src)
+    tokens = random_tokens(n_pos)
+    with torch.no_grad():
+        plain = model(tokens, use_fast_path=False)  # caching the pattern takes this path
+        logits, cache = model.run_with_cache(tokens)
+    # Hooked, the LayerNorm runs step by step (TL's way) where torch's fused layer_norm ran:
+    # the same fp32 arithmetic in another order, a few ulp apart (1.4e-6 measured).
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
+    x = cache["blocks.1.hook_resid_mid"]
+    var = x.var(-1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(cache["blocks.1.ln2.hook_scale"], (var + model.cfg.eps).sqrt())
+    normalized = (x - x.mean(-1, keepdim=True)) / (var + model.cfg.eps).sqrt()
+    torch.testing.assert_close(cache["blocks.1.ln2.hook_normalized"], normalized)
+    assert cache["blocks.0.mlp.hook_pre"].shape == (2, n_pos, model.cfg.d_mlp)
+    gelu = torch.nn.functional.gelu(cache["blocks.0.mlp.hook_pre"], approximate="tanh")
+    torch.testing.assert_close(cache["blocks.0.mlp.hook_post"], gelu)
+    with torch.no_grad():
+        doubled = model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.1.ln2.hook_scale", lambda s, hook: 2 * s)]
+        )
+    assert (doubled - plain).abs().max() > 1e-3
 
 
 def test_internlm3_is_read_by_its_model_type(tmp_path):

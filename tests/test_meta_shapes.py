@@ -505,6 +505,73 @@ MINISTRAL3 = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
+# THUDM/GLM-4-9B-0414: Glm4Config's defaults (its docstring's checkpoint): 40 layers of 4096,
+# 32 / 2 heads of 128, MLP 13696 (fused gate_up_proj), vocabulary 151552, rotary on half of
+# each head, q/k/v biases.
+GLM4_9B = {
+    "architectures": ["Glm4ForCausalLM"],
+    "model_type": "glm4",
+    "hidden_size": 4096,
+    "intermediate_size": 13696,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "vocab_size": 151552,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+    "attention_bias": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# bigcode/starcoder2-3b: Starcoder2Config's defaults (30 layers of 3072, 24 / 2 heads, MLP
+# 12288, vocabulary 49152, use_bias, tied) with the card's 4096-token sliding window.
+STARCODER2_3B = {
+    "architectures": ["Starcoder2ForCausalLM"],
+    "model_type": "starcoder2",
+    "hidden_size": 3072,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 2,
+    "vocab_size": 49152,
+    "max_position_embeddings": 16384,
+    "norm_epsilon": 1e-5,
+    "rope_theta": 999999.4420358813,
+    "sliding_window": 4096,
+    "hidden_act": "gelu_pytorch_tanh",
+    "use_bias": True,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+# swiss-ai/Apertus-8B-2509: 32 layers of 4096, 32 heads, MLP 14336, vocabulary 131072, 65536
+# context (the TevunahAi quantisation's card, quoting the base model); 8 KV heads (grouped
+# attention, altools.ai's summary) illustrative; ApertusConfig's llama3 rope.
+APERTUS_8B = {
+    "architectures": ["ApertusForCausalLM"],
+    "model_type": "apertus",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 131072,
+    "max_position_embeddings": 65536,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "xielu",
+    "rope_parameters": {
+        "rope_type": "llama3",
+        "rope_theta": 12000000.0,
+        "factor": 8.0,
+        "original_max_position_embeddings": 8192,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 ACTIVE = {"mixtral-8x7b": 12.9e9, "qwen3-30b-a3b": 3.3e9, "olmoe-1b-7b": 1.3e9}
 MODELS = {
     "llama-3-8b": LLAMA3_8B,
@@ -532,6 +599,9 @@ MODELS = {
     "exaone4": EXAONE4,
     "ministral-8b": MINISTRAL_8B,
     "ministral3": MINISTRAL3,
+    "glm-4-9b": GLM4_9B,
+    "starcoder2-3b": STARCODER2_3B,
+    "apertus-8b": APERTUS_8B,
 }
 
 
@@ -582,7 +652,8 @@ def test_map_real_shapes_on_meta(name):
     assert attn.W_Q.shape == (n, m, h) and attn._W_K.shape == (k, m, h)
     assert attn.W_K.shape == (n, m, h) and attn.W_O.shape == (n, h, m)
     tied = {"unembed.W_U"} if cfg.tie_word_embeddings else set()
-    assert sum(p.numel() for p in hf_model.parameters()) == sum(
+    # Every number HF saves (parameters, and buffers it saves: xIELU's beta / eps) is ours.
+    assert sum(v.numel() for k, v in hub.items() if k not in dropped) == sum(
         state[t.target].numel() for t in tasks if t.target not in tied
     )
     if name == "mistral-7b":
@@ -676,6 +747,20 @@ def test_map_real_shapes_on_meta(name):
     if name == "ministral3":
         assert (cfg.query_scale_beta, cfg.query_scale_length) == (0.1, 16384)
         assert cfg.rope.type == "yarn" and set(cfg.attn_types) == {"global"}
+    if name == "glm-4-9b":  # gate_up_proj [2 * 13696, 4096] -> W_gate, W_in
+        assert cfg.rotary_dim == 64 and cfg.norm_placement == "sandwich"
+        assert [t.rows for t in tasks if t.source == "model.layers.0.mlp.gate_up_proj.weight"] == [
+            (0, 13696),
+            (13696, 27392),
+        ]
+    if name == "starcoder2-3b":
+        assert (cfg.norm_type, cfg.norm_bias, cfg.gated_mlp) == ("layer", True, False)
+        assert state["blocks.0.mlp.b_in"].shape == (12288,) and state["ln_final.b"].shape == (m,)
+        assert set(cfg.attn_types) == {"local"}
+    if name == "apertus-8b":
+        assert cfg.act_fn == "xielu" and cfg.rope.type == "llama3"
+        assert state["blocks.0.mlp.act_fn.alpha_p"].shape == (1,)
+        assert state["blocks.0.mlp.act_fn.beta"].shape == ()
     if name == "gemma-3-4b-text":
         assert cfg.sliding_window == 1024
         assert (cfg.rope.type, cfg.rope.factor) == ("linear", 8.0)
