@@ -67,6 +67,9 @@ class TensorRow:
     # A layout some checkpoints use instead of the default rows' (e.g. "fused_experts"):
     # its rows replace the default rows of the same target when the plan finds their sources.
     variant: str | None = None
+    # In a child table: the parent's row of this key is removed, none added (Cohere's
+    # parallel block has no ln2).
+    omit: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fused", tuple(self.fused))
@@ -146,7 +149,8 @@ def _build(name: str) -> Family:
     for raw in table.get("tensors", []):
         row = TensorRow(**raw)
         rows = [r for r in rows if r.key != row.key]
-        rows.append(row)
+        if not row.omit:
+            rows.append(row)
     rule = table.get("sliding_window_rule", parent.sliding_window_rule if parent else "never")
     if rule not in SLIDING_WINDOW_RULES:
         raise ValueError(f"configs/{name}.toml: unknown sliding_window_rule {rule!r}")

@@ -51,7 +51,10 @@ rotary in fp32, use_bias), OLMo3 (OLMo2 with 3:1 sliding layers, a rotary per la
 type), EXAONE4 (post-norms, q/k norm, global layers without rotary), Ministral (windows by
 layer_types), Ministral3 (llama_4_scaling_beta query scale), GLM4 (sandwich norms,
 interleaved rotary on half of each head), StarCoder2 (LayerNorm with bias, ungated GELU MLP),
-Apertus (ungated xIELU MLP with learned parameters, q/k norm).
+Apertus (ungated xIELU MLP with learned parameters, q/k norm), Cohere (parallel block,
+LayerNorm, interleaved rotary, logit scale), Cohere2 (Cohere with 3:1 windows, rotary on local
+layers only), Hunyuan_v1_dense (q/k norm after rotary, ntk_alpha rope), Granite_SWA (Granite
+with windows, per-layer theta and attention sinks).
 
 Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
 Anything else is refused, naming the field."""

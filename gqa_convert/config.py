@@ -643,11 +643,8 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def _head_dim(hf: dict, family: Family, d_model: int, n_heads: int) -> int:
     """`head_dim` as the config class reads it: the file's, else the class's default
-    (Seed-OSS, GLM-4...: 128), null or no default: hidden_size / heads; Cohere 2's class
-    always derives it (`head_dim_derived`)."""
-    if family.fixed.get("head_dim_derived"):
-        d_head = None
-    elif "head_dim" in hf:
+    (Seed-OSS, GLM-4...: 128), null or no default: hidden_size / heads."""
+    if "head_dim" in hf:
         d_head = _get(hf, "head_dim", int, None)
     else:
         d_head = family.defaults.get("head_dim")
@@ -681,7 +678,7 @@ def _qk_norm(hf: dict, family: Family) -> str | None:
     switch = family.fixed.get("qk_norm_field")
     if switch and not _get(hf, switch, bool, family.defaults.get(switch, False)):
         return None
-    return family.fixed.get("qk_norm")
+    return family.fixed.get("qk_norm") or None  # false: a parent's norm switched off
 
 
 def _nope_layers(

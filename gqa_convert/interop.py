@@ -227,6 +227,8 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
         problems.append("qk_norm = 'proj' (TL applies it to OLMo2 and OLMoE only)")
     if cfg.qk_norm == "heads":
         problems.append("qk_norm = 'heads' (TL's q / k norm weights are shared by the heads)")
+    if cfg.parallel_attn_mlp:
+        problems.append("parallel_attn_mlp (TL's parallel block normalises the MLP's input by ln2)")
     if cfg.mlp_bias and cfg.gated_mlp:
         problems.append("mlp_bias with a gated MLP (TL's GatedMLP has no bias on its gate)")
     if cfg.moe is not None and not all(cfg.moe.layers):

@@ -13,12 +13,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gqa_convert import GQATransformer, convert, convert_in_memory
-from gqa_convert.config import from_hf
+from gqa_convert.config import RopeConfig, from_hf
 from gqa_convert.errors import UnsupportedModelError
 from gqa_convert.verify import verify
 from tests import mutations as M
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
-from tests.test_families import DYNAMIC, assert_gate_and_round_trip, component_errors
+from tests.test_families import DYNAMIC, GRANITE, assert_gate_and_round_trip, component_errors
 from tests.test_interop import needs_tl
 from tests.test_parity import assert_logits_match, hf_and_ours
 
@@ -46,6 +46,8 @@ LLAMA3_16 = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
+
+NTK_ALPHA = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10_000.0}
 
 # (HF config class key in tests/hf_models.py, overrides, prompt length)
 CASES = {
@@ -167,6 +169,51 @@ CASES = {
         },
         40,
     ),
+    # Cohere: parallel block, LayerNorms in fp32, interleaved rotary in fp32, logit scale;
+    # Command R+'s q/k LayerNorms with a weight per head.
+    "cohere-tied": ("cohere", {}, 40),
+    "cohere-qk-norm-biases-untied": (
+        "cohere",
+        {
+            "use_qk_norm": True,
+            "attention_bias": True,
+            "tie_word_embeddings": False,
+            "logit_scale": 0.5,
+        },
+        40,
+    ),
+    # Cohere 2: windows 3:1 (by its pattern, or layer_types), global layers without rotary.
+    "cohere2-nope-global": ("cohere2", {"sliding_window": 8, "num_hidden_layers": 4}, 40),
+    "cohere2-layer-types-biases": (
+        "cohere2",
+        {
+            "sliding_window": 8,
+            "attention_bias": True,
+            "logit_scale": 1.0,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "seed": 3,
+        },
+        40,
+    ),
+    # Hunyuan: q/k norms after rotary; the Hub's "dynamic" rope with alpha (fixed NTK).
+    "hunyuan": ("hunyuan_v1_dense", {}, 40),
+    "hunyuan-ntk-alpha-mqa": (
+        "hunyuan_v1_dense",
+        {"rope_parameters": NTK_ALPHA, "num_key_value_heads": 1},
+        40,
+    ),
+    # Granite SWA: Granite's multipliers, sinks, every 4th layer global from layer 0, a
+    # theta per layer (0: no rotary).
+    "granite_swa-sinks": (
+        "granite_swa",
+        {"sliding_window": 8, "num_hidden_layers": 4, **GRANITE, "seed": 2},
+        40,
+    ),
+    "granite_swa-rope-thetas-nope-untied": (
+        "granite_swa",
+        {"sliding_window": 8, "layer_rope_theta": [1e4, 0, 100.0], "tie_word_embeddings": False},
+        40,
+    ),
 }
 
 
@@ -283,6 +330,53 @@ MUTATIONS = {
         M.tensor_zeroed("blocks.0.mlp.act_fn.alpha_n"),
         (0, "mlp_out"),
     ),
+    "cohere-logit-scale-dropped": (
+        "cohere-qk-norm-biases-untied",
+        M.config_field("logit_scale", 1.0),
+        (3, "final_logits"),
+    ),
+    "cohere-layernorm-as-rmsnorm": ("cohere-tied", M.config_field("norm_type", "rms"), (0, "ln1")),
+    "cohere-parallel-block-as-serial": ("cohere-tied", M.parallel_block_as_serial(), (0, "ln2")),
+    "cohere-interleaved-rotary-as-rotate-half": (
+        "cohere-tied",
+        M.config_field("rotary_adjacent_pairs", False),
+        (0, "rot_q"),
+    ),
+    "cohere-per-head-k-norm-dropped": (
+        "cohere-qk-norm-biases-untied",
+        M.norm_to_ones("blocks.0.attn.k_norm.w"),
+        (0, "k_norm"),
+    ),
+    "cohere2-rotary-on-a-nope-global-layer": (
+        "cohere2-nope-global",
+        M.config_field("rope_layers", (True,) * 4),
+        (3, "rot_q"),
+    ),
+    "hunyuan-qk-norm-before-rotary": (
+        "hunyuan",
+        M.config_field("qk_norm_after_rotary", False),
+        (0, "q_norm"),
+    ),
+    "hunyuan-ntk-alpha-ignored": (
+        "hunyuan-ntk-alpha-mqa",
+        M.config_field("rope", RopeConfig(theta=10_000.0)),
+        (0, "rot_q"),
+    ),
+    "granite_swa-sink-unread": (
+        "granite_swa-sinks",
+        M.tensor_zeroed("blocks.1.attn.sinks"),
+        (1, "attn_out"),
+    ),
+    "granite_swa-layer-theta-ignored": (
+        "granite_swa-rope-thetas-nope-untied",
+        M.config_field("rope_thetas", ()),
+        (2, "rot_q"),
+    ),
+    "granite_swa-global-layers-shifted": (
+        "granite_swa-rope-thetas-nope-untied",
+        M.attn_types_shifted(),
+        (0, "attn_out"),
+    ),
     "ministral3-query-scale-dropped": (
         "ministral3-query-scale",
         M.config_field("query_scale_beta", None),
@@ -315,6 +409,10 @@ STREAMED = [
     "glm4",
     "starcoder2-window",
     "apertus-xielu-llama3",
+    "cohere-qk-norm-biases-untied",
+    "cohere2-nope-global",
+    "hunyuan-ntk-alpha-mqa",
+    "granite_swa-rope-thetas-nope-untied",
 ]
 
 
@@ -381,6 +479,16 @@ CONFIG_VARIANTS = [
     ("starcoder2", {}),  # use_bias, tied, no window
     ("starcoder2", {"use_bias": False, "sliding_window": 16}),
     ("apertus", {}),  # llama3 rope at theta 12e6, xIELU
+    ("cohere", {}),  # theta 500000, tied, no q/k norms
+    ("cohere", {"use_qk_norm": True, "attention_bias": True}),
+    ("cohere2", {"head_dim": 16}),  # windows 3:1, rotary on local layers only
+    ("cohere2", {"sliding_window_pattern": 2}),
+    (
+        "hunyuan_v1_dense",
+        {"head_dim": 8, "rope_scaling": {"type": "dynamic", "alpha": 50.0, "factor": 1.0}},
+    ),
+    ("granite_swa", {}),  # window 128, layers 0 (and 4...) global, tied
+    ("granite_swa", {"layer_rope_theta": [1e4, 0, 5e5, 0]}),
 ]
 
 
@@ -419,11 +527,20 @@ def test_config_reads_as_transformers_does(model_type, extra):
     for i in range(cfg.n_layers):
         if not cfg.rope_layers[i]:
             continue
+        layer_rotary = rotary
+        if hasattr(model.model, "rotary_embs"):  # Granite SWA: one per layer theta
+            theta = theirs.layer_rope_theta[i]
+            layer_rotary = next(
+                e
+                for e in model.model.rotary_embs
+                if e.config.rope_parameters["rope_theta"] == theta
+            )
         args = (hf_types[i],) if isinstance(rotary.rope_type, dict) else ()  # per layer type
-        cos, _ = rotary(torch.zeros(1, dtype=torch.float32), positions, *args)
+        cos, _ = layer_rotary(torch.zeros(1, dtype=torch.float32), positions, *args)
         ours_cos, _ = ours.rotary(7, torch.float32, torch.device("cpu"), layer=i)
         hf_cos = cos[0]
-        if cfg.rotary_adjacent_pairs:  # HF keeps rotate-half's table and interleaves it later
+        interleaved = torch.equal(hf_cos[..., 0::2], hf_cos[..., 1::2])  # Cohere's own table
+        if cfg.rotary_adjacent_pairs and not interleaved:  # HF interleaves it when rotating
             hf_cos = hf_cos[..., : hf_cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
         torch.testing.assert_close(ours_cos, hf_cos, atol=1e-6, rtol=0)
 
@@ -444,6 +561,11 @@ TL_CASES = [
     *("starcoder2-no-bias-untied", "apertus-xielu-llama3", "apertus-gelu-attention-bias"),
 ]
 TL_REFUSED = {
+    "cohere-tied": "logit_scale",
+    "cohere-qk-norm-biases-untied": "qk_norm",
+    "cohere2-layer-types-biases": "parallel_attn_mlp",
+    "hunyuan": "qk_norm_after_rotary",
+    "granite_swa-sinks": "attn_sinks",
     "exaone4-nope-global": "norm_placement",
     "ministral3-query-scale": "query_scale_beta",
     "internlm3-mqa-dynamic": "dynamic",

@@ -572,6 +572,103 @@ APERTUS_8B = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
+# CohereForAI/c4ai-command-r-v01: CohereConfig's defaults (its docstring's checkpoint: 40
+# layers of 8192, 64 heads without grouping, MLP 22528, vocabulary 256000, logit_scale 0.0625,
+# tied, theta 8e6 in the Hub file, illustrative here).
+COMMAND_R = {
+    "architectures": ["CohereForCausalLM"],
+    "model_type": "cohere",
+    "hidden_size": 8192,
+    "intermediate_size": 22528,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "vocab_size": 256000,
+    "max_position_embeddings": 8192,
+    "layer_norm_eps": 1e-5,
+    "rope_theta": 8000000.0,
+    "logit_scale": 0.0625,
+    "use_qk_norm": False,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float16",
+}
+# CohereForAI/c4ai-command-r-plus (104B parameters, its model card): the q/k LayerNorms per
+# head; 64 layers of 12288, 96 / 8 heads, MLP 33792 illustrative, checked against the card's
+# 104B below.
+COMMAND_R_PLUS = {
+    **COMMAND_R,
+    "hidden_size": 12288,
+    "intermediate_size": 33792,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 96,
+    "num_key_value_heads": 8,
+    "logit_scale": 0.8333333333333334,
+    "use_qk_norm": True,
+}
+# Cohere 2 (Command R7B): windows of 4096 on three layers of four, rotary on them only
+# (Cohere2Config's pattern), 32 layers of 4096 with 32 / 8 heads, illustrative.
+COHERE2_R7B = {
+    "architectures": ["Cohere2ForCausalLM"],
+    "model_type": "cohere2",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 256000,
+    "max_position_embeddings": 8192,
+    "layer_norm_eps": 1e-5,
+    "rope_theta": 50000.0,
+    "logit_scale": 0.25,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 4,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+# tencent/Hunyuan-7B: HunYuanDenseV1Config's defaults (32 layers of 4096, MLP 11008,
+# vocabulary 290943) with grouped attention, head_dim 128 and the Hub's "dynamic" rope with
+# alpha, illustrative.
+HUNYUAN_7B = {
+    "architectures": ["HunYuanDenseV1ForCausalLM"],
+    "model_type": "hunyuan_v1_dense",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 290943,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0},
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# ibm-granite/granite-swash-2b: GraniteSWAConfig's defaults (its docstring's checkpoint: 24
+# layers of 2560, 20 / 4 heads, MLP 8192, window 128, every fourth layer global from layer 0,
+# tied), with Granite's multipliers and a per-layer theta (0: NoPE) illustrative.
+GRANITE_SWA_2B = {
+    "architectures": ["GraniteSWAForCausalLM"],
+    "model_type": "granite_swa",
+    "hidden_size": 2560,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 4,
+    "vocab_size": 100352,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "layer_rope_theta": [0 if i % 4 == 0 else 10000.0 for i in range(24)],
+    "sliding_window": 128,
+    "embedding_multiplier": 12.0,
+    "attention_multiplier": 0.015625,
+    "residual_multiplier": 0.22,
+    "logits_scaling": 8.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
 ACTIVE = {"mixtral-8x7b": 12.9e9, "qwen3-30b-a3b": 3.3e9, "olmoe-1b-7b": 1.3e9}
 MODELS = {
     "llama-3-8b": LLAMA3_8B,
@@ -602,6 +699,11 @@ MODELS = {
     "glm-4-9b": GLM4_9B,
     "starcoder2-3b": STARCODER2_3B,
     "apertus-8b": APERTUS_8B,
+    "command-r": COMMAND_R,
+    "command-r-plus": COMMAND_R_PLUS,
+    "cohere2-r7b": COHERE2_R7B,
+    "hunyuan-7b": HUNYUAN_7B,
+    "granite-swa-2b": GRANITE_SWA_2B,
 }
 
 
@@ -761,6 +863,23 @@ def test_map_real_shapes_on_meta(name):
         assert cfg.act_fn == "xielu" and cfg.rope.type == "llama3"
         assert state["blocks.0.mlp.act_fn.alpha_p"].shape == (1,)
         assert state["blocks.0.mlp.act_fn.beta"].shape == ()
+    if name.startswith("command-r"):
+        assert cfg.parallel_attn_mlp and cfg.norm_type == "layer" and not cfg.norm_bias
+        assert "blocks.0.ln2.w" not in state and cfg.rotary_adjacent_pairs
+    if name == "command-r-plus":
+        assert state["blocks.0.attn.q_norm.w"].shape == (96, 128)
+        assert state["blocks.0.attn.k_norm.w"].shape == (8, 128)
+        assert abs(sum(p.numel() for p in hf_model.parameters()) - 104e9) < 1e9
+    if name == "cohere2-r7b":
+        assert cfg.attn_types == ("local", "local", "local", "global") * 8
+        assert cfg.rope_layers == (True, True, True, False) * 8 and cfg.logit_scale == 0.25
+    if name == "hunyuan-7b":
+        assert (cfg.rope.type, cfg.rope.alpha) == ("ntk_alpha", 1000.0)
+        assert cfg.qk_norm_after_rotary and state["blocks.0.attn.k_norm.w"].shape == (128,)
+    if name == "granite-swa-2b":
+        assert cfg.attn_types == ("global", "local", "local", "local") * 6
+        assert [i for i, r in enumerate(cfg.rope_layers) if not r] == list(range(0, 24, 4))
+        assert cfg.attn_sinks and state["blocks.0.attn.sinks"].shape == (20,)
     if name == "gemma-3-4b-text":
         assert cfg.sliding_window == 1024
         assert (cfg.rope.type, cfg.rope.factor) == ("linear", 8.0)

@@ -114,6 +114,14 @@ def _hf_layout(architecture: str | None, model_type: str | None) -> dict[str, An
     }
 
 
+def _submodule(layer: nn.Module, path: str | None) -> nn.Module | None:
+    """The layer's module at `path`, None where it has none."""
+    try:
+        return layer.get_submodule(path) if path else None
+    except AttributeError:
+        return None
+
+
 def hf_layout(layer: nn.Module) -> dict[str, Any]:
     """`_hf_layout` of an HF decoder layer, by its model's config."""
     config = layer.self_attn.config
@@ -188,7 +196,7 @@ def _hf_points(layer: nn.Module) -> dict[str, nn.Module]:
     `qkv_proj` (Phi-3) is read whole and split in `_hf_rotated`."""
     attn = layer.self_attn
     layout = hf_layout(layer)
-    norms = {name: layer.get_submodule(path) for name, path in layout["modules"].items()}
+    norms = {name: _submodule(layer, path) for name, path in layout["modules"].items()}
     placement = layout["placement"]
     parts = {"ln1": norms["ln1"], "attn_out": attn, "mlp_out": layer.mlp}
     if placement == "post":
@@ -304,10 +312,9 @@ def _hf_rotated(layer: nn.Module, acts: dict[str, Tensor]) -> None:
         sizes = [qkv.shape[-1] - 2 * n_kv, n_kv, n_kv]
         acts["q"], acts["k"], acts["v"] = qkv.split(sizes, dim=-1)
     for name in ("q", "k"):
-        path = layout["modules"].get(f"{name}_norm")
-        if path is None:
+        norm = _submodule(layer, layout["modules"].get(f"{name}_norm"))
+        if norm is None:  # none in the family, or off in this model (Cohere's use_qk_norm)
             continue
-        norm = layer.get_submodule(path)
         if layout["qk_norm_after_rotary"]:
             if f"rot_{name}" in acts:
                 acts[f"{name}_norm"] = norm(acts[f"rot_{name}"])
