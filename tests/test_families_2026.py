@@ -637,3 +637,36 @@ def test_internlm3_is_read_by_its_model_type(tmp_path):
     assert from_hf(hub).family == "internlm3" and from_hf(hub).d_head == 128
     llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **BASE}
     assert from_hf(llama).family == "llama" and from_hf(llama).d_head == 8
+
+
+# Each family's quirks as `inspect` names them (keys of its "quirks").
+INSPECT_QUIRKS = {
+    "seed_oss-o-and-mlp-bias-tied-head_dim-12": {"mlp_bias"},
+    "internlm3-biases": {"mlp_bias"},
+    "helium": {"rotary_adjacent_pairs", "norm_weight_in_fp32"},
+    "ernie4_5-tied": {"rotary_adjacent_pairs", "rotary_in_fp32"},
+    "olmo3-rope-per-layer-type": {"qk_norm", "norm_placement", "rope_local"},
+    "exaone4-nope-global": {"qk_norm", "norm_placement", "no_rope_layers"},
+    "ministral3-query-scale": {"query_scale"},
+    "glm4": {"norm_placement", "rotary_adjacent_pairs", "rotary_dim", "fused", "o_bias"},
+    "starcoder2-window": {"norm_type", "mlp", "mlp_bias", "act_fn"},
+    "apertus-xielu-llama3": {"qk_norm", "mlp", "act_fn"},
+    "cohere-qk-norm-biases-untied": {
+        *("parallel_attn_mlp", "norm_type", "rotary_adjacent_pairs", "rotary_in_fp32"),
+        *("logit_scale", "qk_norm"),
+    },
+    "cohere2-nope-global": {"parallel_attn_mlp", "no_rope_layers", "logit_scale"},
+    "hunyuan-ntk-alpha-mqa": {"qk_norm"},
+    "granite_swa-rope-thetas-nope-untied": {"attn_sinks", "rope_thetas", "no_rope_layers"},
+}
+
+
+@pytest.mark.parametrize("case", INSPECT_QUIRKS)
+def test_inspect_names_the_quirks(tmp_path, case):
+    from gqa_convert.inspection import inspect_checkpoint
+
+    src, _ = source(tmp_path, case)
+    info = inspect_checkpoint(src)
+    assert INSPECT_QUIRKS[case] <= set(info["quirks"]), info["quirks"]
+    if case.startswith("hunyuan"):
+        assert info["rope"]["type"] == "ntk_alpha" and "after rotary" in info["quirks"]["qk_norm"]

@@ -8,7 +8,10 @@ NoPE layers), partial rotary and the rope scalings (model/rotary.py); Gemma's no
 (model/norm.py), embedding scale, GeGLU (`act_fn`), soft-caps on attention scores
 (attention.py) and logits, `query_pre_attn_scalar`, and a rotary per layer type
 (`rope_local`); `moe` (a mixture of experts for the MLP of the layers it names,
-model/moe.py).
+model/moe.py); the 2026 dense families' `mlp_bias`, `gated_mlp` (model/mlp.py), `norm_type`
+"layer" (model/norm.py), `parallel_attn_mlp`, `logit_scale`, `rope_thetas` (a rotary per
+layer theta) and the attention's interleaved rotary, q/k norms after rotary, sinks and query
+scale (attention.py).
 
 Parameter names are TransformerLens HookedTransformer names (`embed.W_E`,
 `blocks.{l}.attn.W_Q`, `blocks.{l}.mlp.W_gate`, `unembed.W_U`, ...). The numerics follow
