@@ -12,15 +12,23 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gqa_convert import GQATransformer, convert, convert_in_memory
+from gqa_convert import GQATransformer, convert_in_memory
 from gqa_convert.config import RopeConfig, from_hf
-from gqa_convert.errors import UnsupportedModelError
 from gqa_convert.verify import verify
 from tests import mutations as M
-from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
-from tests.test_families import DYNAMIC, GRANITE, assert_gate_and_round_trip, component_errors
+from tests.hf_models import make_hf_checkpoint, random_tokens
+from tests.test_families import (
+    DYNAMIC,
+    GRANITE,
+    assert_gate_and_round_trip,
+    assert_hooked_transformer_equals_hf,
+    assert_hooked_transformer_refuses,
+    assert_localised,
+    assert_streamed_equals_whole,
+    component_errors,
+)
 from tests.test_interop import needs_tl
-from tests.test_parity import assert_logits_match, hf_and_ours
+from tests.test_parity import LLAMA3_ROPE, assert_logits_match, hf_and_ours
 
 YARN_FULL = {
     "rope_type": "yarn",
@@ -38,14 +46,6 @@ MINISTRAL3_YARN = {
     "llama_4_scaling_beta": 0.1,
 }
 
-LLAMA3_16 = {
-    "rope_type": "llama3",
-    "rope_theta": 500_000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
 
 NTK_ALPHA = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10_000.0}
 
@@ -156,7 +156,7 @@ CASES = {
     # rope past its original length (16 < 40).
     "apertus-xielu-llama3": (
         "apertus",
-        {"rope_parameters": LLAMA3_16, "max_position_embeddings": 64},
+        {"rope_parameters": LLAMA3_ROPE, "max_position_embeddings": 64},
         40,
     ),
     "apertus-gelu-attention-bias": (
@@ -164,7 +164,7 @@ CASES = {
         {
             "attention_bias": True,
             "hidden_act": "gelu_pytorch_tanh",
-            "rope_parameters": LLAMA3_16,
+            "rope_parameters": LLAMA3_ROPE,
             "seed": 6,
         },
         40,
@@ -387,11 +387,8 @@ MUTATIONS = {
 
 @pytest.mark.parametrize("name", MUTATIONS)
 def test_a_family_bug_fails_the_gate_where_it_is(tmp_path, name):
-    case, mutation, (layer, component) = MUTATIONS[name]
-    src, n_pos = source(tmp_path, case)
-    report = verify(src, model=M.mutated_model(src, mutation), seq_len=n_pos)
-    assert not report.passed
-    assert report.first_divergence == {"layer": layer, "component": component}
+    case, mutation, where = MUTATIONS[name]
+    assert_localised(source(tmp_path, case)[0], mutation, CASES[case][2], where)
 
 
 # One case per family: the streamed HF side (its layers one at a time, masks and rotary
@@ -418,17 +415,7 @@ STREAMED = [
 
 @pytest.mark.parametrize("case", STREAMED)
 def test_streamed_and_whole_model_reports_agree(tmp_path, case):
-    from tests.test_verify_streaming import assert_same_report
-
-    src, n_pos = source(tmp_path, case)
-    whole = verify(src, seq_len=n_pos, streaming=False)
-    assert whole.passed, whole.summary()
-    assert_same_report(verify(src, seq_len=n_pos, streaming=True), whole)
-    out = convert(src, tmp_path / "out")
-    assert_same_report(
-        verify(src, out, seq_len=n_pos, streaming=True),
-        verify(src, out, seq_len=n_pos, streaming=False),
-    )
+    assert_streamed_equals_whole(tmp_path, *source(tmp_path, case))
 
 
 @pytest.mark.parametrize("case", STREAMED)
@@ -578,24 +565,13 @@ TL_REFUSED = {
 @needs_tl
 @pytest.mark.parametrize("case", TL_CASES)
 def test_hooked_transformer_logits_equal_hf(tmp_path, case):
-    from gqa_convert.interop import to_hooked_transformer
-
-    src, n_pos = source(tmp_path, case)
-    model = to_hooked_transformer(convert(src, tmp_path / "out"))
-    tokens = random_tokens(n_pos)
-    with torch.no_grad():
-        assert_logits_match(model(tokens), load_hf(src)(tokens).logits)
+    assert_hooked_transformer_equals_hf(tmp_path, *source(tmp_path, case))
 
 
 @needs_tl
 @pytest.mark.parametrize("case", TL_REFUSED)
 def test_hooked_transformer_refuses_what_tl_lacks(tmp_path, case):
-    from gqa_convert.interop import to_hooked_transformer
-
-    src, _ = source(tmp_path, case)
-    out = convert(src, tmp_path / "out")
-    with pytest.raises(UnsupportedModelError, match=TL_REFUSED[case]):
-        to_hooked_transformer(out)
+    assert_hooked_transformer_refuses(tmp_path, source(tmp_path, case)[0], TL_REFUSED[case])
 
 
 def test_new_modules_carry_transformerlens_hooks(tmp_path):
