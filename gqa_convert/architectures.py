@@ -30,7 +30,21 @@ SLIDING_WINDOW_RULES = (
     "qwen2",
     "no_rope_layers",
     "pattern",
+    "pattern_first",
     "use_sliding_window",
+)
+# Conditions a row's `when` may name: config flags, or the kind of the layer's MLP.
+MLP_KINDS = ("dense", "ungated", "moe")
+WHEN = (
+    "qkv_bias",
+    "o_bias",
+    "mlp_bias",
+    "norm_bias",
+    "qk_norm",
+    "xielu",
+    "tied",
+    "untied",
+    *MLP_KINDS,
 )
 
 
@@ -41,8 +55,9 @@ class TensorRow:
     source: str
     target: str | None = None  # None for dropped sources
     layout: str | None = None  # einops pattern, e.g. "(n h) m -> n m h"
-    # a config flag: qkv_bias, o_bias, tied, untied; per layer: dense, moe (its MLP's kind)
-    when: str | None = None
+    # Conditions, all of which must hold: config flags (qkv_bias, o_bias, mlp_bias, qk_norm,
+    # xielu, tied, untied) or the kind of the layer's MLP (dense: gated, ungated, moe).
+    when: str | tuple[str, ...] | None = None
     drop: bool = False
     fused: tuple[str, ...] = ()  # the parts of a fused source's first axis, as axis groups
     part: int | None = None  # which of `fused` this row takes
@@ -52,16 +67,23 @@ class TensorRow:
     # A layout some checkpoints use instead of the default rows' (e.g. "fused_experts"):
     # its rows replace the default rows of the same target when the plan finds their sources.
     variant: str | None = None
+    # In a child table: the parent's row of this key is removed, none added (Cohere's
+    # parallel block has no ln2).
+    omit: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fused", tuple(self.fused))
+        when = (self.when,) if isinstance(self.when, str) else tuple(self.when or ())
+        object.__setattr__(self, "when", when)
+        if not set(when) <= set(WHEN):
+            raise ValueError(f"tensor row {self.source}: `when` {when} (known: {WHEN})")
         if bool(self.fused) != (self.part is not None) or (
             self.fused and not 0 <= self.part < len(self.fused)
         ):
             raise ValueError(f"tensor row {self.source}: `fused` and `part` go together")
 
     @property
-    def key(self) -> tuple[str | None, str | None, str | None]:
+    def key(self) -> tuple[str | None, tuple[str, ...], str | None]:
         """What a child row replaces: the parent's row with the same key."""
         return (self.target or self.source, self.when, self.variant)
 
@@ -91,6 +113,17 @@ class Family:
     # MoE settings (config.MoEConfig fields): a config.json field name, a list of spellings,
     # or a value the modelling code hard-wires; empty for dense families.
     moe: dict[str, Any] = field(default_factory=dict)
+    # The transformers class a checkpoint of this family loads as when it is not one of
+    # `architectures` (InternLM3: LlamaForCausalLM), matched together with `model_types`.
+    loads_as: str | None = None
+    # config.json spellings the config class renames (its attribute_map): alias -> field.
+    field_aliases: dict[str, str] = field(default_factory=dict)
+    # The config.json field that switches the q/k/v, o and MLP biases on (qkv, o, mlp);
+    # a bias the family's code hard-wires is in `fixed` (qkv_bias, o_bias, mlp_bias).
+    bias_fields: dict[str, str] = field(default_factory=dict)
+    eps_field: str = "rms_norm_eps"  # Cohere: layer_norm_eps, StarCoder2: norm_epsilon
+    # Whether the config class reads `layer_types` (Mistral's and Llama's ignore it).
+    reads_layer_types: bool = False
 
     def rows_for(self, variant: str | None = None) -> tuple[TensorRow, ...]:
         """The default rows, or those of `variant` in place of the defaults they replace."""
@@ -116,7 +149,8 @@ def _build(name: str) -> Family:
     for raw in table.get("tensors", []):
         row = TensorRow(**raw)
         rows = [r for r in rows if r.key != row.key]
-        rows.append(row)
+        if not row.omit:
+            rows.append(row)
     rule = table.get("sliding_window_rule", parent.sliding_window_rule if parent else "never")
     if rule not in SLIDING_WINDOW_RULES:
         raise ValueError(f"configs/{name}.toml: unknown sliding_window_rule {rule!r}")
@@ -137,6 +171,16 @@ def _build(name: str) -> Family:
             **table.get("activation_aliases", {}),
         },
         moe={**(parent.moe if parent else {}), **table.get("moe", {})},
+        loads_as=table.get("loads_as"),
+        field_aliases={
+            **(parent.field_aliases if parent else {}),
+            **table.get("field_aliases", {}),
+        },
+        bias_fields={**(parent.bias_fields if parent else {}), **table.get("bias_fields", {})},
+        eps_field=table.get("eps_field", parent.eps_field if parent else "rms_norm_eps"),
+        reads_layer_types=table.get(
+            "reads_layer_types", parent.reads_layer_types if parent else False
+        ),
     )
 
 
@@ -156,11 +200,18 @@ def supported_architectures() -> list[str]:
 
 
 def family_for(architectures: list[str] | None, model_type: str | None) -> Family:
-    """The family for config.json's `architectures` (or, when absent, its `model_type`)."""
+    """The family for config.json's `architectures` and `model_type`: the one naming both
+    (its architecture, or the class it loads as, with its model type: transformers picks the
+    config class by model type), else the one naming the architecture, else, without
+    `architectures`, the one naming the model type."""
+    arch = architectures[0] if architectures else None
     for family in families():
-        if architectures and architectures[0] in family.architectures:
+        if model_type in family.model_types and arch in (*family.architectures, family.loads_as):
             return family
-        if not architectures and model_type in family.model_types:
+    for family in families():
+        if arch is not None and arch in family.architectures:
+            return family
+        if arch is None and model_type in family.model_types:
             return family
     stated = f"architectures={architectures!r}" if architectures else f"model_type={model_type!r}"
     raise UnsupportedModelError(

@@ -44,7 +44,17 @@ SmolLM3 (layers without rotary); Gemma (norms scaling by 1 + w, embeddings times
 sqrt(d_model), GeGLU); Gemma-2 (sandwich norms, attention and final logit soft-caps,
 query_pre_attn_scalar, alternating local/global layers); Gemma-3 text (Gemma-2 without
 soft-caps, q/k RMSNorm per head, a rotary per layer type); mixtures of experts: Mixtral,
-Qwen3-MoE, OLMoE (top-k router, per-expert gated MLPs, Qwen3-MoE's dense layers).
+Qwen3-MoE, OLMoE (top-k router, per-expert gated MLPs, Qwen3-MoE's dense layers); the
+dense families of 2026: Seed_OSS (q/k/v and o biases by their own switches), InternLM3
+(Llama with every projection biased), Helium (interleaved rotary), ERNIE4_5 (interleaved
+rotary in fp32, use_bias), OLMo3 (OLMo2 with 3:1 sliding layers, a rotary per layer
+type), EXAONE4 (post-norms, q/k norm, global layers without rotary), Ministral (windows by
+layer_types), Ministral3 (llama_4_scaling_beta query scale), GLM4 (sandwich norms,
+interleaved rotary on half of each head), StarCoder2 (LayerNorm with bias, ungated GELU MLP),
+Apertus (ungated xIELU MLP with learned parameters, q/k norm), Cohere (parallel block,
+LayerNorm, interleaved rotary, logit scale), Cohere2 (Cohere with 3:1 windows, rotary on local
+layers only), Hunyuan_v1_dense (q/k norm after rotary, ntk_alpha rope), Granite_SWA (Granite
+with windows, per-layer theta and attention sinks).
 
 Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
 Anything else is refused, naming the field."""

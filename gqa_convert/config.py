@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,8 @@ from gqa_convert.architectures import Family, family_for
 from gqa_convert.errors import BadInputError, UnsupportedModelError
 
 FORMAT = "gqa-convert/1"
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # HF ACT2FN names
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "ntk_alpha")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu", "xielu")  # HF ACT2FN names
 # transformers' Qwen2Config default: with use_sliding_window and no max_window_layers,
 # layers from 28 on use the window (0: every layer does).
 QWEN2_MAX_WINDOW_LAYERS = 28
@@ -32,6 +32,8 @@ class RopeConfig:
     longrope's switch from `short_factor` to `long_factor`. `beta_fast/beta_slow/truncate`:
     yarn. `attention_factor` multiplies cos and sin (yarn, longrope; 1 otherwise).
     `partial_rotary_factor`: rotary on the first `int(d_head * factor)` dims of each head.
+    `alpha`: ntk_alpha (Hunyuan), the default frequencies at theta * alpha^(d / (d - 2)),
+    d = d_head.
     """
 
     theta: float = 10_000.0
@@ -47,6 +49,7 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
     short_factor: tuple[float, ...] | None = None
     partial_rotary_factor: float = 1.0
+    alpha: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("long_factor", "short_factor"):  # JSON gives lists back
@@ -124,6 +127,24 @@ class ModelConfig:
     final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     rope_local: RopeConfig | None = None  # Gemma 3: the local layers' rotary (None: `rope`)
     moe: MoEConfig | None = None  # None: every MLP dense (Mixtral, Qwen3-MoE, OLMoE: MoEConfig)
+    # The 2026 dense families (README's family table), each off by default.
+    mlp_bias: bool = False  # biases on the MLP's projections (b_gate, b_in, b_out)
+    rotary_adjacent_pairs: bool = False  # interleaved rotary: pairs (2i, 2i + 1) (GLM, Cohere)
+    rotary_math_in_fp32: bool = False  # Cohere: q / k rotate in fp32, cos / sin in the dtype
+    qk_norm_after_rotary: bool = False  # Hunyuan: the q / k norms act on the rotated q / k
+    norm_type: str = "rms"  # "layer": LayerNorm, mean subtracted (Cohere, StarCoder2)
+    norm_bias: bool = False  # LayerNorm with a bias `b` (StarCoder2)
+    parallel_attn_mlp: bool = False  # Cohere: resid + attn(ln1(x)) + mlp(ln1(x))
+    gated_mlp: bool = True  # False: W_out(act(x W_in + b_in)) + b_out (StarCoder2, Apertus)
+    logit_scale: float = 1.0  # Cohere: logits times this
+    # Granite SWA: each layer's rope theta (0: no rotary there), the rope's other settings
+    # shared; empty: `rope` / `rope_local` by layer type.
+    rope_thetas: tuple[float, ...] = ()
+    attn_sinks: bool = False  # Granite SWA: a learned logit per head joins each softmax
+    # Ministral 3 (llama_4_scaling_beta): after rotary, q times
+    # 1 + beta * log(1 + floor(position / query_scale_length)).
+    query_scale_beta: float | None = None
+    query_scale_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_key_value_heads:
@@ -158,19 +179,35 @@ class ModelConfig:
             raise BadInputError(
                 f"config.json: {len(self.moe.layers)} MoE layer flags, n_layers = {self.n_layers}"
             )
-        if self.qk_norm not in (None, "head", "proj") or self.norm_placement not in (
+        if self.qk_norm not in (None, "head", "heads", "proj") or self.norm_placement not in (
             "pre",
             "post",
             "sandwich",
         ):
             raise BadInputError(
-                f"config.json: qk_norm={self.qk_norm!r} (None, 'head' or 'proj'), "
+                f"config.json: qk_norm={self.qk_norm!r} (None, 'head', 'heads' or 'proj'), "
                 f"norm_placement={self.norm_placement!r} ('pre', 'post' or 'sandwich')"
+            )
+        if self.norm_type not in ("rms", "layer"):
+            raise BadInputError(f"config.json: norm_type={self.norm_type!r} ('rms' or 'layer')")
+        object.__setattr__(self, "rope_thetas", tuple(float(t) for t in self.rope_thetas))
+        if self.rope_thetas and len(self.rope_thetas) != self.n_layers:
+            raise BadInputError(
+                f"config.json: {len(self.rope_thetas)} per-layer rope thetas, n_layers = "
+                f"{self.n_layers}"
             )
 
     def rope_for(self, attn_type: str) -> RopeConfig:
         """The rotary of a layer type: `rope_local` on local layers when set, else `rope`."""
         return self.rope_local if attn_type == "local" and self.rope_local else self.rope
+
+    def layer_rope(self, layer: int) -> RopeConfig:
+        """The rotary of layer `layer`: its type's, at its own theta where `rope_thetas`
+        gives one (Granite SWA; meaningless on a layer without rotary)."""
+        rope = self.rope_for(self.attn_types[layer])
+        if self.rope_thetas and self.rope_thetas[layer] and self.rope_thetas[layer] != rope.theta:
+            return replace(rope, theta=self.rope_thetas[layer])
+        return rope
 
     @property
     def rotary_dim(self) -> int:
@@ -228,7 +265,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for name in ("attn_types", "rope_layers"):
+        for name in ("attn_types", "rope_layers", "rope_thetas"):
             data[name] = list(data[name])
         if data["moe"] is not None:
             data["moe"]["layers"] = list(data["moe"]["layers"])
@@ -249,6 +286,7 @@ class ModelConfig:
                 data["rope_local"] = RopeConfig(**data["rope_local"])
             data["attn_types"] = tuple(data["attn_types"])
             data["rope_layers"] = tuple(data.get("rope_layers", ()))
+            data["rope_thetas"] = tuple(data.get("rope_thetas", ()))
             if data.get("moe") is not None:
                 data["moe"] = MoEConfig(**data["moe"])
             return cls(**data)
@@ -299,6 +337,10 @@ def _rope_from_hf(hf: dict, family: Family, d_head: int) -> RopeConfig:
     for key in ("rope_parameters", "rope_scaling"):
         if not isinstance(hf.get(key, {}), dict | None):
             raise BadInputError(f"config.json: field {key!r} = {hf[key]!r} is not an object")
+    if "rope_parameters" in family.defaults and not (
+        hf.get("rope_parameters") or hf.get("rope_scaling")
+    ):  # the config class's own rope (Apertus: llama3; Ministral 3: yarn), rope_theta unread
+        hf = {**hf, "rope_parameters": dict(family.defaults["rope_parameters"])}
     if isinstance(hf.get("rope_parameters"), dict):
         where, params = "rope_parameters", dict(hf["rope_parameters"])
         if "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
@@ -317,7 +359,10 @@ def _rope_from_hf(hf: dict, family: Family, d_head: int) -> RopeConfig:
             f"config.json: {where}.rope_type = {rope_type!r} is not supported "
             f"(supported: {', '.join(ROPE_TYPES)})"
         )
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    partial = params.get(
+        "partial_rotary_factor",
+        hf.get("partial_rotary_factor", family.defaults.get("partial_rotary_factor", 1.0)),
+    )
     if partial != 1.0 and "partial_rotary_factor" not in family.defaults:
         raise UnsupportedModelError(
             f"config.json: partial_rotary_factor = {partial!r} is not supported for "
@@ -331,6 +376,10 @@ def _rope_from_hf(hf: dict, family: Family, d_head: int) -> RopeConfig:
             f"head_dim {d_head}: expected an even number > 0"
         )
     common = {"theta": _get(params, "rope_theta", float), "partial_rotary_factor": partial}
+    if rope_type == "dynamic" and params.get("alpha") and family.fixed.get("ntk_alpha"):
+        # Hunyuan: "dynamic" with an alpha is a fixed NTK stretch of the base (its rotary
+        # embedding calls it ntk_alpha), whatever the length.
+        return RopeConfig(**common, type="ntk_alpha", alpha=_get(params, "alpha", float))
     if rope_type == "default":
         return RopeConfig(**common)
     common["type"] = rope_type
@@ -419,9 +468,12 @@ def _ropes(hf: dict, family: Family, d_head: int) -> tuple[RopeConfig, RopeConfi
             f"({', '.join(LAYER_TYPES)})"
         )
     ropes = {}
+    # Gemma 3 reads the local theta from rope_local_base_freq; OLMo 3 reads none (its
+    # config class gives local layers its default theta, whatever rope_theta says).
+    local_field = family.fixed.get("local_theta_field", "rope_local_base_freq")
     for layer_type, theta_field in (
         ("full_attention", "rope_theta"),
-        ("sliding_attention", "rope_local_base_freq"),
+        ("sliding_attention", local_field),
     ):
         params = per_type.get(layer_type) or {"rope_type": "default"}
         if not isinstance(params, dict):
@@ -429,7 +481,8 @@ def _ropes(hf: dict, family: Family, d_head: int) -> tuple[RopeConfig, RopeConfi
         params = dict(params)
         if layer_type == "full_attention" and isinstance(hf.get("rope_scaling"), dict):
             params.update(hf["rope_scaling"])
-        params.setdefault("rope_theta", hf.get(theta_field) or family.defaults[theta_field])
+        theta = hf.get(theta_field) if theta_field else None
+        params.setdefault("rope_theta", theta or family.defaults[theta_field or "rope_theta"])
         rope = _rope_from_hf({**hf, "rope_parameters": params}, family, d_head)
         if rope.type in ("dynamic", "longrope"):  # their frequencies follow the length
             raise UnsupportedModelError(
@@ -452,7 +505,7 @@ def _attn_types(
         window = _get(hf, "sliding_window", int, None)
     else:
         window = family.defaults.get("sliding_window")
-    layer_types = hf.get("layer_types")
+    layer_types = hf.get("layer_types") if family.reads_layer_types else None
     if layer_types is not None:
         names = LAYER_TYPES
         if not isinstance(layer_types, list):
@@ -473,6 +526,9 @@ def _attn_types(
             hf, "sliding_window_pattern", int, family.defaults.get("sliding_window_pattern")
         )
         types = tuple("global" if (i + 1) % every == 0 else "local" for i in range(n_layers))
+    elif family.sliding_window_rule == "pattern_first":  # Granite SWA: layer 0, 4, 8... global
+        every = family.fixed["sliding_window_pattern"]
+        types = tuple("global" if i % every == 0 else "local" for i in range(n_layers))
     elif family.sliding_window_rule == "use_sliding_window":  # Qwen3-MoE: every layer, if on
         types = ("local" if _get(hf, "use_sliding_window", bool, False) else "global",) * n_layers
     elif family.sliding_window_rule == "no_rope_layers":  # SmolLM3: the NoPE layers, if on
@@ -512,20 +568,21 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
             "modelling code, which gqa-convert never runs; if the model is a stock "
             f"{family.architectures[0]}, delete auto_map from config.json and convert again"
         )
+    # The config class's renamed fields (InternLM3's qkv_bias -> attention_bias).
+    hf = {**{f: hf[a] for a, f in family.field_aliases.items() if a in hf}, **hf}
     act_field = family.activation_field  # hidden_act, or Gemma 2/3's hidden_activation
     act = hf.get(act_field) or family.defaults.get(act_field, "silu")
     act = family.activation_aliases.get(act, act) if isinstance(act, str) else act
-    if act not in ACTIVATIONS:
+    gated = family.fixed.get("gated_mlp", True)
+    if act not in ACTIVATIONS or (act == "xielu" and gated):
         raise UnsupportedModelError(
             f"config.json: {act_field} = {act!r} is not supported "
-            f"(supported: {', '.join(ACTIVATIONS)})"
+            f"(supported: {', '.join(a for a in ACTIVATIONS if a != 'xielu' or not gated)})"
         )
     if _get(hf, "use_bidirectional_attention", bool, False):
         raise UnsupportedModelError(
             "config.json: use_bidirectional_attention = true (an encoder) is not supported"
         )
-    if _get(hf, "mlp_bias", bool, False):
-        raise UnsupportedModelError("config.json: mlp_bias = true is not supported")
     if hf.get("clip_qkv") is not None:
         raise UnsupportedModelError(
             f"config.json: clip_qkv = {hf['clip_qkv']!r} (q / k / v clamped) is not supported"
@@ -533,17 +590,11 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     d_model = _get(hf, "hidden_size", int)
     n_heads = _get(hf, "num_attention_heads", int)
     n_layers = _get(hf, "num_hidden_layers", int)
-    d_head = _get(hf, "head_dim", int, None)
-    if d_head is None:
-        if d_model % n_heads:
-            raise BadInputError(
-                f"config.json: no head_dim, and hidden_size={d_model} is not divisible by "
-                f"num_attention_heads={n_heads}"
-            )
-        d_head = d_model // n_heads
+    d_head = _head_dim(hf, family, d_model, n_heads)
     rope_layers = _rope_layers(hf, family, n_layers)
     attn_types, window = _attn_types(hf, family, rope_layers)
-    attention_bias = _get(hf, "attention_bias", bool, False)
+    rope_layers, rope_thetas = _nope_layers(hf, family, rope_layers, attn_types)
+    biases = _biases(hf, family)
     defaults = family.defaults
 
     def option(name: str, kind: type, default: Any) -> Any:
@@ -561,9 +612,11 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     # Gemma: embeddings times sqrt(d_model), rounded to the compute dtype first.
     sqrt_scale = family.fixed.get("embedding_scale") == "sqrt_d_model"
     rope, rope_local = _ropes(hf, family, d_head)
+    beta, scale_length = _query_scale(hf, family, rope)
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if not isinstance(dtype, str):
         raise BadInputError(f"config.json: field 'dtype' = {dtype!r} is not a dtype name")
+    fixed = family.fixed
     return ModelConfig(
         architecture=(hf.get("architectures") or [family.architectures[0]])[0],
         family=family.name,
@@ -575,7 +628,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         d_mlp=_get(hf, "intermediate_size", int),
         d_vocab=_get(hf, "vocab_size", int),
         n_ctx=_get(hf, "max_position_embeddings", int),
-        eps=_get(hf, "rms_norm_eps", float),
+        eps=_get(hf, family.eps_field, float, defaults.get(family.eps_field, ...)),
         act_fn=act,
         rope=rope,
         rope_local=rope_local if rope_local != rope else None,
@@ -584,10 +637,11 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=_get(
             hf, "tie_word_embeddings", bool, defaults.get("tie_word_embeddings", False)
         ),
-        qkv_bias=family.fixed.get("qkv_bias", attention_bias),
-        o_bias=family.fixed.get("o_bias", attention_bias),
+        qkv_bias=biases["qkv"],
+        o_bias=biases["o"],
+        mlp_bias=biases["mlp"],
         dtype=str(dtype),
-        qk_norm=family.fixed.get("qk_norm"),
+        qk_norm=_qk_norm(hf, family),
         norm_placement=family.fixed.get("norm_placement", "pre"),
         norm_weight_in_fp32=family.fixed.get("norm_weight_in_fp32", False),
         rotary_in_fp32=family.fixed.get("rotary_in_fp32", False),
@@ -604,7 +658,111 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         logits_scaling=option("logits_scaling", float, 1.0),
         rope_layers=rope_layers,
         moe=_moe_from_hf(hf, family, n_layers),
+        rotary_adjacent_pairs=fixed.get("rotary_adjacent_pairs", False),
+        rotary_math_in_fp32=fixed.get("rotary_math_in_fp32", False),
+        qk_norm_after_rotary=fixed.get("qk_norm_after_rotary", False),
+        norm_type=fixed.get("norm_type", "rms"),
+        norm_bias=fixed.get("norm_bias", False),
+        parallel_attn_mlp=fixed.get("parallel_attn_mlp", False),
+        gated_mlp=gated,
+        logit_scale=option("logit_scale", float, 1.0),
+        rope_thetas=rope_thetas,
+        attn_sinks=fixed.get("attn_sinks", False),
+        query_scale_beta=beta,
+        query_scale_length=scale_length,
     )
+
+
+def _head_dim(hf: dict, family: Family, d_model: int, n_heads: int) -> int:
+    """`head_dim` as the config class reads it: the file's, else the class's default
+    (Seed-OSS, GLM-4...: 128), null or no default: hidden_size / heads."""
+    if "head_dim" in hf:
+        d_head = _get(hf, "head_dim", int, None)
+    else:
+        d_head = family.defaults.get("head_dim")
+    if d_head is None:
+        if d_model % n_heads:
+            raise BadInputError(
+                f"config.json: no head_dim, and hidden_size={d_model} is not divisible by "
+                f"num_attention_heads={n_heads}"
+            )
+        d_head = d_model // n_heads
+    return d_head
+
+
+def _biases(hf: dict, family: Family) -> dict[str, bool]:
+    """Whether q/k/v, o and the MLP have biases: hard-wired by the family (`fixed`), or
+    the config.json field of `bias_fields` (Llama: attention_bias, mlp_bias; Seed-OSS:
+    attention_out_bias for o; ERNIE, StarCoder2: use_bias), with the class's default."""
+    out = {}
+    for part in ("qkv", "o", "mlp"):
+        if f"{part}_bias" in family.fixed:
+            out[part] = bool(family.fixed[f"{part}_bias"])
+            continue
+        name = family.bias_fields.get(part)
+        out[part] = bool(name) and _get(hf, name, bool, family.defaults.get(name, False))
+    return out
+
+
+def _qk_norm(hf: dict, family: Family) -> str | None:
+    """The q/k norm the family has, if its switch (`qk_norm_field`, Cohere's use_qk_norm)
+    is on."""
+    switch = family.fixed.get("qk_norm_field")
+    if switch and not _get(hf, switch, bool, family.defaults.get(switch, False)):
+        return None
+    return family.fixed.get("qk_norm") or None  # false: a parent's norm switched off
+
+
+def _nope_layers(
+    hf: dict, family: Family, rope_layers: tuple[bool, ...], attn_types: tuple[str, ...]
+) -> tuple[tuple[bool, ...], tuple[float, ...]]:
+    """Layers without rotary by the family's rule (`nope_global`: "always", Cohere 2's
+    global layers; "with_window", EXAONE 4's, when config.json sets a sliding_window: every
+    layer rotates without one), and Granite SWA's per-layer thetas (`layer_rope_theta`,
+    0: no rotary; absent: every layer at rope_theta, returned as no thetas)."""
+    rule = family.fixed.get("nope_global")
+    window = (
+        hf["sliding_window"] if "sliding_window" in hf else family.defaults.get("sliding_window")
+    )
+    if rule == "always" or (rule == "with_window" and window is not None):
+        rope_layers = tuple(
+            r and t == "local" for r, t in zip(rope_layers, attn_types, strict=True)
+        )
+    thetas = hf.get("layer_rope_theta") if family.fixed.get("layer_rope_theta") else None
+    if thetas is None:
+        return rope_layers, ()
+    if (
+        not isinstance(thetas, list)
+        or len(thetas) != len(rope_layers)
+        or not all(
+            isinstance(t, int | float) and not isinstance(t, bool) and t >= 0 for t in thetas
+        )
+    ):
+        raise BadInputError(
+            f"config.json: layer_rope_theta = {thetas!r}: expected {len(rope_layers)} "
+            "thetas >= 0 (0: no rotary)"
+        )
+    rope_layers = tuple(r and t != 0 for r, t in zip(rope_layers, thetas, strict=True))
+    return rope_layers, tuple(float(t) for t in thetas)
+
+
+def _query_scale(hf: dict, family: Family, rope: RopeConfig) -> tuple[float | None, int | None]:
+    """Ministral 3's query scaling: `llama_4_scaling_beta` and the rope's
+    original_max_position_embeddings, both of which Ministral3Attention reads."""
+    if not family.fixed.get("llama_4_scaling"):
+        return None, None
+    params = hf.get("rope_parameters") or hf.get("rope_scaling")
+    if not params:
+        params = family.defaults.get("rope_parameters", {})
+    beta = _get(params, "llama_4_scaling_beta", float, None)
+    length = rope.original_max_position_embeddings
+    if beta is None or length is None:
+        raise BadInputError(
+            "config.json: Ministral3Attention scales queries by rope_parameters."
+            "llama_4_scaling_beta and original_max_position_embeddings; found "
+            f"{beta!r} and {length!r}"
+        )
+    return beta, length
 
 
 def _moe_from_hf(hf: dict, family: Family, n_layers: int) -> MoEConfig | None:

@@ -180,6 +180,7 @@ def quirks(plan: ConversionPlan) -> dict[str, Any]:
         )
     if cfg.rotary_dim != cfg.d_head:
         found["rotary_dim"] = f"{cfg.rotary_dim} of {cfg.d_head} (partial rotary)"
+    found.update(_quirks_2026(cfg))
     fused: dict[str, dict[str, None]] = {}  # e.g. qkv_proj -> W_Q, _W_K, _W_V (split)
     stacked: dict[str, None] = {}  # experts stored stacked: each sliced out per expert
     for task in plan.tasks:
@@ -192,6 +193,44 @@ def quirks(plan: ConversionPlan) -> dict[str, Any]:
         found["fused"] = {name: ", ".join(parts) for name, parts in fused.items()}
     if stacked:
         found["experts_stacked"] = ", ".join(stacked)
+    return found
+
+
+def _quirks_2026(cfg: ModelConfig) -> dict[str, Any]:
+    """The options of the 2026 dense families (README's family table), in words."""
+    found: dict[str, Any] = {}
+    if cfg.rotary_adjacent_pairs:
+        found["rotary_adjacent_pairs"] = "interleaved rotary: pairs (2i, 2i + 1)"
+    if cfg.rotary_in_fp32 or cfg.rotary_math_in_fp32:
+        where = "cos / sin and the rotation" if cfg.rotary_in_fp32 else "the rotation"
+        found["rotary_in_fp32"] = f"{where} in fp32, then cast back"
+    if cfg.norm_weight_in_fp32:
+        found["norm_weight_in_fp32"] = "norms scale by w in fp32, then cast back"
+    if cfg.qk_norm == "heads":
+        found["qk_norm"] = "LayerNorm of q and k over d_head, a weight per head, before rotary"
+    if cfg.qk_norm_after_rotary:
+        found["qk_norm"] = "RMSNorm of q and k over d_head, per head, after rotary"
+    if cfg.norm_type == "layer":
+        found["norm_type"] = f"LayerNorm{' with bias' if cfg.norm_bias else ' without bias'}"
+    if cfg.parallel_attn_mlp:
+        found["parallel_attn_mlp"] = "resid + attn(ln1(resid)) + mlp(ln1(resid))"
+    if not cfg.gated_mlp:
+        found["mlp"] = f"ungated: W_out({cfg.act_fn}(x W_in))"
+    if cfg.mlp_bias:
+        found["mlp_bias"] = True
+    if cfg.o_bias != cfg.qkv_bias:
+        found["o_bias"] = cfg.o_bias
+    if cfg.logit_scale != 1.0:
+        found["logit_scale"] = cfg.logit_scale
+    if cfg.rope_thetas:
+        found["rope_thetas"] = list(cfg.rope_thetas)
+    if cfg.attn_sinks:
+        found["attn_sinks"] = "a learned logit per head joins each softmax (attn.sinks)"
+    if cfg.query_scale_beta is not None:
+        found["query_scale"] = (
+            f"q times 1 + {cfg.query_scale_beta:g} * log(1 + floor(position / "
+            f"{cfg.query_scale_length}))"
+        )
     return found
 
 

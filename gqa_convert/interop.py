@@ -20,16 +20,18 @@ sandwich norms are TL's `use_normalization_before_and_after` (`ln1_post`, `ln2_p
 soft-caps `attn_scores_soft_cap` / `output_logits_soft_cap`, its query_pre_attn_scalar
 `attn_scale`, Gemma 3's local rotary `rotary_base_local`.
 
-Qwen3's q/k norms are TL's `use_qk_norm` (`attn.q_norm.w`), OLMo2's
-post-norms and OLMo2's and OLMoE's projection-wide q/k norms come with their
-`original_architecture`, a mixture of experts (Mixtral, OLMoE) is TL's `MoE` (router and
-experts as nn.Linear: our tensors transposed, `_moe_as_linear`), Phi-3's
-partial rotary is `rotary_dim`, linear and yarn rope are TL's own. What TL 3.9 lacks is
-refused naming the option: Granite's multipliers, SmolLM3's layers without rotary, dynamic
-and longrope scaling. The config maps one to one: RMSNorm, gated SiLU MLP, rotate-half rotary
-(`rotary_adjacent_pairs=False`) at the checkpoint's theta, llama3 rope as TL's NTK-by-parts
-(the same formula as HF's), sliding-window layers as TL's `"local"` attention (TL keeps keys
-with `q - k < window_size`, HF's rule).
+Qwen3's q/k norms are TL's `use_qk_norm` (`attn.q_norm.w`), OLMo 2's and 3's post-norms
+and OLMo 2's, 3's and OLMoE's projection-wide q/k norms come with their
+`original_architecture` (OLMo 3's yarn on global layers only: `yarn_global_attn_only`), a
+mixture of experts (Mixtral, OLMoE) is TL's `MoE` (router and experts as nn.Linear: our
+tensors transposed, `_moe_as_linear`), Phi-3's partial rotary is `rotary_dim`, interleaved
+rotary (Helium, ERNIE, GLM-4) `rotary_adjacent_pairs`, linear and yarn rope are TL's own. What
+TL 3.9 lacks is refused naming the option: Granite's multipliers, SmolLM3's layers without
+rotary, dynamic and longrope scaling, MLP biases on a gated MLP, Ministral 3's query scale,
+and the other options of `TL_LACKS`. The config maps one to one: RMSNorm, gated SiLU MLP,
+rotary at the checkpoint's theta, llama3 rope as TL's NTK-by-parts (the same formula as
+HF's), sliding-window layers as TL's `"local"` attention (TL keeps keys with
+`q - k < window_size`, HF's rule).
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ PREPEND_BOS = {
 }
 
 # Architectures whose q / k norm TL applies over the whole projection.
-PROJ_QK_NORM = ("Olmo2ForCausalLM", "OlmoeForCausalLM")
+PROJ_QK_NORM = ("Olmo2ForCausalLM", "OlmoeForCausalLM", "Olmo3ForCausalLM")
+# Architectures whose ln1 / ln2 TL applies after the sublayer (its POST_NORM_ARCHITECTURES).
+POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 # HookedTransformer parameters that no source of ours has, so no export holds them.
 ALWAYS_ZERO = ("b_in", "b_out", "b_U")
@@ -151,13 +155,14 @@ def hooked_transformer_config(
         d_vocab=cfg.d_vocab,
         eps=cfg.eps,
         act_fn=cfg.act_fn,
-        normalization_type="RMS",
-        final_rms=True,
-        gated_mlp=True,
+        normalization_type="LN" if cfg.norm_type == "layer" else "RMS",  # StarCoder2: LN
+        final_rms=cfg.norm_type == "rms",
+        gated_mlp=cfg.gated_mlp,  # StarCoder2, Apertus: TL's MLP (W_in, act, W_out)
         positional_embedding_type="rotary",
         rotary_dim=cfg.rotary_dim,  # Phi-3's partial rotary: the first rotary_dim dims
         rotary_base=cfg.rope.theta,
-        rotary_adjacent_pairs=False,  # HF's rotate-half: pairs (i, i + d_head / 2)
+        # rotate-half (pairs (i, i + rotary_dim / 2)), or interleaved (Helium, ERNIE, GLM-4)
+        rotary_adjacent_pairs=cfg.rotary_adjacent_pairs,
         **ROPE_FIELDS[cfg.rope.type](cfg.rope),
         use_attn_scale=True,  # scores / sqrt(d_head), or / sqrt(query_pre_attn_scalar):
         attn_scale=cfg.query_pre_attn_scalar**0.5 if cfg.query_pre_attn_scalar else -1.0,
@@ -165,6 +170,8 @@ def hooked_transformer_config(
         output_logits_soft_cap=cfg.final_logit_softcap or -1.0,
         use_normalization_before_and_after=cfg.norm_placement == "sandwich",
         rotary_base_local=cfg.rope_local.theta if cfg.rope_local else None,
+        # OLMo 3: yarn on global layers only, plain rotary on local ones
+        yarn_global_attn_only=cfg.rope_local is not None,
         use_qk_norm=cfg.qk_norm == "head",  # Qwen3; OLMo2's "proj" comes with its architecture
         scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
         use_local_attn=local,
@@ -179,13 +186,19 @@ def hooked_transformer_config(
     )
 
 
-TL_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")  # the same functions in TL's table
+# The same functions in TL's table; xielu: TL's XIELU module (mlp.act_fn.*, Apertus).
+TL_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "xielu")
 
 # Our options with no HookedTransformer equivalent in TL 3.9, as (field, value TL assumes).
 TL_LACKS = (
     ("attention_multiplier", None),  # Granite
     ("residual_multiplier", 1.0),  # Granite
     ("logits_scaling", 1.0),  # Granite
+    ("logit_scale", 1.0),  # Cohere
+    ("attn_sinks", False),  # Granite SWA
+    ("query_scale_beta", None),  # Ministral 3's llama_4_scaling_beta
+    ("qk_norm_after_rotary", False),  # Hunyuan
+    ("rope_thetas", ()),  # Granite SWA's per-layer theta
 )
 
 
@@ -208,10 +221,16 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
             "layers without rotary (no_rope_layers: "
             f"{[i for i, r in enumerate(cfg.rope_layers) if not r]})"
         )
-    if cfg.norm_placement == "post" and cfg.architecture != "Olmo2ForCausalLM":
-        problems.append("norm_placement = 'post' (TL applies it to OLMo2 only)")
+    if cfg.norm_placement == "post" and cfg.architecture not in POST_NORM:
+        problems.append("norm_placement = 'post' (TL applies it to OLMo 2 and 3 only)")
     if cfg.qk_norm == "proj" and cfg.architecture not in PROJ_QK_NORM:
         problems.append("qk_norm = 'proj' (TL applies it to OLMo2 and OLMoE only)")
+    if cfg.qk_norm == "heads":
+        problems.append("qk_norm = 'heads' (TL's q / k norm weights are shared by the heads)")
+    if cfg.parallel_attn_mlp:
+        problems.append("parallel_attn_mlp (TL's parallel block normalises the MLP's input by ln2)")
+    if cfg.mlp_bias and cfg.gated_mlp:
+        problems.append("mlp_bias with a gated MLP (TL's GatedMLP has no bias on its gate)")
     if cfg.moe is not None and not all(cfg.moe.layers):
         dense = [i for i, moe in enumerate(cfg.moe.layers) if not moe]
         problems.append(f"dense MLP layers {dense} among MoE layers (TL's MoE is on every layer)")
@@ -227,7 +246,7 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
 
 
 # Global rope types TL applies to global layers only, so a plain local rotary stays plain.
-ROPE_LOCAL_OK = ("default", "linear")
+ROPE_LOCAL_OK = ("default", "linear", "yarn")
 
 
 def tl_tensor(
@@ -249,6 +268,8 @@ def tl_tensor(
 def _zero_by_construction(cfg: ModelConfig, name: str) -> bool:
     """A bias the source does not have: zero in TL, never written to the export."""
     leaf = name.rsplit(".", 1)[-1]
+    if leaf == "b" and cfg.norm_type == "layer":  # a LayerNorm's (Cohere's have none)
+        return not cfg.norm_bias
     if leaf in ("b_Q", "_b_K", "_b_V"):
         return not cfg.qkv_bias
     if leaf == "b_O":
@@ -334,20 +355,22 @@ def _full_state_dict(
     """
     problems = [
         f"{name}: in the export, not a HookedTransformer parameter"
-        for name in sorted(set(state) - set(params))
+        for name in sorted(set(state) - set(tl_state))
     ]
     full: dict[str, torch.Tensor] = {}
     for name, value in tl_state.items():
-        if name not in params:  # rotary_sin/cos, mask, IGNORE: computed from the config
-            full[name] = value
-        elif name in state:
+        if name in state:  # a parameter, or a buffer the export holds (xIELU's beta, eps)
             tensor = state[name]
-            if tuple(tensor.shape) != tuple(params[name].shape):
+            if tensor.numel() == 1 and value.numel() == 1:  # xIELU: HF's [1], TL's []
+                tensor = tensor.reshape(value.shape)
+            if tuple(tensor.shape) != tuple(value.shape):
                 problems.append(
                     f"{name}: shape {list(tensor.shape)} in the export, "
-                    f"HookedTransformer wants {list(params[name].shape)}"
+                    f"HookedTransformer wants {list(value.shape)}"
                 )
             full[name] = tl_tensor(cfg, name, tensor.to(device), dtype)
+        elif name not in params:  # rotary_sin/cos, mask, IGNORE: computed from the config
+            full[name] = value
         elif _zero_by_construction(cfg, name):
             full[name] = torch.zeros_like(params[name])
         else:

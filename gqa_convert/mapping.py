@@ -17,7 +17,7 @@ from typing import Any
 import einops
 import numpy as np
 
-from gqa_convert.architectures import Family, TensorRow, families
+from gqa_convert.architectures import MLP_KINDS, Family, TensorRow, families
 from gqa_convert.checkpoint import TensorInfo, check_finite, read_array, read_weights
 from gqa_convert.config import ModelConfig, from_hf, read_json
 from gqa_convert.errors import BadInputError, listing
@@ -69,18 +69,20 @@ def layout_shapes(layout: str, cfg: ModelConfig) -> tuple[tuple[int, ...], tuple
 
     def side(text: str) -> tuple[int, ...]:
         groups = re.findall(r"\(([^)]*)\)|(\w)", text)
-        return tuple(
-            int(np.prod([getattr(cfg, AXES[a]) for a in (group or single).split()]))
-            for group, single in groups
-        )
+        return tuple(_axis_group_size(group or single, cfg) for group, single in groups)
 
     left, right = layout.split("->")
     return side(left), side(right)
 
 
 def _axis_group_size(group: str, cfg: ModelConfig) -> int:
-    """The size of one axis group of a layout, e.g. "(k h)" -> n_key_value_heads * d_head."""
-    return int(np.prod([getattr(cfg, AXES[a]) for a in group.strip("() ").split()]))
+    """The size of one axis group of a layout, e.g. "(k h)" -> n_key_value_heads * d_head;
+    a digit is an axis of that size (xIELU's [1] parameters: "1 -> 1")."""
+    return int(
+        np.prod(
+            [int(a) if a.isdigit() else getattr(cfg, AXES[a]) for a in group.strip("() ").split()]
+        )
+    )
 
 
 def _family(cfg: ModelConfig) -> Family:
@@ -95,12 +97,16 @@ def expected_tasks(
     flags = {
         "qkv_bias": cfg.qkv_bias,
         "o_bias": cfg.o_bias,
+        "mlp_bias": cfg.mlp_bias,
+        "norm_bias": cfg.norm_bias,
+        "qk_norm": cfg.qk_norm is not None,
+        "xielu": cfg.act_fn == "xielu",
         "tied": cfg.tie_word_embeddings,
         "untied": not cfg.tie_word_embeddings,
     }
     tasks, droppable = [], []
     for row in _family(cfg).rows_for(variant):
-        if row.when in flags and not flags[row.when]:
+        if not all(flags.get(w, True) for w in row.when):
             continue
         for layer, expert in _instances(row, cfg):
             source = row.source.replace("{l}", str(layer)).replace("{e}", str(expert))
@@ -124,12 +130,21 @@ def expected_tasks(
 
 def _instances(row: TensorRow, cfg: ModelConfig) -> Iterator[tuple[int | None, int | None]]:
     """(layer, expert) for each tensor a row names: every layer (those whose MLP is of the
-    row's kind, for `when` dense / moe), and every expert of the layer for `{e}` rows."""
+    row's kind, for `when` dense / ungated / moe), and every expert of the layer for `{e}`
+    rows."""
+    kinds = [w for w in row.when if w in MLP_KINDS]
     for layer in range(cfg.n_layers) if row.per_layer else [None]:
-        if row.when in ("dense", "moe") and cfg.is_moe_layer(layer) != (row.when == "moe"):
+        if kinds and mlp_kind(cfg, layer) not in kinds:
             continue
         for expert in range(cfg.n_experts) if row.per_expert or row.expert_axis else [None]:
             yield layer, expert
+
+
+def mlp_kind(cfg: ModelConfig, layer: int) -> str:
+    """The kind of a layer's MLP: "moe", "dense" (gated) or "ungated"."""
+    if cfg.is_moe_layer(layer):
+        return "moe"
+    return "dense" if cfg.gated_mlp else "ungated"
 
 
 def _variant(cfg: ModelConfig, source_shapes: Mapping[str, Any]) -> str | None:
@@ -227,6 +242,8 @@ def contiguous(array: np.ndarray) -> np.ndarray:
     large stride for every element and runs 4-5x slower than memory allows; a few
     columns at a time keep the source rows being read in cache.
     """
+    if array.ndim == 0:  # a scalar (xIELU's beta, eps): ascontiguousarray would make it [1]
+        return array.copy()
     if array.ndim < 2 or array.flags.c_contiguous or array.strides[-1] == array.itemsize:
         return np.ascontiguousarray(array)
     out = np.empty(array.shape, array.dtype)

@@ -11,22 +11,37 @@ from typing import Any
 
 import torch
 from transformers import (
+    ApertusConfig,
     AutoConfig,
     AutoModelForCausalLM,
+    Cohere2Config,
+    CohereConfig,
+    Ernie4_5Config,
+    Exaone4Config,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
+    Glm4Config,
     GraniteConfig,
+    GraniteSWAConfig,
+    HeliumConfig,
+    HunYuanDenseV1Config,
+    InternLM3Config,
     LlamaConfig,
+    Ministral3Config,
+    MinistralConfig,
     MistralConfig,
     MixtralConfig,
     Olmo2Config,
+    Olmo3Config,
     OlmoeConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
+    SeedOssConfig,
     SmolLM3Config,
+    Starcoder2Config,
 )
 
 from gqa_convert.verify.reference import attention_implementation
@@ -46,6 +61,22 @@ CONFIG_CLASSES = {
     "mixtral": MixtralConfig,
     "qwen3_moe": Qwen3MoeConfig,
     "olmoe": OlmoeConfig,
+    # The dense families of 2026 (tests/test_families_2026.py)
+    "seed_oss": SeedOssConfig,
+    "internlm3": InternLM3Config,
+    "helium": HeliumConfig,
+    "ernie4_5": Ernie4_5Config,
+    "olmo3": Olmo3Config,
+    "exaone4": Exaone4Config,
+    "ministral": MinistralConfig,
+    "ministral3": Ministral3Config,
+    "glm4": Glm4Config,
+    "starcoder2": Starcoder2Config,
+    "apertus": ApertusConfig,
+    "cohere": CohereConfig,
+    "cohere2": Cohere2Config,
+    "hunyuan_v1_dense": HunYuanDenseV1Config,
+    "granite_swa": GraniteSWAConfig,
 }
 # Special token ids some config classes default to, beyond TINY's vocabulary.
 NO_SPECIAL_TOKENS = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -60,8 +91,33 @@ MOE = {"num_experts_per_tok": 2}
 FAMILY_DEFAULTS["mixtral"] = {**MOE, "num_local_experts": 4}
 FAMILY_DEFAULTS["qwen3_moe"] = {**MOE, "num_experts": 4, "moe_intermediate_size": 40}
 FAMILY_DEFAULTS["olmoe"] = {**NO_SPECIAL_TOKENS, **MOE, "num_experts": 4}
+# The 2026 families: no special token ids (several default beyond TINY's vocabulary), head_dim
+# stated (several classes default to 128), and each family's own name for the norm epsilon.
+FAMILIES_2026 = (
+    *("seed_oss", "internlm3", "helium", "ernie4_5", "olmo3", "exaone4", "ministral"),
+    *("ministral3", "glm4", "starcoder2", "apertus", "hunyuan_v1_dense", "granite_swa"),
+    *("cohere", "cohere2"),
+)
+FAMILY_DEFAULTS.update({f: {**NO_SPECIAL_TOKENS, "head_dim": 8} for f in FAMILIES_2026})
+FAMILY_DEFAULTS["starcoder2"]["norm_epsilon"] = 1e-5
+for f in ("cohere", "cohere2"):  # Cohere 2's head_dim is always hidden_size / heads
+    FAMILY_DEFAULTS[f] = {**NO_SPECIAL_TOKENS, "layer_norm_eps": 1e-5}
 # Families whose config class reads `attention_bias`.
-ATTENTION_BIAS = {"llama", "olmo2", "granite", "smollm3"}
+ATTENTION_BIAS = {
+    "llama",
+    "olmo2",
+    "granite",
+    "smollm3",
+    "seed_oss",
+    "internlm3",
+    "helium",
+    "glm4",
+    "apertus",
+    "cohere",
+    "cohere2",
+    "hunyuan_v1_dense",
+    "granite_swa",
+}
 
 TINY = dict(
     vocab_size=128,
@@ -90,8 +146,8 @@ def make_hf_model(family: str = "llama", seed: int = 0, **overrides: Any):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.5 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.5 * torch.randn_like(p))
+            elif name.endswith((".bias", ".sinks", ".alpha_p", ".alpha_n")):
+                p.copy_(p + 0.5 * torch.randn_like(p))  # biases, sinks, xIELU's parameters
     return model
 
 

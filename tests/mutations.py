@@ -274,3 +274,26 @@ def expert_gate_and_in_exchanged(layer: int = 1, expert: int = 0) -> Mutation:
         return cfg, state
 
     return mutate
+
+
+def tensor_zeroed(name: str) -> Mutation:
+    """One tensor replaced by zeros: a bias the converter did not read (Seed-OSS's o_proj
+    bias under its own switch, an MLP bias), a sink left at its initial value."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        state[name] = torch.zeros_like(state[name])
+        return cfg, state
+
+    return mutate
+
+
+def parallel_block_as_serial() -> Mutation:
+    """Cohere's parallel block run as Llama's serial one, ln2 a copy of ln1 (a converter that
+    maps Cohere onto Llama's block): the MLP reads ln1(resid + attn) instead of ln1(resid)."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        for i in range(cfg.n_layers):
+            state[f"blocks.{i}.ln2.w"] = state[f"blocks.{i}.ln1.w"].clone()
+        return replace(cfg, parallel_attn_mlp=False), state
+
+    return mutate

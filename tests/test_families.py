@@ -248,11 +248,16 @@ MUTATIONS = {
 
 @pytest.mark.parametrize("name", MUTATIONS)
 def test_a_family_bug_fails_the_gate_where_it_is(tmp_path, name):
-    case, mutation, (layer, component) = MUTATIONS[name]
-    src, _ = source(tmp_path, case)
-    report = verify(src, model=M.mutated_model(src, mutation), seq_len=40)
+    case, mutation, where = MUTATIONS[name]
+    assert_localised(source(tmp_path, case)[0], mutation, 40, where)
+
+
+def assert_localised(src, mutation: M.Mutation, n_pos: int, where: tuple[int, str]) -> None:
+    """`src` converted and broken by `mutation` fails the gate, first at `where` (layer,
+    component)."""
+    report = verify(src, model=M.mutated_model(src, mutation), seq_len=n_pos)
     assert not report.passed
-    assert report.first_divergence == {"layer": layer, "component": component}
+    assert report.first_divergence == {"layer": where[0], "component": where[1]}
 
 
 def test_phi3_fused_rows_land_where_hf_reads_them(tmp_path):
@@ -331,23 +336,46 @@ TL_REFUSED = {
 @needs_tl
 @pytest.mark.parametrize("case", TL_CASES)
 def test_hooked_transformer_logits_equal_hf(tmp_path, case):
+    assert_hooked_transformer_equals_hf(tmp_path, *source(tmp_path, case))
+
+
+@needs_tl
+@pytest.mark.parametrize("case", TL_REFUSED)
+def test_hooked_transformer_refuses_what_tl_lacks(tmp_path, case):
+    assert_hooked_transformer_refuses(tmp_path, source(tmp_path, case)[0], TL_REFUSED[case])
+
+
+def assert_streamed_equals_whole(tmp_path, src, n_pos: int) -> None:
+    """The gate passes whole-model, and streamed gives the same report: on SRC's mapping and
+    on an export's files."""
+    from tests.test_verify_streaming import assert_same_report
+
+    whole = verify(src, seq_len=n_pos, streaming=False)
+    assert whole.passed, whole.summary()
+    assert_same_report(verify(src, seq_len=n_pos, streaming=True), whole)
+    out = convert(src, tmp_path / "out")
+    assert_same_report(
+        verify(src, out, seq_len=n_pos, streaming=True),
+        verify(src, out, seq_len=n_pos, streaming=False),
+    )
+
+
+def assert_hooked_transformer_equals_hf(tmp_path, src, n_pos: int) -> None:
+    """`to_hooked_transformer` of `src`'s export gives HF's logits (1e-4, argmax)."""
     from gqa_convert.interop import to_hooked_transformer
 
-    src, n_pos = source(tmp_path, case)
     model = to_hooked_transformer(convert(src, tmp_path / "out"))
     tokens = random_tokens(n_pos)
     with torch.no_grad():
         assert_logits_match(model(tokens), load_hf(src)(tokens).logits)
 
 
-@needs_tl
-@pytest.mark.parametrize("case", TL_REFUSED)
-def test_hooked_transformer_refuses_what_tl_lacks(tmp_path, case):
+def assert_hooked_transformer_refuses(tmp_path, src, field: str) -> None:
+    """`to_hooked_transformer` of `src`'s export is refused, naming `field`."""
     from gqa_convert.interop import to_hooked_transformer
 
-    src, _ = source(tmp_path, case)
     out = convert(src, tmp_path / "out")
-    with pytest.raises(UnsupportedModelError, match=TL_REFUSED[case]):
+    with pytest.raises(UnsupportedModelError, match=field):
         to_hooked_transformer(out)
 
 

@@ -17,7 +17,11 @@ from gqa_convert.verify import verify
 from tests import mutations as M
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
 from tests.numerics import assert_follows_hf_rounding
-from tests.test_families import assert_gate_and_round_trip, component_errors
+from tests.test_families import (
+    assert_gate_and_round_trip,
+    assert_streamed_equals_whole,
+    component_errors,
+)
 from tests.test_interop import needs_tl
 from tests.test_parity import assert_logits_match, hf_and_ours
 
@@ -305,17 +309,7 @@ def test_streamed_and_whole_model_reports_agree(tmp_path, case):
     """The streamed HF side (Gemma's layers one at a time, masks and rotary per layer type
     from its own forward, the soft-capped logits of its ForCausalLM) gives the whole
     model's report, on SRC's mapping and on an export's files."""
-    from tests.test_verify_streaming import assert_same_report
-
-    src, n_pos = source(tmp_path, case)
-    whole = verify(src, seq_len=n_pos, streaming=False)
-    assert whole.passed, whole.summary()
-    assert_same_report(verify(src, seq_len=n_pos, streaming=True), whole)
-    out = convert(src, tmp_path / "out")
-    assert_same_report(
-        verify(src, out, seq_len=n_pos, streaming=True),
-        verify(src, out, seq_len=n_pos, streaming=False),
-    )
+    assert_streamed_equals_whole(tmp_path, *source(tmp_path, case))
 
 
 # Post-norms dropped cannot be written as a Gemma 2 export: its weight map names them.

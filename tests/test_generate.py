@@ -14,16 +14,16 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from gqa_convert import GQATransformer, convert, convert_in_memory
 from gqa_convert.errors import BadInputError
 from gqa_convert.model.generate import filter_logits
-from tests import test_families, test_gemma, test_moe, test_parity
+from tests import test_families, test_families_2026, test_gemma, test_moe, test_parity
 from tests.cli_subprocess import run_cli
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
 from tests.numerics import ROUTING_MARGIN, assert_clear_margins, routing_gap
 from tests.test_verify import save_char_tokenizer
 
 NEW = 64
-# Every family case of test_families, test_gemma and test_moe (families added there are
-# covered here), and the Llama, Mistral (windows of 8 and 5, MQA) and Qwen2 (biases) cases of
-# test_parity.
+# Every family case of test_families, test_gemma, test_moe and test_families_2026 (families
+# added there are covered here), and the Llama, Mistral (windows of 8 and 5, MQA) and Qwen2
+# (biases) cases of test_parity.
 PARITY_EXTRAS = [
     "llama-gqa4",
     "llama-mha",
@@ -35,6 +35,7 @@ GENERATE_CASES = {
     **test_families.CASES,
     **test_gemma.CASES,
     **test_moe.CASES,
+    **test_families_2026.CASES,
     **{case: test_parity.CASES[case][:2] + test_parity.CASES[case][3:] for case in PARITY_EXTRAS},
 }
 

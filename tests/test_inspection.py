@@ -114,7 +114,10 @@ def test_inspect_lists_the_family_quirks(tmp_path):
         "rotary_dim": "4 of 8 (partial rotary)",
         "fused": {"qkv_proj": "W_Q, _W_K, _W_V", "gate_up_proj": "W_gate, W_in"},
     }
-    assert set(inspect_checkpoint(olmo)["quirks"]) == {"qk_norm", "norm_placement"}
+    assert set(inspect_checkpoint(olmo)["quirks"]) == {
+        *("qk_norm", "norm_placement"),
+        *("norm_weight_in_fp32", "rotary_in_fp32"),  # OLMo2's bf16 rounding, named too
+    }
     # GraniteConfig defaults attention_multiplier to 1.0: scores are not scaled by 1/sqrt(d)
     assert inspect_checkpoint(granite)["quirks"] == {
         "attention_multiplier": 1.0,

@@ -1,6 +1,9 @@
 """The weight map at real sizes (Llama-3-8B/70B, Mistral-7B, Qwen3-8B, Phi-3-mini, Phi-4-mini,
 OLMo2-7B, Granite-3-8B, SmolLM3-3B, Gemma-2-2B/9B, Gemma-3-1B/4B, Mixtral-8x7B, Qwen3-30B-A3B,
-OLMoE-1B-7B) on the meta device, config.json as shipped on the Hub (Gemma-3-4B: its
+OLMoE-1B-7B, and the dense families of 2026: Seed-OSS-36B, InternLM3-8B, Helium-2B,
+ERNIE-4.5-0.3B, OLMo-3-32B, EXAONE 4, Ministral-8B, Ministral 3, GLM-4-9B, StarCoder2-3B,
+Apertus-8B, Command R / R+, Command R7B, Hunyuan-7B, Granite SWA 2B; each dict says where
+its numbers come from) on the meta device, config.json as shipped on the Hub (Gemma-3-4B: its
 `text_config`, as a Gemma3ForCausalLM). The source names and shapes are the Hub files':
 the meta model's state dict through transformers' own save-time conversion (per-expert
 tensors from its fused in-memory experts; the identity for dense models)."""
@@ -317,6 +320,358 @@ OLMOE_1B_7B = {
     "tie_word_embeddings": False,
     "torch_dtype": "float32",
 }
+# The dense families of 2026 (issue 26). Where a number is not in the source named, it is
+# the transformers config class's default, which its docstring names as that model's.
+# ByteDance-Seed/Seed-OSS-36B-Instruct, its model card: 64 layers, 80 / 8 query / KV heads
+# of 128, hidden 5120, rope theta 1e7, 512K context; vocabulary 155136 and MLP 27648 as
+# SeedOssConfig (the card: "155K").
+SEED_OSS_36B = {
+    "architectures": ["SeedOssForCausalLM"],
+    "model_type": "seed_oss",
+    "hidden_size": 5120,
+    "intermediate_size": 27648,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 80,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 155136,
+    "max_position_embeddings": 524288,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e7,
+    "attention_bias": True,
+    "attention_out_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# internlm/internlm3-8b-instruct: InternLM3Config's defaults ("InternLM3-8B style": 48 layers,
+# 32 / 2 heads of 128, hidden 4096) in the Hub's spellings (qkv_bias, bias); the rope scaling
+# (dynamic, factor 6) illustrative.
+INTERNLM3_8B = {
+    "architectures": ["InternLM3ForCausalLM"],
+    "model_type": "internlm3",
+    "hidden_size": 4096,
+    "intermediate_size": 10240,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "vocab_size": 128512,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 50000000,
+    "rope_scaling": {"factor": 6.0, "rope_type": "dynamic"},
+    "qkv_bias": False,
+    "bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# kyutai/helium-1-preview-2b: HeliumConfig's defaults (24 layers, 20 heads of 128 without
+# grouping, hidden 2560, theta 100000).
+HELIUM_2B = {
+    "architectures": ["HeliumForCausalLM"],
+    "model_type": "helium",
+    "hidden_size": 2560,
+    "intermediate_size": 7040,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 20,
+    "head_dim": 128,
+    "vocab_size": 48000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-8,
+    "rope_theta": 100000.0,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# baidu/ERNIE-4.5-0.3B-PT: 18 layers, 16 / 2 heads of 128, hidden 1024, MLP 3072, vocabulary
+# 103424, theta 500000, 131072 context (apxml.com's ERNIE-4.5-0.3B-Base page, and
+# Ernie4_5Config's defaults), tied embeddings, no biases.
+ERNIE45_03B = {
+    "architectures": ["Ernie4_5ForCausalLM"],
+    "model_type": "ernie4_5",
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "vocab_size": 103424,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "use_bias": False,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+# allenai/Olmo-3-32B: 64 layers, hidden 5120, 40 / 8 heads, window 4096 on three layers of
+# four, YaRN on the global layers only, 8192-token pretraining context extended 8x (the
+# OLMo 3 report, as summarised by apxml.com and emergentmind.com); MLP width and vocabulary
+# (OLMo 2's 100352) illustrative.
+OLMO3_32B = {
+    "architectures": ["Olmo3ForCausalLM"],
+    "model_type": "olmo3",
+    "hidden_size": 5120,
+    "intermediate_size": 27648,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "vocab_size": 100352,
+    "max_position_embeddings": 65536,
+    "rms_norm_eps": 1e-6,
+    "sliding_window": 4096,
+    "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+    "rope_parameters": {
+        "full_attention": {
+            "rope_type": "yarn",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+    },
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+OLMO3_32B["layer_types"] = OLMO3_32B["layer_types"] * 16
+# LGAI-EXAONE/EXAONE-4.0-32B's scheme (its model card and the transformers docs: local and
+# global layers 3:1, a 4K window, no RoPE on global layers, QK-Reorder-Norm) on
+# Exaone4Config's default shape (32 layers of 4096, 32 heads, vocabulary 102400).
+EXAONE4 = {
+    "architectures": ["Exaone4ForCausalLM"],
+    "model_type": "exaone4",
+    "hidden_size": 4096,
+    "intermediate_size": 16384,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 102400,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 4,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# mistralai/Ministral-8B-Instruct-2410, its model card: 36 layers, dim 4096, 32 / 8 heads of
+# 128, MLP 12288, vocabulary 131072, attention "ragged (128k, 32k, 32k, 32k)" (one global
+# layer, then three with a 32768 window), 8,019,808,256 parameters; theta 1e8 (apxml.com).
+MINISTRAL_8B = {
+    "architectures": ["MinistralForCausalLM"],
+    "model_type": "ministral",
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 131072,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000000.0,
+    "sliding_window": 32768,
+    "layer_types": (["full_attention"] + ["sliding_attention"] * 3) * 9,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# Ministral 3: Ministral3Config's defaults (34 layers of 4096, 32 / 8 heads of 128, yarn x16
+# from 16384 with llama_4_scaling_beta 0.1), its rope as the class writes it.
+MINISTRAL3 = {
+    "architectures": ["Ministral3ForCausalLM"],
+    "model_type": "ministral3",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 131072,
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 1000000.0,
+        "factor": 16.0,
+        "original_max_position_embeddings": 16384,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "llama_4_scaling_beta": 0.1,
+    },
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# THUDM/GLM-4-9B-0414: Glm4Config's defaults (its docstring's checkpoint): 40 layers of 4096,
+# 32 / 2 heads of 128, MLP 13696 (fused gate_up_proj), vocabulary 151552, rotary on half of
+# each head, q/k/v biases.
+GLM4_9B = {
+    "architectures": ["Glm4ForCausalLM"],
+    "model_type": "glm4",
+    "hidden_size": 4096,
+    "intermediate_size": 13696,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "vocab_size": 151552,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+    "attention_bias": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# bigcode/starcoder2-3b: Starcoder2Config's defaults (30 layers of 3072, 24 / 2 heads, MLP
+# 12288, vocabulary 49152, use_bias, tied) with the card's 4096-token sliding window.
+STARCODER2_3B = {
+    "architectures": ["Starcoder2ForCausalLM"],
+    "model_type": "starcoder2",
+    "hidden_size": 3072,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 2,
+    "vocab_size": 49152,
+    "max_position_embeddings": 16384,
+    "norm_epsilon": 1e-5,
+    "rope_theta": 999999.4420358813,
+    "sliding_window": 4096,
+    "hidden_act": "gelu_pytorch_tanh",
+    "use_bias": True,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+# swiss-ai/Apertus-8B-2509: 32 layers of 4096, 32 heads, MLP 14336, vocabulary 131072, 65536
+# context (the TevunahAi quantisation's card, quoting the base model); 8 KV heads (grouped
+# attention, altools.ai's summary) illustrative; ApertusConfig's llama3 rope.
+APERTUS_8B = {
+    "architectures": ["ApertusForCausalLM"],
+    "model_type": "apertus",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 131072,
+    "max_position_embeddings": 65536,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "xielu",
+    "rope_parameters": {
+        "rope_type": "llama3",
+        "rope_theta": 12000000.0,
+        "factor": 8.0,
+        "original_max_position_embeddings": 8192,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# CohereForAI/c4ai-command-r-v01: CohereConfig's defaults (its docstring's checkpoint: 40
+# layers of 8192, 64 heads without grouping, MLP 22528, vocabulary 256000, logit_scale 0.0625,
+# tied, theta 8e6 in the Hub file, illustrative here).
+COMMAND_R = {
+    "architectures": ["CohereForCausalLM"],
+    "model_type": "cohere",
+    "hidden_size": 8192,
+    "intermediate_size": 22528,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "vocab_size": 256000,
+    "max_position_embeddings": 8192,
+    "layer_norm_eps": 1e-5,
+    "rope_theta": 8000000.0,
+    "logit_scale": 0.0625,
+    "use_qk_norm": False,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float16",
+}
+# CohereForAI/c4ai-command-r-plus (104B parameters, its model card): the q/k LayerNorms per
+# head; 64 layers of 12288, 96 / 8 heads, MLP 33792 illustrative, checked against the card's
+# 104B below.
+COMMAND_R_PLUS = {
+    **COMMAND_R,
+    "hidden_size": 12288,
+    "intermediate_size": 33792,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 96,
+    "num_key_value_heads": 8,
+    "logit_scale": 0.8333333333333334,
+    "use_qk_norm": True,
+}
+# Cohere 2 (Command R7B): windows of 4096 on three layers of four, rotary on them only
+# (Cohere2Config's pattern), 32 layers of 4096 with 32 / 8 heads, illustrative.
+COHERE2_R7B = {
+    "architectures": ["Cohere2ForCausalLM"],
+    "model_type": "cohere2",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 256000,
+    "max_position_embeddings": 8192,
+    "layer_norm_eps": 1e-5,
+    "rope_theta": 50000.0,
+    "logit_scale": 0.25,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 4,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+# tencent/Hunyuan-7B: HunYuanDenseV1Config's defaults (32 layers of 4096, MLP 11008,
+# vocabulary 290943) with grouped attention, head_dim 128 and the Hub's "dynamic" rope with
+# alpha, illustrative.
+HUNYUAN_7B = {
+    "architectures": ["HunYuanDenseV1ForCausalLM"],
+    "model_type": "hunyuan_v1_dense",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 290943,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0},
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# ibm-granite/granite-swash-2b: GraniteSWAConfig's defaults (its docstring's checkpoint: 24
+# layers of 2560, 20 / 4 heads, MLP 8192, window 128, every fourth layer global from layer 0,
+# tied), with Granite's multipliers and a per-layer theta (0: NoPE) illustrative.
+GRANITE_SWA_2B = {
+    "architectures": ["GraniteSWAForCausalLM"],
+    "model_type": "granite_swa",
+    "hidden_size": 2560,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 4,
+    "vocab_size": 100352,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "layer_rope_theta": [0 if i % 4 == 0 else 10000.0 for i in range(24)],
+    "sliding_window": 128,
+    "embedding_multiplier": 12.0,
+    "attention_multiplier": 0.015625,
+    "residual_multiplier": 0.22,
+    "logits_scaling": 8.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
 ACTIVE = {"mixtral-8x7b": 12.9e9, "qwen3-30b-a3b": 3.3e9, "olmoe-1b-7b": 1.3e9}
 MODELS = {
     "llama-3-8b": LLAMA3_8B,
@@ -336,6 +691,22 @@ MODELS = {
     "mixtral-8x7b": MIXTRAL_8X7B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,
     "olmoe-1b-7b": OLMOE_1B_7B,
+    "seed-oss-36b": SEED_OSS_36B,
+    "internlm3-8b": INTERNLM3_8B,
+    "helium-2b": HELIUM_2B,
+    "ernie-4.5-0.3b": ERNIE45_03B,
+    "olmo3-32b": OLMO3_32B,
+    "exaone4": EXAONE4,
+    "ministral-8b": MINISTRAL_8B,
+    "ministral3": MINISTRAL3,
+    "glm-4-9b": GLM4_9B,
+    "starcoder2-3b": STARCODER2_3B,
+    "apertus-8b": APERTUS_8B,
+    "command-r": COMMAND_R,
+    "command-r-plus": COMMAND_R_PLUS,
+    "cohere2-r7b": COHERE2_R7B,
+    "hunyuan-7b": HUNYUAN_7B,
+    "granite-swa-2b": GRANITE_SWA_2B,
 }
 
 
@@ -386,7 +757,8 @@ def test_map_real_shapes_on_meta(name):
     assert attn.W_Q.shape == (n, m, h) and attn._W_K.shape == (k, m, h)
     assert attn.W_K.shape == (n, m, h) and attn.W_O.shape == (n, h, m)
     tied = {"unembed.W_U"} if cfg.tie_word_embeddings else set()
-    assert sum(p.numel() for p in hf_model.parameters()) == sum(
+    # Every number HF saves (parameters, and buffers it saves: xIELU's beta / eps) is ours.
+    assert sum(v.numel() for k, v in hub.items() if k not in dropped) == sum(
         state[t.target].numel() for t in tasks if t.target not in tied
     )
     if name == "mistral-7b":
@@ -456,6 +828,61 @@ def test_map_real_shapes_on_meta(name):
     if name == "gemma-3-1b":
         assert cfg.sliding_window == 512 and cfg.rope.type == "default"
         assert attn._W_K.shape == (1, 1152, 256)  # MQA
+    if name == "seed-oss-36b":
+        assert (cfg.qkv_bias, cfg.o_bias, cfg.d_head) == (True, False, 128)
+        assert state["blocks.0.attn.b_Q"].shape == (80, 128)
+    if name == "internlm3-8b":
+        assert cfg.family == "internlm3" and not cfg.qkv_bias and cfg.rope.type == "dynamic"
+    if name in ("helium-2b", "ernie-4.5-0.3b"):
+        assert cfg.rotary_adjacent_pairs and cfg.d_head == 128
+    if name == "ernie-4.5-0.3b":
+        assert cfg.tie_word_embeddings and cfg.rotary_in_fp32 and not cfg.mlp_bias
+    if name == "olmo3-32b":
+        assert cfg.attn_types == ("local", "local", "local", "global") * 16
+        assert (cfg.rope.type, cfg.rope_local.type) == ("yarn", "default")
+        assert cfg.qk_norm == "proj" and state["blocks.0.attn.k_norm.w"].shape == (1024,)
+    if name == "exaone4":
+        assert cfg.attn_types == ("local", "local", "local", "global") * 8
+        assert cfg.rope_layers == (True, True, True, False) * 8  # global layers: no rotary
+        assert cfg.norm_placement == "post" and cfg.qk_norm == "head"
+    if name == "ministral-8b":
+        assert sum(p.numel() for p in hf_model.parameters()) == 8_019_808_256
+        assert cfg.attn_types == ("global", "local", "local", "local") * 9
+        assert cfg.sliding_window == 32768
+    if name == "ministral3":
+        assert (cfg.query_scale_beta, cfg.query_scale_length) == (0.1, 16384)
+        assert cfg.rope.type == "yarn" and set(cfg.attn_types) == {"global"}
+    if name == "glm-4-9b":  # gate_up_proj [2 * 13696, 4096] -> W_gate, W_in
+        assert cfg.rotary_dim == 64 and cfg.norm_placement == "sandwich"
+        assert [t.rows for t in tasks if t.source == "model.layers.0.mlp.gate_up_proj.weight"] == [
+            (0, 13696),
+            (13696, 27392),
+        ]
+    if name == "starcoder2-3b":
+        assert (cfg.norm_type, cfg.norm_bias, cfg.gated_mlp) == ("layer", True, False)
+        assert state["blocks.0.mlp.b_in"].shape == (12288,) and state["ln_final.b"].shape == (m,)
+        assert set(cfg.attn_types) == {"local"}
+    if name == "apertus-8b":
+        assert cfg.act_fn == "xielu" and cfg.rope.type == "llama3"
+        assert state["blocks.0.mlp.act_fn.alpha_p"].shape == (1,)
+        assert state["blocks.0.mlp.act_fn.beta"].shape == ()
+    if name.startswith("command-r"):
+        assert cfg.parallel_attn_mlp and cfg.norm_type == "layer" and not cfg.norm_bias
+        assert "blocks.0.ln2.w" not in state and cfg.rotary_adjacent_pairs
+    if name == "command-r-plus":
+        assert state["blocks.0.attn.q_norm.w"].shape == (96, 128)
+        assert state["blocks.0.attn.k_norm.w"].shape == (8, 128)
+        assert abs(sum(p.numel() for p in hf_model.parameters()) - 104e9) < 1e9
+    if name == "cohere2-r7b":
+        assert cfg.attn_types == ("local", "local", "local", "global") * 8
+        assert cfg.rope_layers == (True, True, True, False) * 8 and cfg.logit_scale == 0.25
+    if name == "hunyuan-7b":
+        assert (cfg.rope.type, cfg.rope.alpha) == ("ntk_alpha", 1000.0)
+        assert cfg.qk_norm_after_rotary and state["blocks.0.attn.k_norm.w"].shape == (128,)
+    if name == "granite-swa-2b":
+        assert cfg.attn_types == ("global", "local", "local", "local") * 6
+        assert [i for i, r in enumerate(cfg.rope_layers) if not r] == list(range(0, 24, 4))
+        assert cfg.attn_sinks and state["blocks.0.attn.sinks"].shape == (20,)
     if name == "gemma-3-4b-text":
         assert cfg.sliding_window == 1024
         assert (cfg.rope.type, cfg.rope.factor) == ("linear", 8.0)

@@ -97,8 +97,12 @@ class GroupedQueryAttention(nn.Module):
         self._b_K = nn.Parameter(torch.zeros(k, h, dtype=dt))
         self._b_V = nn.Parameter(torch.zeros(k, h, dtype=dt))
         self.b_O = nn.Parameter(torch.zeros(m, dtype=dt))
-        # RMSNorm of q and k before rotary (Qwen3 per head, OLMo2 over the projection), or None.
+        # RMSNorm of q and k before rotary (Qwen3 per head, OLMo2 over the projection), or
+        # after it (Hunyuan), Cohere's LayerNorm per head; or None.
         self.q_norm, self.k_norm = qk_norm(acfg, n), qk_norm(acfg, k)
+        # Granite SWA's (and gpt-oss's) sinks: a learned logit per head, an extra score
+        # column of every softmax, dropped after it.
+        self.sinks = nn.Parameter(torch.zeros(n, dtype=dt)) if acfg.attn_sinks else None
         # Q/K/V in HF's fused layout, set only during `generate` (model/fused.py)
         self.fused: FusedProjections | None = None
         self.attn_scale = acfg.attn_scale  # sqrt(d_head), or 1 / Granite's attention_multiplier
@@ -205,7 +209,7 @@ class GroupedQueryAttention(nn.Module):
         W_V, b_V = (self.W_V, self.b_V) if ungroup else (self._W_V, self._b_V)
         k = self.hook_k(self._project("k", key_input, W_K, b_K))
         v = self.hook_v(self._project("v", value_input, W_V, b_V))
-        if self.cfg.qk_norm == "head":
+        if self.cfg.qk_norm in ("head", "heads") and not self.cfg.qk_norm_after_rotary:
             q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
         return q, k, v
 
@@ -283,6 +287,7 @@ class GroupedQueryAttention(nn.Module):
         *,
         rotary: tuple[Tensor, Tensor] | None = None,
         use_fast_path: bool | None = None,
+        positions: Int[Tensor, "*batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """TL's forward. `past_kv_cache_entry` (ours, `KeyValueCacheEntry`, or TL's) gets the
         new K/V appended (unrotated, after the q/k norms, at n_kv heads) and the queries'
@@ -295,7 +300,9 @@ class GroupedQueryAttention(nn.Module):
         Ours, keyword-only: `rotary=(cos, sin)` [kv_pos, rotary_dim] for the key positions
         (our decoder computes them once for every layer; None on a layer without rotary);
         `use_fast_path`: None picks SDPA unless a hook reads scores or pattern, False forces
-        the reference path (so does a soft-cap on the scores).
+        the reference path (so do a soft-cap on the scores and sinks); `positions` [pos] or
+        [batch, pos], the queries' positions (Ministral 3's query scale; None: those of
+        `rotary`'s rule).
         """
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
         if self.cfg.qk_norm == "proj":  # where TL applies OLMo's norms: after calculate_qkv
@@ -313,25 +320,30 @@ class GroupedQueryAttention(nn.Module):
                 dtype = torch.float32 if self.cfg.rotary_in_fp32 else q.dtype
                 rotary = self.rotary(k.shape[1], dtype, attention_mask, q.device)
             cos, sin = rotary
-            pairs = self.cfg.rotary_adjacent_pairs
-            q = self.hook_rot_q(apply_rotary(q, cos[..., -q_len:, :], sin[..., -q_len:, :], pairs))
+            q = self.hook_rot_q(self._rotate(q, cos[..., -q_len:, :], sin[..., -q_len:, :]))
             k_new = k.shape[1]
-            k = apply_rotary(k, cos[..., -k_new:, :], sin[..., -k_new:, :], pairs)
+            k = self._rotate(k, cos[..., -k_new:, :], sin[..., -k_new:, :])
         elif rotary is not None:
             raise ValueError("rotary given, but cfg.positional_embedding_type is not 'rotary'")
+        if self.cfg.query_scale_beta is not None:  # Ministral 3, after rotary as in HF
+            q = q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)
         if entry is not None and not cached_before_rotary:
             k, v = entry.append(k, v)
         if rotates:
             k = self.hook_rot_k(k)  # every key the queries attend
+        if self.cfg.qk_norm_after_rotary:  # Hunyuan: the cache holds k before this norm
+            q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
         k_len = k.shape[1]
         if attention_mask is not None:  # [batch, positions so far]: those of the keys held
             attention_mask = attention_mask[:, -k_len:]
 
         if use_fast_path is None:
             use_fast_path = not self.needs_pattern
-        # SDPA cannot soft-cap scores: soft-capped attention (Gemma 2) always takes the
-        # reference path, whatever `use_fast_path` asks.
-        use_fast_path = use_fast_path and self.cfg.attn_scores_soft_cap is None
+        # SDPA can neither soft-cap scores nor add a sink column: soft-capped attention
+        # (Gemma 2) and sinks (Granite SWA) always take the reference path.
+        use_fast_path = (
+            use_fast_path and self.cfg.attn_scores_soft_cap is None and self.sinks is None
+        )
         # SDPA without a mask: causal when queries and keys are the same positions; none at
         # all for one query (the newest position sees every key held).
         windowed = self.window is not None and k_len > self.window
@@ -349,13 +361,50 @@ class GroupedQueryAttention(nn.Module):
             if additive_attention_mask is not None:
                 scores = scores + additive_attention_mask
             scores = self.hook_attn_scores(scores)
-            pattern = F.softmax(scores, dim=-1, dtype=torch.float32)
+            pattern = self._softmax(scores)
             pattern = torch.where(pattern.isnan(), 0.0, pattern).to(v.dtype)  # all keys masked
             z = self.calculate_z_scores(v, self.hook_pattern(pattern))
         if self.cfg.use_attn_result:  # per-head outputs, as TL: [batch, pos, head, d_model]
             result = self.hook_result(torch.einsum("bqnh,nhm->bqnm", z, self.W_O))
             return result.sum(dim=2) + self.b_O
         return self._project_out(z)
+
+    def _softmax(self, scores: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head q k"]:
+        """Softmax over keys in fp32; with sinks, each head's sink logit is one more column,
+        dropped after the softmax (the pattern then sums to less than 1)."""
+        if self.sinks is None:
+            return F.softmax(scores, dim=-1, dtype=torch.float32)
+        sink = self.sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        return F.softmax(torch.cat((scores, sink), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotary on x's first rotary_dim features (pairs by `rotary_adjacent_pairs`); in
+        fp32 with `rotary_math_in_fp32` (Cohere), then cast back."""
+        pairs = self.cfg.rotary_adjacent_pairs
+        if self.cfg.rotary_math_in_fp32:
+            return apply_rotary(x.float(), cos, sin, pairs).to(x.dtype)
+        return apply_rotary(x, cos, sin, pairs)
+
+    def _query_scale(
+        self,
+        positions: Tensor | None,
+        attention_mask: Tensor | None,
+        k_len: int,
+        q_len: int,
+        q: Tensor,
+    ) -> Tensor:
+        """Ministral 3's 1 + beta * log(1 + floor(position / length)) per query position,
+        computed in fp32 as Ministral3Attention does, cast to q's dtype, shaped to broadcast
+        over [batch, pos, head, d_head]. `positions` [pos] or [batch, pos] (our decoder's);
+        None: those `rotary` would use (the mask's cumsum - 1, or the last q_len of k_len)."""
+        if positions is None:
+            if attention_mask is not None:
+                positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -q_len:]
+            else:
+                positions = torch.arange(k_len - q_len, k_len, device=q.device)
+        steps = torch.floor(positions / self.cfg.query_scale_length)
+        scale = 1 + self.cfg.query_scale_beta * torch.log(1 + steps)
+        return scale[..., None, None].to(q.dtype)
 
     def _sdpa(
         self,

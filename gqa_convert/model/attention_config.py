@@ -48,7 +48,10 @@ class AttentionConfig:
     projection (OLMo2, where TL ties it to `original_architecture`); `norm_weight_in_fp32`
     and `rotary_in_fp32` keep OLMo2's bf16 rounding; `n_ctx` is dynamic rope's threshold.
     `positional_embedding_type` "standard": no rotary (also SmolLM3's NoPE layers).
-    `attn_scores_soft_cap` (Gemma 2) caps the scaled scores before the mask, as TL and HF."""
+    `attn_scores_soft_cap` (Gemma 2) caps the scaled scores before the mask, as TL and HF.
+    `rotary_adjacent_pairs` (TL's): interleaved rotary (GLM, Cohere, Helium, ERNIE); the
+    2026 families' options (`qk_norm` "heads", `qk_norm_after_rotary`, `attn_sinks`, the
+    query scale) are ours, from a ModelConfig only."""
 
     n_heads: int
     n_key_value_heads: int
@@ -72,6 +75,13 @@ class AttentionConfig:
     rotary_in_fp32: bool = False
     norm_offset: float = 0.0  # Gemma 3's q / k norms scale by (1 + w)
     attn_scores_soft_cap: float | None = None  # TL's name: scores -> cap * tanh(scores / cap)
+    norm_type: str = "rms"  # the q / k norms' kind: "layer" (Cohere's LayerNorms)
+    qk_norm_after_rotary: bool = False  # Hunyuan: q / k normalised after rotary
+    rotary_math_in_fp32: bool = False  # Cohere: rotate in fp32 with cos / sin of the dtype
+    attn_sinks: bool = False  # a learned logit per head joins the softmax (Granite SWA)
+    # Ministral 3: after rotary, q times 1 + beta * log(1 + floor(position / length)).
+    query_scale_beta: float | None = None
+    query_scale_length: int | None = None
 
     @property
     def rotary_base(self) -> float:
@@ -93,7 +103,8 @@ def attention_config(
     if isinstance(cfg, AttentionConfig):
         return cfg
     if isinstance(cfg, ModelConfig):
-        rotary = layer_id is None or layer_id >= cfg.n_layers or cfg.rope_layers[layer_id]
+        in_model = layer_id is not None and layer_id < cfg.n_layers
+        rotary = not in_model or cfg.rope_layers[layer_id]
         multiplier = cfg.attention_multiplier  # Granite: scores times it, not / sqrt(d_head)
         # Gemma 2/3: scores / sqrt(query_pre_attn_scalar)
         scale = (cfg.query_pre_attn_scalar or cfg.d_head) ** 0.5
@@ -107,7 +118,9 @@ def attention_config(
             scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
             positional_embedding_type="rotary" if rotary else "standard",
             rotary_dim=cfg.rotary_dim if rotary else None,
-            rope=cfg.rope_for(attn_type),  # Gemma 3: the local layers' own
+            # Gemma 3: the local layers' own; Granite SWA: the layer's own theta
+            rope=cfg.layer_rope(layer_id) if in_model else cfg.rope_for(attn_type),
+            rotary_adjacent_pairs=cfg.rotary_adjacent_pairs,
             n_ctx=cfg.n_ctx,
             qk_norm=cfg.qk_norm,
             eps=cfg.eps,
@@ -115,6 +128,12 @@ def attention_config(
             rotary_in_fp32=cfg.rotary_in_fp32,
             norm_offset=cfg.norm_offset,
             attn_scores_soft_cap=cfg.attn_logit_softcap,
+            norm_type=cfg.norm_type,
+            qk_norm_after_rotary=cfg.qk_norm_after_rotary,
+            rotary_math_in_fp32=cfg.rotary_math_in_fp32,
+            attn_sinks=cfg.attn_sinks,
+            query_scale_beta=cfg.query_scale_beta,
+            query_scale_length=cfg.query_scale_length,
         )
     if isinstance(cfg, Mapping):
         get = cfg.get

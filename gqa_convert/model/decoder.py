@@ -8,7 +8,10 @@ NoPE layers), partial rotary and the rope scalings (model/rotary.py); Gemma's no
 (model/norm.py), embedding scale, GeGLU (`act_fn`), soft-caps on attention scores
 (attention.py) and logits, `query_pre_attn_scalar`, and a rotary per layer type
 (`rope_local`); `moe` (a mixture of experts for the MLP of the layers it names,
-model/moe.py).
+model/moe.py); the 2026 dense families' `mlp_bias`, `gated_mlp` (model/mlp.py), `norm_type`
+"layer" (model/norm.py), `parallel_attn_mlp`, `logit_scale`, `rope_thetas` (a rotary per
+layer theta) and the attention's interleaved rotary, q/k norms after rotary, sinks and query
+scale (attention.py).
 
 Parameter names are TransformerLens HookedTransformer names (`embed.W_E`,
 `blocks.{l}.attn.W_Q`, `blocks.{l}.mlp.W_gate`, `unembed.W_U`, ...). The numerics follow
@@ -23,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -33,24 +35,18 @@ from gqa_convert.model.generate import generate
 from gqa_convert.model.hooks import HookPoint
 from gqa_convert.model.kv_cache import KVCache
 from gqa_convert.model.lens import RETURN_TYPES, TransformerLensAPI, lm_cross_entropy_loss
+from gqa_convert.model.mlp import ACTIVATIONS, MLP, bias, linear
 from gqa_convert.model.moe import MoEMLP
-from gqa_convert.model.norm import RMSNorm
+from gqa_convert.model.norm import LayerNorm, RMSNorm, make_norm
 from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_table
 
-__all__ = ["GQATransformer", "RMSNorm", "rotary_inv_freq"]
-
-
-# HF's ACT2FN names -> the function (gelu_pytorch_tanh: Gemma's GeGLU).
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+__all__ = ["ACTIVATIONS", "GQATransformer", "RMSNorm", "rotary_inv_freq"]
 
 
 class GatedMLP(nn.Module):
     """W_out(act(x W_gate) * (x W_in)), weights stored [d_model, d_mlp] / [d_mlp, d_model];
-    act is `cfg.act_fn` (SiLU, or Gemma's tanh GELU)."""
+    act is `cfg.act_fn` (SiLU, or Gemma's tanh GELU); with `cfg.mlp_bias`, b_gate / b_in
+    [d_mlp] and b_out [d_model] added as HF's nn.Linear adds them (InternLM3, ERNIE)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -58,12 +54,20 @@ class GatedMLP(nn.Module):
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
         self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        if cfg.mlp_bias:
+            self.b_gate, self.b_in = bias(cfg.d_mlp, True), bias(cfg.d_mlp, True)
+            self.b_out = bias(cfg.d_model, True)
         # TL's GatedMLP hook points, all [batch, pos, d_mlp]
         self.hook_pre = HookPoint()  # x W_gate, before the activation
         self.hook_pre_linear = HookPoint()  # x W_in
         self.hook_post = HookPoint()  # act(pre) * pre_linear, the input of W_out
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if hasattr(self, "b_gate"):
+            gate = self.hook_pre(linear(x, self.W_gate, self.b_gate))
+            pre_linear = self.hook_pre_linear(linear(x, self.W_in, self.b_in))
+            post = self.hook_post(self.act(gate) * pre_linear)
+            return linear(post, self.W_out, self.b_out)
         gate = self.hook_pre(x @ self.W_gate)
         return self.hook_post(self.act(gate) * self.hook_pre_linear(x @ self.W_in)) @ self.W_out
 
@@ -88,9 +92,17 @@ class Unembed(nn.Module):
         return self.hook_out(self.hook_in(x) @ self.W_U)
 
 
-def norm(cfg: ModelConfig) -> RMSNorm:
-    """An RMSNorm of d_model with the family's numerics (OLMo2's fp32 weight, Gemma's offset)."""
-    return RMSNorm(cfg.d_model, cfg.eps, cfg.norm_weight_in_fp32, cfg.norm_offset)
+def norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
+    """A norm of d_model with the family's numerics: RMSNorm (OLMo2's fp32 weight, Gemma's
+    offset) or LayerNorm (Cohere's in fp32, StarCoder2's with a bias)."""
+    return make_norm(
+        cfg.d_model,
+        cfg.eps,
+        cfg.norm_type,
+        cfg.norm_weight_in_fp32,
+        cfg.norm_offset,
+        cfg.norm_bias,
+    )
 
 
 def scale_embeddings(cfg: ModelConfig, x: Tensor) -> Tensor:
@@ -103,7 +115,10 @@ def scale_embeddings(cfg: ModelConfig, x: Tensor) -> Tensor:
 
 
 def final_logits(cfg: ModelConfig, logits: Tensor) -> Tensor:
-    """What follows the unembedding: Granite's logits_scaling, Gemma 2's soft-cap."""
+    """What follows the unembedding: Granite's logits_scaling, Cohere's logit_scale, Gemma
+    2's soft-cap."""
+    if cfg.logit_scale != 1.0:
+        logits = logits * cfg.logit_scale
     return soft_cap(logits / cfg.logits_scaling, cfg.final_logit_softcap)
 
 
@@ -116,10 +131,14 @@ class TransformerBlock(nn.Module):
         self.cfg = cfg
         self.ln1 = norm(cfg)
         self.attn = GroupedQueryAttention(cfg, cfg.attn_types[layer_id], layer_id)
-        self.ln2 = norm(cfg)
+        if not cfg.parallel_attn_mlp:  # Cohere: the MLP reads ln1's output too
+            self.ln2 = norm(cfg)
         if cfg.norm_placement == "sandwich":  # Gemma 2/3: TL's names for the norms after
             self.ln1_post, self.ln2_post = norm(cfg), norm(cfg)
-        self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer_id) else GatedMLP(cfg)
+        if cfg.is_moe_layer(layer_id):
+            self.mlp = MoEMLP(cfg)
+        else:
+            self.mlp = GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)
         self.use_rope = cfg.rope_layers[layer_id]  # False: a NoPE layer, no rotary at all
         self.hook_resid_pre = HookPoint()  # every residual-stream hook: [batch, pos, d_model]
         self.hook_attn_out = HookPoint()
@@ -145,12 +164,14 @@ class TransformerBlock(nn.Module):
         use_fast_path: bool | None = None,
         cache: Any | None = None,
         attention_mask: Int[Tensor, "batch positions_so_far"] | None = None,
+        positions: Int[Tensor, "*batch pos"] | None = None,
     ) -> Tensor:
         """Pre-norm: resid + m * sublayer(ln(resid)); post-norm: resid + m * ln(sublayer(resid));
         sandwich: resid + m * ln_post(sublayer(ln(resid))), m being Granite's
-        residual_multiplier (1 elsewhere). hook_attn_out / hook_mlp_out see the sublayer's
-        output before m (after the post-norm, as TransformerLens). `cache` (this layer's KV
-        cache entry) and `attention_mask` go to the attention."""
+        residual_multiplier (1 elsewhere); parallel (Cohere): resid + attn(ln1(resid)) +
+        mlp(ln1(resid)). hook_attn_out / hook_mlp_out see the sublayer's output before m
+        (after the post-norm, as TransformerLens). `cache` (this layer's KV cache entry),
+        `attention_mask` and `positions` (the new tokens') go to the attention."""
         pre, m = self.cfg.norm_placement != "post", self.cfg.residual_multiplier
         resid = self.hook_resid_pre(resid)
         if self.use_split_qkv_input:  # TL's: q, k, v inputs per head, each through ln1
@@ -175,8 +196,13 @@ class TransformerBlock(nn.Module):
             attention_mask,
             rotary=rotary,
             use_fast_path=use_fast_path,
+            positions=positions,
         )
         attn_out = self.hook_attn_out(self.norm_after(1, attn_out))
+        if self.cfg.parallel_attn_mlp:  # HF's order: (resid + attn) + mlp, from ln1's output
+            x = v_in if not self.use_split_qkv_input else self.ln1(resid)
+            mlp_out = self.hook_mlp_out(self.mlp(x))
+            return self.hook_resid_post(resid + attn_out * m + mlp_out * m)
         resid = self.hook_resid_mid(resid + attn_out * m)
         mlp_in = self.hook_mlp_in(resid.clone()) if self.use_hook_mlp_in else resid
         mlp_out = self.mlp(self.ln2(mlp_in) if pre else mlp_in)
@@ -237,6 +263,12 @@ class GQATransformer(TransformerLensAPI):
         self.rotary_inv_freq_local = None
         if cfg.rope_local is not None:
             self.rotary_inv_freq_local = rotary_inv_freq(cfg.rope_local, cfg.rotary_dim)
+        # Granite SWA: a rotary per distinct layer theta
+        self.rotary_inv_freq_layers = {
+            rope: rotary_inv_freq(rope, cfg.rotary_dim)
+            for rope in {cfg.layer_rope(i) for i in range(cfg.n_layers)}
+            if rope not in (cfg.rope, cfg.rope_local)
+        }
 
     def rotary(
         self,
@@ -245,23 +277,29 @@ class GQATransformer(TransformerLensAPI):
         device: torch.device | None = None,
         attn_type: str = "global",
         positions: Int[Tensor, "*batch pos"] | None = None,
+        layer: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """cos, sin [n_pos, rotary_dim] in HF's convention (frequencies repeated twice), on
-        `device` (default: the embedding's), for layers of `attn_type`; for `positions` given,
-        [*positions.shape, rotary_dim] and n_pos is ignored.
+        """cos, sin [n_pos, rotary_dim] in HF's convention (frequencies repeated twice, or
+        each repeated in place for adjacent pairs), on `device` (default: the embedding's),
+        for layers of `attn_type` (or for `layer`, with its own theta: Granite SWA); for
+        `positions` given, [*positions.shape, rotary_dim] and n_pos is ignored.
 
         dynamic and longrope frequencies depend on the length, HF's max(positions) + 1:
         recomputed for each call, as a fresh HF model does for a sequence of this length."""
-        rope = self.cfg.rope_for(attn_type)
+        cfg = self.cfg
+        rope = cfg.layer_rope(layer) if layer is not None else cfg.rope_for(attn_type)
         if positions is None:
             positions = torch.arange(n_pos, device=device or self.embed.W_E.device)
         inv_freq = self.rotary_inv_freq
-        if attn_type == "local" and self.rotary_inv_freq_local is not None:
+        if rope in self.rotary_inv_freq_layers:
+            inv_freq = self.rotary_inv_freq_layers[rope]
+        elif rope != cfg.rope and self.rotary_inv_freq_local is not None:
             inv_freq = self.rotary_inv_freq_local
         if length_dependent(rope):
             n_len = int(positions.max()) + 1
-            inv_freq = rotary_inv_freq(rope, self.cfg.rotary_dim, n_len, self.cfg.n_ctx)
-        return rotary_table(inv_freq, positions, dtype, attention_factor=rope.attention_factor)
+            inv_freq = rotary_inv_freq(rope, cfg.rotary_dim, n_len, cfg.n_ctx)
+        pairs = cfg.rotary_adjacent_pairs
+        return rotary_table(inv_freq, positions, dtype, pairs, rope.attention_factor)
 
     def forward(
         self,
@@ -307,14 +345,17 @@ class GQATransformer(TransformerLensAPI):
         else:
             positions = torch.arange(past, past + n_new, device=resid.device)
         dtype = torch.float32 if self.cfg.rotary_in_fp32 else resid.dtype
-        # cos / sin per layer type (Gemma 3's local layers have their own rotary)
-        tables = {
-            t: self.rotary(n_new, dtype, None, t, positions) for t in set(self.cfg.attn_types)
-        }
+        # cos / sin per distinct rotary (Gemma 3's local layers, Granite SWA's thetas)
+        tables: dict[Any, tuple[Tensor, Tensor]] = {}
         layers = cache.layers if cache is not None else [None] * len(self.blocks)
-        for block, entry in list(zip(self.blocks, layers, strict=True))[:stop_at_layer]:
-            cos, sin = tables[block.attn.attn_type]
-            resid = block(resid, cos, sin, use_fast_path, entry, attention_mask)
+        for i, (block, entry) in list(enumerate(zip(self.blocks, layers, strict=True)))[
+            :stop_at_layer
+        ]:
+            rope = self.cfg.layer_rope(i)
+            if rope not in tables:
+                tables[rope] = self.rotary(n_new, dtype, None, positions=positions, layer=i)
+            cos, sin = tables[rope]
+            resid = block(resid, cos, sin, use_fast_path, entry, attention_mask, positions)
         if stop_at_layer is not None:
             return resid
         if logits_to_keep:

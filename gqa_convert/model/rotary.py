@@ -13,6 +13,7 @@ order), the cos / sin tables, and the rotation itself.
               or long_factor past original_max_position_embeddings
                                                                 yes: past the original
     llama3    NTK-by-parts smoothing of default                 no
+    ntk_alpha default at theta * alpha^(dim/(dim-2)) (Hunyuan)  no
 
 yarn and longrope also multiply cos and sin by `attention_factor`.
 
@@ -56,6 +57,8 @@ def rotary_inv_freq(
         if n_pos is not None and n_pos > n_ctx:
             seq_len = torch.tensor(n_pos)
         base = base * ((rope.factor * seq_len / n_ctx) - (rope.factor - 1)) ** (dim / (dim - 2))
+    if rope.type == "ntk_alpha":  # HunYuanDenseV1RotaryEmbedding, in Python floats as there
+        base = base * rope.alpha ** (dim / (dim - 2))
     if rope.type == "longrope":
         long = n_pos is not None and n_pos > rope.original_max_position_embeddings
         ext = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)

@@ -35,7 +35,7 @@ from gqa_convert.memory import Estimate, choose_mode, estimate, peak_rss, return
 from gqa_convert.verify.compare import (
     COMPONENTS,
     POST_NORM_COMPONENTS,
-    component_order,
+    block_order,
     note_nonfinite,
     recording_routes,
     rel_err,
@@ -441,7 +441,7 @@ def _step(
     diverged compare our block's components with HF's on HF's input. Returns the residual
     error after the layer and the components' errors (None once localised)."""
     localising = result.localised is None
-    order = component_order(ours.cfg.norm_placement)
+    order = block_order(ours.cfg)
     worst, parts = 0.0, {} if localising else None
     for s in range(len(hf_h)):
         with recording_routes(layer, block) as routes:

@@ -10,12 +10,16 @@ HF's hidden state entering the layer (teacher forcing), so each component's erro
 layer's own, whatever came before; the first component over tolerance, in forward order of
 the first such layer, is `first_divergence`.
 
-HF's q / k after rotary are not a tensor its forward exposes: we hook `q_proj` / `k_proj`
-(or split a fused `qkv_proj`), run HF's own q / k norm modules on them, and apply HF's own
-`apply_rotary_pos_emb`
-(from the family's modelling module) with the cos / sin its forward passed the layer. So
-rot_q / rot_k compare our rotary against HF's rotary code and frequencies on HF's own
-projections.
+HF's q / k after rotary are not a tensor its forward exposes: while HF's layer runs, the
+family's own `apply_rotary_pos_emb` (a global of its modelling module) is wrapped to record
+what it returns. So rot_q / rot_k are HF's rotary code and frequencies on HF's own
+projections, and a layer where HF rotates nothing (a NoPE layer: SmolLM3's, EXAONE 4's and
+Cohere 2's global layers, Granite SWA's theta 0) has none. q / k come from hooks on
+`q_proj` / `k_proj` (or a split fused `qkv_proj`), q_norm / k_norm from HF's own norm
+modules run on them (after rotary, on HF's rotated q / k, where the family normalises there:
+Hunyuan). Which HF module each norm is comes from the family's weight map (the row of
+`ln1.w` names `input_layernorm`, Apertus's `attention_layernorm`, ...); the block's layout
+(pre, post, sandwich, parallel) from the family's table.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import torch
@@ -59,11 +64,69 @@ SANDWICH_COMPONENTS = (
     "resid_post",
 )
 ORDERS = {"pre": COMPONENTS, "post": POST_NORM_COMPONENTS, "sandwich": SANDWICH_COMPONENTS}
+NORMS_AFTER_ROTARY = ("rot_q", "rot_k", "q_norm", "k_norm")  # Hunyuan's order
 
 
-def component_order(norm_placement: str) -> tuple[str, ...]:
-    """The components of a block in forward order, for its norm placement."""
-    return ORDERS[norm_placement]
+def component_order(
+    norm_placement: str, *, parallel: bool = False, qk_norm_after_rotary: bool = False
+) -> tuple[str, ...]:
+    """The components of a block in forward order, for its norm placement; a parallel block
+    (Cohere) has no ln2, and q / k norms after rotary (Hunyuan) come after rot_q / rot_k."""
+    order = ORDERS[norm_placement]
+    if parallel:
+        order = tuple(c for c in order if c != "ln2")
+    if qk_norm_after_rotary:
+        at = order.index("q_norm")
+        order = (*order[:at], *NORMS_AFTER_ROTARY, *order[at + 4 :])
+    return order
+
+
+def block_order(cfg: Any, norm_placement: str | None = None) -> tuple[str, ...]:
+    """`component_order` for our config (its placement, or `norm_placement`)."""
+    return component_order(
+        norm_placement or cfg.norm_placement,
+        parallel=cfg.parallel_attn_mlp,
+        qk_norm_after_rotary=cfg.qk_norm_after_rotary,
+    )
+
+
+@cache
+def _hf_layout(architecture: str | None, model_type: str | None) -> dict[str, Any]:
+    """How the family's HF layer is laid out: its placement, whether the block is
+    parallel and the q / k norms follow rotary (the family's table), and the HF module of
+    each of our norms (ln1, ln2, ln1_post, ln2_post, q_norm, k_norm), read off the weight
+    map: the row `blocks.{l}.ln1.w` <- `model.layers.{l}.input_layernorm.weight` gives
+    ln1 -> input_layernorm."""
+    from gqa_convert.architectures import family_for
+
+    family = family_for([architecture] if architecture else None, model_type)
+    modules = {}
+    for row in family.rows_for():
+        target, source = row.target or "", row.source
+        if target.startswith("blocks.{l}.") and target.endswith(".w"):
+            ours = target.removeprefix("blocks.{l}.").removesuffix(".w").rsplit(".", 1)[-1]
+            modules[ours] = source.removeprefix("model.layers.{l}.").removesuffix(".weight")
+    return {
+        "placement": family.fixed.get("norm_placement", "pre"),
+        "parallel": family.fixed.get("parallel_attn_mlp", False),
+        "qk_norm_after_rotary": family.fixed.get("qk_norm_after_rotary", False),
+        "modules": modules,
+    }
+
+
+def _submodule(layer: nn.Module, path: str | None) -> nn.Module | None:
+    """The layer's module at `path`, None where it has none."""
+    try:
+        return layer.get_submodule(path) if path else None
+    except AttributeError:
+        return None
+
+
+def hf_layout(layer: nn.Module) -> dict[str, Any]:
+    """`_hf_layout` of an HF decoder layer, by its model's config."""
+    config = layer.self_attn.config
+    architectures = getattr(config, "architectures", None) or [None]
+    return _hf_layout(architectures[0], getattr(config, "model_type", None))
 
 
 def rel_err(ours: Tensor, ref: Tensor) -> float:
@@ -125,30 +188,23 @@ def _hooks(pairs: Iterable[tuple[nn.Module, Callable[[Tensor], None]]]):
 
 
 def _hf_points(layer: nn.Module) -> dict[str, nn.Module]:
-    """The HF modules of one decoder layer whose outputs are components.
+    """The HF modules of one decoder layer whose outputs are components (`hf_layout`).
 
-    Post-norm blocks (OLMo2: `post_feedforward_layernorm`) compare ln1 / attn_out with the
-    norm after attention and ln2 / mlp_out with the norm after the MLP, as our ln1 / ln2 are
-    those norms. Sandwich blocks (Gemma 2/3: also `pre_feedforward_layernorm`) have all four
-    norms. A fused `qkv_proj` (Phi-3) is read whole and split in `_hf_rotated`."""
+    Post-norm blocks (OLMo2) compare ln1 / attn_out with the norm after attention and ln2 /
+    mlp_out with the norm after the MLP, as our ln1 / ln2 are those norms. Sandwich blocks
+    (Gemma 2/3, GLM-4) have all four norms; a parallel block (Cohere) no ln2. A fused
+    `qkv_proj` (Phi-3) is read whole and split in `_hf_rotated`."""
     attn = layer.self_attn
-    post = getattr(layer, "post_feedforward_layernorm", None)
-    if hasattr(layer, "pre_feedforward_layernorm"):  # sandwich
-        parts = {
-            "ln1": layer.input_layernorm,
-            "attn_out": attn,
-            "ln1_post": layer.post_attention_layernorm,
-            "ln2": layer.pre_feedforward_layernorm,
-            "mlp_out": layer.mlp,
-            "ln2_post": post,
-        }
-    else:
-        parts = {
-            "ln1": layer.post_attention_layernorm if post else layer.input_layernorm,
-            "attn_out": layer.post_attention_layernorm if post else attn,
-            "ln2": post or layer.post_attention_layernorm,
-            "mlp_out": post or layer.mlp,
-        }
+    layout = hf_layout(layer)
+    norms = {name: _submodule(layer, path) for name, path in layout["modules"].items()}
+    placement = layout["placement"]
+    parts = {"ln1": norms["ln1"], "attn_out": attn, "mlp_out": layer.mlp}
+    if placement == "post":
+        parts.update(attn_out=norms["ln1"], ln2=norms["ln2"], mlp_out=norms["ln2"])
+    elif not layout["parallel"]:
+        parts["ln2"] = norms["ln2"]
+    if placement == "sandwich":
+        parts.update(ln1_post=norms["ln1_post"], ln2_post=norms["ln2_post"])
     for name in ("q", "k", "v", "qkv"):
         if hasattr(attn, f"{name}_proj"):
             parts[name] = getattr(attn, f"{name}_proj")
@@ -212,7 +268,7 @@ def _our_points(block: nn.Module) -> dict[str, nn.Module]:
         "rot_k": getattr(block.attn, "hook_rot_k", None),
         "attn_out": block.attn if sandwich else block.hook_attn_out,
         "ln1_post": getattr(block, "ln1_post", None),
-        "ln2": block.ln2,
+        "ln2": getattr(block, "ln2", None),
         "router": getattr(block.mlp, "hook_router_logits", None),
         "mlp_out": block.mlp if sandwich else block.hook_mlp_out,
         "ln2_post": getattr(block, "ln2_post", None),
@@ -220,37 +276,55 @@ def _our_points(block: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in parts.items() if m is not None}
 
 
-def _hf_rotated(layer: nn.Module, acts: dict[str, Tensor], cos: Tensor, sin: Tensor) -> None:
-    """Give HF's q / k / v our shape [batch, pos, head, d_head], add q_norm / k_norm where
-    the family has them (HF's own norm modules run on those projections: over d_head, or
-    over the whole projection, OLMo2's; layout-free, so Gemma 3's norms after the head
-    transpose are the same numbers), and q / k after HF's own rotary (its
-    `apply_rotary_pos_emb`, with the cos / sin its forward passed the layer), applied after
-    the norms, and not at all on a layer without rotary (SmolLM3's `use_rope = False`)."""
+@contextmanager
+def _recording_rotary(attn: nn.Module, acts: dict[str, Tensor]):
+    """While HF's layer runs, its family's `apply_rotary_pos_emb` records the rotated q / k
+    it returns (as [batch, pos, head, d_head]) into `acts`."""
+    module = sys.modules[type(attn).__module__]
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    if original is None:
+        yield
+        return
+
+    def recording(q: Tensor, k: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        q, k = original(q, k, *args, **kwargs)
+        acts["rot_q"], acts["rot_k"] = q.transpose(1, 2), k.transpose(1, 2)
+        return q, k
+
+    module.apply_rotary_pos_emb = recording
+    try:
+        yield
+    finally:
+        module.apply_rotary_pos_emb = original
+
+
+def _hf_rotated(layer: nn.Module, acts: dict[str, Tensor]) -> None:
+    """Give HF's q / k / v our shape [batch, pos, head, d_head] and add q_norm / k_norm
+    where the family has them: HF's own norm modules on its projections (over d_head, per
+    head or over the whole projection, OLMo2's; layout-free, so norms after the head
+    transpose are the same numbers), or on its rotated q / k (recorded by
+    `_recording_rotary`) where the family normalises after rotary (Hunyuan)."""
     attn = layer.self_attn
+    layout = hf_layout(layer)
     if "qkv" in acts:  # Phi-3's fused projection: rows q, then k, then v
         n_kv = attn.config.num_key_value_heads * attn.head_dim
         qkv = acts.pop("qkv")
         sizes = [qkv.shape[-1] - 2 * n_kv, n_kv, n_kv]
         acts["q"], acts["k"], acts["v"] = qkv.split(sizes, dim=-1)
     for name in ("q", "k"):
-        norm = getattr(attn, f"{name}_norm", None)
-        if isinstance(norm, nn.Module):
-            flat = acts[name]  # [batch, pos, heads * d_head]
-            heads = flat.view(*flat.shape[:2], -1, attn.head_dim)
-            acts[f"{name}_norm"] = norm(flat if norm.weight.shape[-1] == flat.shape[-1] else heads)
+        norm = _submodule(layer, layout["modules"].get(f"{name}_norm"))
+        if norm is None:  # none in the family, or off in this model (Cohere's use_qk_norm)
+            continue
+        if layout["qk_norm_after_rotary"]:
+            if f"rot_{name}" in acts:
+                acts[f"{name}_norm"] = norm(acts[f"rot_{name}"])
+            continue
+        flat = acts[name]  # [batch, pos, heads * d_head]
+        heads = flat.view(*flat.shape[:2], -1, attn.head_dim)
+        acts[f"{name}_norm"] = norm(flat if norm.weight.shape[-1] == flat.shape[-1] else heads)
     for name in ("q", "k", "v"):
         b, p, _ = acts[name].shape
         acts[name] = acts[name].view(b, p, -1, attn.head_dim)
-    # HF rotates [batch, head, pos, d_head]; ours is [batch, pos, head, d_head].
-    q, k = (acts.get(f"{name}_norm", acts[name]) for name in ("q", "k"))
-    q, k = (t.reshape(*t.shape[:2], -1, attn.head_dim) for t in (q, k))  # OLMo2's norms
-    if getattr(attn, "use_rope", True):
-        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        q, k = (
-            t.transpose(1, 2) for t in apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        )
-    acts["rot_q"], acts["rot_k"] = q, k
 
 
 def run_hf_layer(
@@ -260,14 +334,18 @@ def run_hf_layer(
     `components`, also its components (q / k / v as [batch, pos, head, d_head])."""
     args, kwargs = call
     acts: dict[str, Tensor] = {}
-    points = _hf_points(layer).items() if components else ()
-    with _hooks((m, lambda out, n=n: acts.__setitem__(n, out)) for n, m in points):
+    if not components:
+        return _first(layer(hidden, *args, **kwargs)), acts
+    points = _hf_points(layer).items()
+    with (
+        _hooks((m, lambda out, n=n: acts.__setitem__(n, out)) for n, m in points),
+        _recording_rotary(layer.self_attn, acts),
+    ):
         out = _first(layer(hidden, *args, **kwargs))
-    if components:
-        _hf_rotated(layer, acts, *kwargs["position_embeddings"])
-        if "router" in acts:  # [batch * pos, n_experts] -> [batch, pos, n_experts]
-            acts["router"] = acts["router"].view(*hidden.shape[:2], -1)
-        acts["resid_post"] = out
+    _hf_rotated(layer, acts)
+    if "router" in acts:  # [batch * pos, n_experts] -> [batch, pos, n_experts]
+        acts["router"] = acts["router"].view(*hidden.shape[:2], -1)
+    acts["resid_post"] = out
     return out, acts
 
 
@@ -292,7 +370,7 @@ def run_our_block(
     errors["resid_post"] = rel_err(out, hf_acts["resid_post"])
     # A norm HF's layer has and ours lacks (Gemma 2's ln1_post dropped) counts as diverged.
     placement = "sandwich" if "ln1_post" in hf_acts else block.cfg.norm_placement
-    order = component_order(placement)
+    order = block_order(block.cfg, placement)
     lacking = {"ln1_post", "ln2_post"} & set(hf_acts)
     return out, {
         name: errors.get(name, math.inf)

@@ -187,11 +187,11 @@ class Ours(PartHolder):
         return self.model.hook_embed(scale_embeddings(self.cfg, out.to(COMPUTE_DTYPES[self.dtype])))
 
     def rotary(self, n_pos: int, part: Part) -> tuple[Tensor, Tensor]:
-        """cos / sin for a sequence of `n_pos` at layer `part`'s type (Gemma 3: local
-        layers have their own; OLMo2: kept in fp32)."""
+        """cos / sin for a sequence of `n_pos` at layer `part` (Gemma 3: local layers have
+        their own; Granite SWA: a theta per layer; OLMo2: kept in fp32)."""
         dtype = torch.float32 if self.cfg.rotary_in_fp32 else COMPUTE_DTYPES[self.dtype]
-        attn_type = self.cfg.attn_types[part] if isinstance(part, int) else "global"
-        return self.model.rotary(n_pos, dtype, self.device(part), attn_type)
+        layer = part if isinstance(part, int) and part < self.cfg.n_layers else None
+        return self.model.rotary(n_pos, dtype, self.device(part), layer=layer)
 
     def final(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The final norm, the logits (Granite: divided by logits_scaling; Gemma 2:
