@@ -101,7 +101,8 @@ def write_fp8(
         ):
             out[name] = tensor
             continue
-        q, scale = quantize_fp8(tensor, block, per_row or method == "fbgemm_fp8")
+        fbgemm = method == "fbgemm_fp8"  # one scale per row, always
+        q, scale = quantize_fp8(tensor, None if fbgemm else block, per_row or fbgemm)
         out[name] = q
         out[f"{module}.{scale_name}"] = scale
     if method == "fbgemm_fp8":
@@ -123,6 +124,7 @@ def write_fp8(
 def e4m3_value(code: int) -> float:
     """The value of one e4m3fn byte, from its bit fields (OCP FP8: bias 7, no infinities,
     S.1111.111 is NaN)."""
+    code = int(code)
     sign = -1.0 if code & 0x80 else 1.0
     exponent, mantissa = (code >> 3) & 0xF, code & 0x7
     if exponent == 0xF and mantissa == 0x7:
@@ -200,7 +202,8 @@ def write_gguf(
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    rope = config.rope_parameters
+    writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
@@ -306,3 +309,196 @@ def reference_gguf(blocks: np.ndarray, kind: str) -> np.ndarray:
                     values = d * (q - np.float32(8))
             out[r, b * 32 : (b + 1) * 32] = values
     return out.reshape(*blocks.shape[:-1], -1)
+
+
+# ---- compressed-tensors ------------------------------------------------------------------
+
+
+def pack_int32(values: np.ndarray, num_bits: int) -> np.ndarray:
+    """compressed-tensors' pack_to_int32 of signed `values` [rows, cols], bit by bit: value i
+    of a row (plus 2^(num_bits - 1)) at bits i * num_bits .. of the row's words, low first."""
+    rows, cols = values.shape
+    words = math.ceil(cols * num_bits / 32)
+    out = np.zeros((rows, words), dtype=np.uint32)
+    unsigned = (values.astype(np.int64) + (1 << (num_bits - 1))).astype(np.uint64)
+    for i in range(cols):
+        for bit in range(num_bits):
+            position = i * num_bits + bit
+            out[:, position // 32] |= (
+                ((unsigned[:, i] >> np.uint64(bit)) & np.uint64(1)) << np.uint64(position % 32)
+            ).astype(np.uint32)
+    return out.view(np.int32)
+
+
+def unpack_reference(packed: np.ndarray, num_bits: int, cols: int) -> np.ndarray:
+    """The inverse of `pack_int32`, bit by bit."""
+    words = packed.view(np.uint32).astype(np.uint64)
+    out = np.zeros((packed.shape[0], cols), dtype=np.int64)
+    for i in range(cols):
+        for bit in range(num_bits):
+            position = i * num_bits + bit
+            out[:, i] |= (
+                (words[:, position // 32] >> np.uint64(position % 32)) & np.uint64(1)
+            ).astype(np.int64) << bit
+    return out - (1 << (num_bits - 1))
+
+
+def _grid_of(shape, strategy: str, args: dict[str, Any]) -> tuple[int, ...]:
+    rows, cols = shape
+    if strategy == "tensor":
+        return (1,)
+    if strategy == "channel":
+        return (rows, 1)
+    if strategy == "group":
+        return (rows, cols // args["group_size"])
+    b0, b1 = args["block_structure"]
+    return (math.ceil(rows / b0), math.ceil(cols / b1))
+
+
+def _scale_index(i: int, j: int, strategy: str, args: dict[str, Any]) -> tuple[int, ...]:
+    if strategy == "tensor":
+        return (0,)
+    if strategy == "channel":
+        return (i, 0)
+    if strategy == "group":
+        return (i, j // args["group_size"])
+    b0, b1 = args["block_structure"]
+    return (i // b0, j // b1)
+
+
+def write_compressed(
+    folder: Path,
+    *,
+    kind: str = "float",
+    num_bits: int = 8,
+    strategy: str = "channel",
+    group_size: int | None = None,
+    block: tuple[int, int] | None = None,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    ignore: tuple[str, ...] = ("lm_head",),
+) -> Path:
+    """Quantise the dense checkpoint in `folder` in place as llm-compressor saves it:
+    float8 (`float-quantized`) or int (`pack-quantized`) weights, one scale (and zero point,
+    if not `symmetric`) per tensor / row / group / block; `ignore` stays dense."""
+    tensors = load_file(folder / "model.safetensors")
+    args = {"group_size": group_size, "block_structure": list(block) if block else None}
+    fmt = "float-quantized" if kind == "float" else "pack-quantized"
+    out: dict[str, torch.Tensor] = {}
+    import re
+
+    for name, tensor in tensors.items():
+        module = _module(name)
+        ignored = any(
+            re.match(p[3:], module) if p.startswith("re:") else module == p for p in ignore
+        )
+        if not quantizable(name, tensor) or ignored:
+            out[name] = tensor
+            continue
+        w = tensor.float().numpy()
+        rows, cols = w.shape
+        grid = _grid_of(w.shape, strategy, args)
+        qmax = E4M3_MAX if kind == "float" else 2 ** (num_bits - 1) - 1
+        lo, hi = np.full(grid, np.inf, np.float32), np.full(grid, -np.inf, np.float32)
+        for i in range(rows):
+            for j in range(cols):
+                k = _scale_index(i, j, strategy, args)
+                lo[k], hi[k] = min(lo[k], w[i, j]), max(hi[k], w[i, j])
+        if symmetric:
+            scale = np.maximum(np.abs(lo), np.abs(hi)) / qmax
+            zero = np.zeros(grid, np.float32)
+        else:
+            scale = (hi - lo) / (2**num_bits - 1)
+            zero = np.clip(
+                np.round(-(2 ** (num_bits - 1)) - lo / scale), -(2 ** (num_bits - 1)), qmax
+            )
+        scale_t = torch.from_numpy(scale.astype(np.float32)).to(scale_dtype)
+        s = scale_t.float().numpy()
+        q = np.empty_like(w)
+        for i in range(rows):
+            for j in range(cols):
+                k = _scale_index(i, j, strategy, args)
+                q[i, j] = w[i, j] / s[k] + zero[k]
+        if kind == "float":
+            out[name] = torch.from_numpy(np.clip(q, -qmax, qmax)).to(torch.float8_e4m3fn)
+        else:
+            qi = np.clip(np.round(q), -(2 ** (num_bits - 1)), qmax).astype(np.int64)
+            out[f"{module}.weight_packed"] = torch.from_numpy(pack_int32(qi, num_bits))
+            out[f"{module}.weight_shape"] = torch.tensor([rows, cols])
+        out[f"{module}.weight_scale"] = scale_t
+        if not symmetric:
+            zp = zero.astype(np.int64)
+            if kind == "int" and strategy in ("group", "channel"):
+                out[f"{module}.weight_zero_point"] = torch.from_numpy(
+                    np.ascontiguousarray(pack_int32(zp.T, num_bits).T)
+                )
+            else:
+                out[f"{module}.weight_zero_point"] = torch.from_numpy(zp.astype(np.int8))
+    weights = {
+        "num_bits": num_bits,
+        "type": kind,
+        "symmetric": symmetric,
+        "strategy": strategy,
+        "group_size": group_size,
+        "block_structure": list(block) if block else None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+    activations = (
+        {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+        if kind == "float"
+        else None
+    )
+    quantization = {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": activations,
+                "output_activations": None,
+                "format": fmt,
+            }
+        },
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+    return _save(folder, out, quantization)
+
+
+def round_to(exact: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """float64 values (exact) rounded once, to nearest even, to `dtype`; as float32."""
+    if dtype == torch.float32:
+        return exact.astype(np.float32)
+    if dtype == torch.float16:
+        return exact.astype(np.float16).astype(np.float32)
+    # bfloat16: 8 significant bits; np.round rounds halves to even
+    with np.errstate(divide="ignore"):
+        exponent = np.floor(np.log2(np.abs(exact)))
+    ulp = np.where(exact == 0, 1.0, 2.0 ** (exponent - 7))
+    return (np.round(exact / ulp) * ulp).astype(np.float32)
+
+
+def reference_compressed(
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray | None,
+    strategy: str,
+    args: dict[str, Any],
+    dtype: torch.dtype,
+) -> np.ndarray:
+    """(q - zero) * scale element by element, exact in float64, rounded once to the scale's
+    `dtype` (float32 values of the result); `scale` holds the scales' float values."""
+    exact = np.empty(q.shape, np.float64)
+    for i in range(q.shape[0]):
+        for j in range(q.shape[1]):
+            k = _scale_index(i, j, strategy, args)
+            k = k if scale.ndim == len(k) else ()
+            value = float(q[i, j]) - (float(zero[k]) if zero is not None else 0.0)
+            exact[i, j] = value * float(scale[k])
+    return round_to(exact, dtype)

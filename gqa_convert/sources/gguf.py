@@ -356,12 +356,18 @@ class _TransformersBlock:
         return names
 
     def run(self) -> dict[str, Any]:
+        import gguf
         import torch
 
         if self._done is None:
             parsed: dict[str, Any] = {"tensors": {}}
             for tensor in self.tensors:
-                weights = dequantize(self.path, tensor)
+                # gguf-py's dequantize of the tensor's bytes, as transformers calls it on
+                # GGUFReader's `tensor.data` (the bytes at the offsets our header parse gives,
+                # tested equal to GGUFReader's); not our `dequantize`, so a bug there shows
+                weights = gguf.quants.dequantize(
+                    read_blocks(self.path, tensor), gguf.GGMLQuantizationType(tensor.ggml_type)
+                )
                 result = self.processor.process(
                     weights=weights,
                     name=tensor.name,

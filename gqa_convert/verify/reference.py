@@ -350,6 +350,18 @@ class Reference(PartHolder):
         ]
         if problems:
             raise BadInputError(listing(f"{self.src}: the tensors do not fit the model", problems))
+        if self.quantizer is not None:
+            self._to_compute_dtype(part, dtype)
+
+    def _to_compute_dtype(self, part: Part, dtype: torch.dtype) -> None:
+        """Float parameters the quantizer's dequantisation left in another dtype, cast to
+        the compute dtype that was asked for: transformers 5.24's compressed-tensors path
+        hands MoE experts over in the scales' dtype (bfloat16) whatever the model's dtype
+        (its values are kept; widening is exact), dense layers in the model's."""
+        for _, module, name in self._parameters(part):
+            param = module.get_parameter(name)
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     def tensor_of_source(self, part: Part, source: str) -> Tensor:
         """The held HF tensor that was read from the source tensor `source` (a tied
