@@ -20,7 +20,7 @@ import numpy as np
 from gqa_convert.architectures import Family, TensorRow, families
 from gqa_convert.checkpoint import check_finite
 from gqa_convert.config import ModelConfig, from_hf
-from gqa_convert.errors import BadInputError, listing
+from gqa_convert.errors import BadInputError, UnsupportedModelError, listing
 from gqa_convert.sources import Source, SourceTensor, open_source
 
 log = logging.getLogger(__name__)
@@ -204,11 +204,12 @@ def plan_source(source: Source) -> ConversionPlan:
     cfg = from_hf(hf_config)  # unsupported architectures fail before the weights are looked at
     sources = source.tensors
     cfg, tasks, dropped = plan_tasks(hf_config, {n: i.shape for n, i in sources.items()})
-    problems = [
-        f"{sources[t.source].path.name}: {t.source} has dtype {sources[t.source].dtype}"
-        for t in tasks
-        if sources[t.source].dtype not in ("F32", "F16", "BF16")
-    ]
+    odd = [t.source for t in tasks if sources[t.source].dtype not in ("F32", "F16", "BF16")]
+    problems = [f"{sources[n].path.name}: {n} has dtype {sources[n].dtype}" for n in odd]
+    if problems and all(sources[n].dtype.startswith("F8_") for n in odd):
+        # 8-bit floats are a quantisation: without a quantization_config, of none we read
+        what = "weights must be F32, F16 or BF16 (8-bit floats need a quantization_config)"
+        raise UnsupportedModelError(listing(what, problems))
     if problems:
         raise BadInputError(listing("weights must be F32, F16 or BF16", problems))
     log.info("planned %d tensors from %s (%d dropped)", len(tasks), source.path, len(dropped))
