@@ -74,9 +74,11 @@ def main() -> None:
     print(f"source: {src} ({source_bytes / 1e9:.2f} GB); export written: {written / 1e9:.2f} GB")
     print(f"largest stored tensor {largest_stored / 1e9:.2f} GB (the bf16 embedding);")
     print(f"largest FP8 tensor dequantised to float32 {largest_fp32 / 1e9:.3f} GB")
-    print(f"convert --no-verify: wall {wall:.1f} s (runs {[round(r[0], 1) for r in runs['convert']]})")
-    print(f"  CPU {cpu:.1f} s; peak RSS {peak / 1e9:.2f} GB = {peak / largest_stored:.2f}x the largest tensor")
-    print(f"cp -r: wall {cp_wall:.1f} s (runs {[round(r[0], 1) for r in runs['cp']]}); ratio {wall / cp_wall:.1f}x")
+    convert_runs = [round(r[0], 1) for r in runs["convert"]]
+    cp_runs = [round(r[0], 1) for r in runs["cp"]]
+    print(f"convert --no-verify: wall {wall:.1f} s (runs {convert_runs}), CPU {cpu:.1f} s")
+    print(f"  peak RSS {peak / 1e9:.2f} GB = {peak / largest_stored:.2f}x the largest tensor")
+    print(f"cp -r: wall {cp_wall:.1f} s (runs {cp_runs}); ratio {wall / cp_wall:.1f}x")
 
 
 if __name__ == "__main__":

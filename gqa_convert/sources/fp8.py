@@ -136,26 +136,54 @@ def _unchecked_blocks(source: Source, block: tuple[int, int] | None) -> str | No
     return None
 
 
+def _open(
+    folder: Path,
+    hf_config: dict[str, Any],
+    check_sizes: bool,
+    *,
+    scale_part: str,
+    block: tuple[int, int] | None,
+    companions: tuple[str, ...],
+    quantization: dict[str, Any],
+    refusal: UnsupportedModelError | None = None,
+) -> Source:
+    """An FP8 checkpoint whose modules are an e4m3 `weight` and its `scale_part`."""
+    method = quantization["method"]
+    skip = quantization.get("modules_to_not_convert")
+    return open_modules(
+        folder,
+        hf_config,
+        check_sizes,
+        quantized_by=(scale_part,),
+        companions=companions,
+        plan=partial(_plan, scale_part=scale_part, block=block, method=method),
+        quantization={
+            "format": "float8_e4m3fn",
+            "weight_block_size": block and list(block),
+            **quantization,
+        },
+        not_converted=lambda name: matches(name, skip),
+        refusal=refusal,
+    )
+
+
 def open_fp8(folder: Path, hf_config: dict[str, Any], check_sizes: bool = True) -> Source:
     """A fine-grained FP8 checkpoint (quant_method `fp8`), see the module docstring."""
     config = hf_config["quantization_config"]
     block = _block(config, folder / "config.json")
-    skip = config.get("modules_to_not_convert") or config.get("ignored_layers")
-    source = open_modules(
+    source = _open(
         folder,
         hf_config,
         check_sizes,
-        quantized_by=("weight_scale_inv",),
+        scale_part="weight_scale_inv",
+        block=block,
         companions=("activation_scale", "input_scale"),
-        plan=partial(_plan, scale_part="weight_scale_inv", block=block, method="fp8"),
         quantization={
             "method": "fp8",
-            "format": "float8_e4m3fn",
-            "weight_block_size": list(block) if block else None,
             "activation_scheme": config.get("activation_scheme"),
-            "modules_to_not_convert": skip,
+            "modules_to_not_convert": config.get("modules_to_not_convert")
+            or config.get("ignored_layers"),
         },
-        not_converted=lambda name: matches(name, skip),
     )
     unchecked = _unchecked_blocks(source, block)
     if unchecked is not None:
@@ -166,26 +194,21 @@ def open_fp8(folder: Path, hf_config: dict[str, Any], check_sizes: bool = True) 
 def open_fbgemm_fp8(folder: Path, hf_config: dict[str, Any], check_sizes: bool = True) -> Source:
     """An fbgemm_fp8 checkpoint: read, but refused for conversion (see the module)."""
     config = hf_config["quantization_config"]
-    skip = config.get("modules_to_not_convert")
-    refusal = UnsupportedModelError(
-        f"{folder}: quant_method fbgemm_fp8 is not supported: transformers has no CPU "
-        "dequantisation of it (its quantizer needs a GPU and fbgemm-gpu), so the gate could "
-        "not check ours"
-    )
-    return open_modules(
+    return _open(
         folder,
         hf_config,
         check_sizes,
-        quantized_by=("weight_scale",),
+        scale_part="weight_scale",
+        block=None,
         companions=("input_scale_ub", "input_scale"),
-        plan=partial(_plan, scale_part="weight_scale", block=None, method="fbgemm_fp8"),
         quantization={
             "method": "fbgemm_fp8",
-            "format": "float8_e4m3fn",
-            "weight_block_size": None,
             "activation_scale_ub": config.get("activation_scale_ub"),
-            "modules_to_not_convert": skip,
+            "modules_to_not_convert": config.get("modules_to_not_convert"),
         },
-        not_converted=lambda name: matches(name, skip),
-        refusal=refusal,
+        refusal=UnsupportedModelError(
+            f"{folder}: quant_method fbgemm_fp8 is not supported: transformers has no CPU "
+            "dequantisation of it (its quantizer needs a GPU and fbgemm-gpu), so the gate could "
+            "not check ours"
+        ),
     )

@@ -23,8 +23,8 @@ from gqa_convert import checkpoint
 from gqa_convert.checkpoint import TensorInfo, read_weights
 from gqa_convert.errors import BadInputError, UnsupportedModelError, listing
 from gqa_convert.sources import Source, SourceTensor
-from gqa_convert.sources.dense import stored_files
 from gqa_convert.sources.floats import E2M1
+from gqa_convert.sources.quantized import quantized_source
 
 
 def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -79,23 +79,13 @@ def open_mxfp4(folder: Path, hf_config: dict[str, Any], check_sizes: bool = True
     if problems:
         raise BadInputError(listing(f"{folder}: the mxfp4 tensors are inconsistent", problems))
     config = hf_config["quantization_config"]
-    return Source(
-        path=folder,
-        folder=folder,
-        hf_config={k: v for k, v in hf_config.items() if k != "quantization_config"},
-        tensors=tensors,
-        files=stored_files(folder, stored),
-        stored=stored,
-        quantization={
-            "method": "mxfp4",
-            "format": "e2m1 blocks of 32, e8m0 scales",
-            "modules_to_not_convert": config.get("modules_to_not_convert"),
-        },
-        default_dtype="bfloat16",
-        refusal=UnsupportedModelError(
-            f"{folder}: quant_method mxfp4: transformers dequantises MXFP4 only in gpt-oss's "
-            "experts, and gqa-convert does not support the gpt-oss family yet (pending)"
-        ),
-        hf_quantization={**config, "dequantize": True},
-        readers=readers,
+    quantization = {
+        "method": "mxfp4",
+        "format": "e2m1 blocks of 32, e8m0 scales",
+        "modules_to_not_convert": config.get("modules_to_not_convert"),
+    }
+    refusal = UnsupportedModelError(
+        f"{folder}: quant_method mxfp4: transformers dequantises MXFP4 only in gpt-oss's "
+        "experts, and gqa-convert does not support the gpt-oss family yet (pending)"
     )
+    return quantized_source(folder, hf_config, stored, tensors, readers, quantization, refusal)

@@ -107,9 +107,22 @@ def open_modules(
     if problems:
         what = f"{folder}: the {quantization['method']} tensors are inconsistent"
         raise BadInputError(listing(what, problems))
-    dense = sorted(
-        n for n, t in tensors.items() if t.scheme is None and len(t.shape) == 2
-    )  # embeddings, lm_head, modules left unquantised
+    return quantized_source(folder, hf_config, stored, tensors, readers, quantization, refusal)
+
+
+def quantized_source(
+    folder: Path,
+    hf_config: dict[str, Any],
+    stored: dict[str, TensorInfo],
+    tensors: dict[str, SourceTensor],
+    readers: dict[str, Callable[[], np.ndarray]],
+    quantization: dict[str, Any],
+    refusal: GQAConvertError | None = None,
+) -> Source:
+    """The Source of a quantised safetensors checkpoint: the dense model's config (without
+    quantization_config), transformers told to dequantise, the 2-d tensors found dense
+    (embeddings, lm_head, modules left unquantised) recorded with the quantisation."""
+    dense = sorted(n for n, t in tensors.items() if t.scheme is None and len(t.shape) == 2)
     return Source(
         path=folder,
         folder=folder,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from gqa_convert.errors import BadInputError, listing
-from gqa_convert.sources import Source
+from gqa_convert.sources import Source, open_source
 from gqa_convert.verify.report import COMPUTE_DTYPES
 
 log = logging.getLogger(__name__)
@@ -219,13 +219,15 @@ class Reference(PartHolder):
 
     def __init__(
         self,
-        source: Source,
+        source: Source | str | Path,
         dtype: str,
         *,
         model: nn.Module | None = None,
         streaming: bool = False,
         device_of: Callable[[Part], torch.device] = lambda part: torch.device("cpu"),
     ):
+        if not isinstance(source, Source):  # a checkpoint folder, or a .gguf file
+            source = open_source(source)
         self.source, self.src = source, source.path
         self.dtype, self.streaming, self.device_of = dtype, streaming, device_of
         self.preloaded = model is not None
