@@ -454,7 +454,8 @@ def source_files(plan: ConversionPlan) -> list[Path]:
     """Every file of the source the export reads or copies: config, index, shards (or the
     .gguf file), tokenizer."""
     folder = plan.source.folder
-    return [*plan.source.files, *(folder / n for n in PASSTHROUGH if (folder / n).is_file())]
+    copied = [folder / n for n in PASSTHROUGH if (folder / n).is_file()]
+    return [*plan.source.files, *(copied if plan.source.passthrough else [])]
 
 
 def _dtype_name(codes: set[str]) -> str:

@@ -17,6 +17,7 @@ from gqa_convert.memory import DTYPE_BYTES, estimate
 
 # Rough fixed costs of the processes, measured on this project's machines (see README).
 CONVERT_BASE_BYTES = 150 * 2**20  # python + numpy + our code, no torch
+QUANTISED_BASE_BYTES = 200 * 2**20  # a quantised source's reader: gguf-py, transformers' tables
 
 
 def inspect_checkpoint(
@@ -86,11 +87,13 @@ def _describe(
         for path, end in ends.items()
         if size(path) < end
     }
-    largest = max(t.nbytes for t in tensors)  # dense, in the dtype our reader gives
     # Convert, an upper bound: one source tensor and its rearranged copy at a time, up to two
     # written tensors waiting for the background sha256, or an fp32 temporary to cast; a
-    # quantised tensor also has its stored bytes and the dequantisation's temporaries.
-    convert_peak = CONVERT_BASE_BYTES + (6 if source.quantized else 4) * largest
+    # dequantised tensor (float32) also its stored bytes, the dequantisation's temporaries
+    # and the rounding's (8x; measured 7x on SmolLM2's GGUF embedding), and a quantised
+    # source's reader its imports (transformers' GGUF tables: 200 MB).
+    largest = max(t.nbytes * (8 if t.scheme else 4) for t in tensors)
+    convert_peak = CONVERT_BASE_BYTES + largest + (QUANTISED_BASE_BYTES if source.quantized else 0)
     # Verify (float32, SRC converted in memory, the default input length): whole-model and
     # layer-streamed, each with the logit statistics' float64 temporaries (memory.py).
     storage = max(DTYPES[t.dtype][0].itemsize for t in tensors)
@@ -101,6 +104,7 @@ def _describe(
         storage_bytes=storage,
         tokens=tokens,
         second_copy=source.quantized,  # ours dequantised by our reader, beside HF's
+        dequantisation=source.dequantisation_bytes,
     )
     out_dtype = plan.output_dtype(None)
     dense_bytes = sum(

@@ -183,10 +183,11 @@ def write_gguf(
     *,
     types: dict[str, str] | None = None,
     default: str = "Q8_0",
+    extra: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """`model` (an HF model) as llama.cpp writes it: metadata, llama.cpp's names and layouts,
     weights quantised to ggml `types` (by llama.cpp name fragment, e.g. {"attn_q": "Q4_0"};
-    `default` for the other matrices; norms and vectors F32)."""
+    `default` for the other matrices; norms and vectors F32); `extra` tensors besides."""
     import gguf
 
     config = model.config
@@ -251,6 +252,8 @@ def write_gguf(
         _add(writer, gguf_name, value, types, default)
     for key, stacked in experts.items():
         _add(writer, key, np.stack(stacked), types, default)
+    for name, value in (extra or {}).items():
+        _add(writer, name, value, types, default)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

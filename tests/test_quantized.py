@@ -705,6 +705,19 @@ BAD_INPUTS = {
         4,
         "GGUF architecture 'olmo2'",
     ),
+    # llama.cpp's llama3 rope frequencies, which transformers' GGUF loader drops
+    "gguf-tensor-transformers-drops": (
+        lambda tmp: (
+            (tmp / "src").mkdir()
+            or Q.write_gguf(
+                make_hf_model("llama"),
+                tmp / "src" / "m.gguf",
+                extra={"rope_freqs.weight": np.ones(4, np.float32)},
+            )
+        ),
+        3,
+        "unexpected tensor rope_freqs.weight",
+    ),
     "gguf-truncated": (
         lambda tmp: _truncate(gguf_source(tmp / "src", "llama")),
         3,

@@ -471,6 +471,7 @@ def open_gguf(path: Path, check_sizes: bool = True) -> GgufSource:
             "architecture": architecture,
         },
         default_dtype="bfloat16",
+        passthrough=False,
         readers=readers,
         architecture=architecture,
         gguf_config=config,

@@ -299,6 +299,7 @@ def _estimate(
         tokens=seq_len,
         sequences=sequences,
         second_copy=converted is not None or source.quantized,
+        dequantisation=source.dequantisation_bytes,
     )
 
 
