@@ -116,6 +116,20 @@ def _small(info: TensorInfo) -> tuple[int, ...]:
     return tuple(int(x) for x in checkpoint.read_array(info).reshape(-1))
 
 
+def _weight_shape(
+    module: Module, packed: TensorInfo, bits: int, args: dict[str, Any]
+) -> tuple[int, ...]:
+    """The dense shape a `weight_shape` tensor states (16 bytes read); of a file holding only
+    its header (`inspect` of a Hub repo), what the headers imply: the scales' groups of a
+    group strategy, else every packed bit a value (exact when a row's bits fill its words)."""
+    try:
+        return _small(module.parts["weight_shape"])
+    except BadInputError:
+        if args["strategy"] == "group":
+            return (packed.shape[0], module.parts["weight_scale"].shape[1] * args["group_size"])
+        return (packed.shape[0], packed.shape[1] * 32 // bits)
+
+
 def _check_args(group: str, weights: Any, fmt: str, where: Path) -> dict[str, Any]:
     if not isinstance(weights, dict):
         raise UnsupportedModelError(f"{where}: config group {group} quantises no weights")
@@ -192,7 +206,7 @@ def _plan(module: Module, groups: dict[str, tuple[list[str], dict[str, Any]]]) -
     if packed:
         if stored.dtype != "I32" or "weight_shape" not in module.parts:
             raise BadInputError(f"{module.name}: weight_packed must be I32, with a weight_shape")
-        shape = _small(module.parts["weight_shape"])
+        shape = _weight_shape(module, stored, bits, args)
         words = math.ceil(shape[1] * bits / 32) if len(shape) == 2 else -1
         if len(shape) != 2 or stored.shape != (shape[0], words):
             raise BadInputError(
