@@ -50,17 +50,20 @@ def convert(
     verify_options: dict[str, Any] | None = None,
     revision: str | None = None,
     token: str | None = None,
+    gguf_file: str | None = None,
 ) -> Path:
     """Convert the HF checkpoint folder `src` into an export folder `out`, gated by logit
     parity with the HF model, as `gqa-convert convert` does (`convert_plan`).
 
     `src` may be a Hub repo id (`org/name`): fetched at `revision` into the HF cache with
     `token` (`hub.resolve_source`); the repo id and commit go into the manifest and card.
+    It may be quantised (`sources/`), or a .gguf file (`gguf_file`: which one of the folder
+    or repo); the export is dense, in `dtype` or the source's compute dtype.
     A parity failure raises ParityFailure and leaves nothing at `out`; `force=True` writes
     anyway (recorded as failed-forced), `verify=False` skips the check (recorded as skipped).
     """
-    source = resolve_source(src, revision=revision, token=token)
-    plan = plan_conversion(source.path)
+    source = resolve_source(src, revision=revision, token=token, gguf_file=gguf_file)
+    plan = plan_conversion(source.path, gguf_file=gguf_file)
     done = convert_plan(
         plan,
         out,
@@ -104,7 +107,11 @@ def convert_plan(
     provenance. `progress(nbytes)` is called per tensor written, `on_verify()` when the check
     starts, `on_report(report)` when it ends, before the commit or the failure.
     """
-    options = {"dtype": verify_dtype(dtype), **(verify_options or {})}
+    options = {
+        "dtype": verify_dtype(plan.output_dtype(dtype)),
+        "plan": plan,
+        **(verify_options or {}),
+    }
     with atomic_folder(Path(out), overwrite, (plan.src,)) as tmp, hashing_sources(plan) as hashes:
         written = write_files(
             plan,
@@ -146,10 +153,14 @@ def verify_dtype(export_dtype: str | None) -> str:
     return export_dtype if export_dtype in ("float16", "bfloat16") else "float32"
 
 
-def convert_in_memory(src: str | Path, *, allow_nonfinite: bool = False) -> GQATransformer:
-    """Our model built straight from an HF checkpoint folder, source dtype, nothing written."""
+def convert_in_memory(
+    src: str | Path, *, allow_nonfinite: bool = False, gguf_file: str | None = None
+) -> GQATransformer:
+    """Our model built straight from an HF checkpoint folder (or .gguf file), in the source's
+    dtype (a quantised source: dequantised, in the dtype of its dequantisation), nothing
+    written."""
     from gqa_convert.model.decoder import GQATransformer
 
-    plan = plan_conversion(src)
+    plan = plan_conversion(src, gguf_file=gguf_file)
     state = load_state_dict(plan, allow_nonfinite=allow_nonfinite)
     return GQATransformer.from_state_dict(plan.config, state)

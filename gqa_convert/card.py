@@ -54,6 +54,18 @@ def _parity(manifest: dict[str, Any]) -> str:
     return f"{head}\n\n| figure | value |\n| --- | --- |\n{table}"
 
 
+def _dequantised(manifest: dict[str, Any]) -> str:
+    """A sentence on a quantised source: its weights were dequantised (dense here)."""
+    quantization = manifest["source"].get("quantization")
+    if not quantization:
+        return ""
+    how = ", ".join(str(quantization[k]) for k in ("method", "format") if quantization.get(k))
+    return (
+        f" The source is quantised ({how}): its weights were dequantised, so these are"
+        " dense, and were checked against transformers' own dequantisation of it."
+    )
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -108,7 +120,7 @@ def render_model_card(cfg: ModelConfig, manifest: dict[str, Any]) -> str:
 `{source}` ({cfg.architecture}) converted by gqa-convert {tool["version"]} into the
 TransformerLens layout: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} query heads
 sharing {cfg.n_key_value_heads} key/value heads (groups of {cfg.group_size}), d_head {cfg.d_head},
-dtype {manifest["output"]["dtype"]}.
+dtype {manifest["output"]["dtype"]}.{_dequantised(manifest)}
 
 ## Layout
 

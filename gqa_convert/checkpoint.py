@@ -4,8 +4,8 @@ Safetensors is an 8-byte little-endian header length, a JSON header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}}`, then the raw bytes. Reading the
 header ourselves lets `inspect` and planning touch no tensor data, lets a truncated file be
 caught before any work, and lets the writer stream tensors to disk without holding a state
-dict. Arrays are numpy in their *storage* dtype: bfloat16 travels as uint16 (same width),
-since no layout change here needs arithmetic.
+dict. Arrays are numpy in their *storage* dtype: bfloat16 travels as uint16 (same width), the
+1-byte floats of quantised checkpoints as uint8, since no layout change here needs arithmetic.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ DTYPES: dict[str, tuple[np.dtype, str]] = {
     "I8": (np.dtype("i1"), "int8"),
     "U8": (np.dtype("u1"), "uint8"),
     "BOOL": (np.dtype("?"), "bool"),
+    # 1-byte floats of quantised checkpoints, as their bytes (sources/floats.py decodes them)
+    "F8_E4M3": (np.dtype("u1"), "float8_e4m3fn"),
+    "F8_E5M2": (np.dtype("u1"), "float8_e5m2"),
+    "F8_E8M0": (np.dtype("u1"), "float8_e8m0fnu"),
 }
 CODE_OF_TORCH_NAME = {torch_name: code for code, (_, torch_name) in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"

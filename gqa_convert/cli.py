@@ -273,11 +273,24 @@ TokenOpt = Annotated[
     str | None,
     typer.Option(help="Hub token (default: HF_TOKEN, else the `hf auth login` one). Never shown."),
 ]
+GgufFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="The .gguf file of SRC (a folder or Hub repo) to read, when it holds several or "
+        "a config.json too. SRC may also be the .gguf file itself."
+    ),
+]
 
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="HF checkpoint folder, or a Hub repo id (org/name).")],
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="HF checkpoint folder (dense, FP8, compressed-tensors), .gguf file, or Hub "
+            "repo id (org/name)."
+        ),
+    ],
     out: Annotated[Path, typer.Argument(help="Output folder; must not exist unless --overwrite.")],
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     shard_size: Annotated[
@@ -313,6 +326,7 @@ def convert(
         str | None, typer.Option(help="Branch, tag or commit of a Hub SRC (default: main).")
     ] = None,
     token: TokenOpt = None,
+    gguf_file: GgufFileOpt = None,
     push_to: Annotated[
         str | None,
         typer.Option(help="Then push OUT to this Hub repo (org/name), if verification passed."),
@@ -320,7 +334,8 @@ def convert(
     dtype: Annotated[
         str,
         typer.Option(
-            help="Dtype of the written tensors: auto (the source's), float32, float16, bfloat16."
+            help="Dtype of the written tensors: auto (the source's; a quantised source's "
+            "compute dtype, config.json's dtype, else bfloat16), float32, float16, bfloat16."
         ),
     ] = "auto",
     dry_run: Annotated[
@@ -334,6 +349,8 @@ def convert(
 
     Writes OUT into a temporary folder, checks logit parity of those files with the HF model
     and renames the folder into place; on a failure nothing is written and it exits 5.
+    A quantised SRC (FP8, compressed-tensors, GGUF) is dequantised tensor by tensor; the
+    export is dense, checked against transformers' own dequantisation.
     """
     from gqa_convert.api import convert_plan
     from gqa_convert.hub import is_repo_id, push_export, resolve_source
@@ -347,10 +364,10 @@ def convert(
         raise UsageError("--push-to pushes a verified export only; drop --no-verify")
     if push_to is not None and not is_repo_id(push_to):
         raise UsageError(f"--push-to: {push_to!r} is not a Hub repo id (org/name)")
-    source = resolve_source(src, revision=revision, token=token)
-    plan = plan_conversion(source.path)
+    source = resolve_source(src, revision=revision, token=token, gguf_file=gguf_file)
+    plan = plan_conversion(source.path, gguf_file=gguf_file)
     if dry_run:
-        print_plan(plan, out_dtype)
+        print_plan(plan, plan.output_dtype(out_dtype))
         return
     options = {}
     if verify:  # (imports torch: --no-verify moves bytes only)
@@ -379,7 +396,8 @@ def convert(
 
     if verify:
         options["progress"] = verifying
-    total = sum(output_bytes(plan.sources[t.source], out_dtype) for t in plan.tasks)
+    written = plan.output_dtype(out_dtype)
+    total = sum(output_bytes(plan.sources[t.source], written) for t in plan.tasks)
     with progress_bar("converting", total) as bar:  # advanced by written bytes too
         try:
             done = convert_plan(
@@ -418,7 +436,10 @@ RevisionOpt = Annotated[
 @app.command("verify")
 def verify_command(
     src: Annotated[
-        Path, typer.Argument(help="HF checkpoint folder or Hub repo id (org/name): the reference.")
+        Path,
+        typer.Argument(
+            help="HF checkpoint folder, .gguf file or Hub repo id (org/name): the reference."
+        ),
     ],
     converted: Annotated[
         Path | None, typer.Argument(help="An export of ours (default: convert SRC in memory).")
@@ -441,8 +462,10 @@ def verify_command(
     max_memory: MaxMemoryOpt = None,
     streaming: StreamingOpt = None,
     device: DeviceOpt = "cpu",
+    gguf_file: GgufFileOpt = None,
 ) -> None:
-    """Compare logits (and activations) of our model with the HF model's; exit 5 on failure."""
+    """Compare logits (and activations) of our model with the HF model's; exit 5 on failure.
+    A quantised SRC is dequantised by transformers for the HF side, by us for ours."""
     import json
 
     from gqa_convert.verify import verify
@@ -461,7 +484,14 @@ def verify_command(
     )
     with layer_progress("comparing with the HF model") as advance:
         report = verify(
-            src, converted, dtype=dtype, revision=revision, token=token, progress=advance, **options
+            src,
+            converted,
+            dtype=dtype,
+            revision=revision,
+            token=token,
+            gguf_file=gguf_file,
+            progress=advance,
+            **options,
         )
     if json_output:
         print(json.dumps(report.to_dict(), indent=2))
@@ -570,7 +600,8 @@ def to_hf(
         str, typer.Option(help="Largest safetensors shard, with its unit: 5GB, 500MB.")
     ] = "5GB",
 ) -> None:
-    """Write CONVERTED back as an HF checkpoint (HF names, same dtype) that transformers loads."""
+    """Write CONVERTED back as an HF checkpoint (HF names, same dtype) that transformers loads.
+    The export of a quantised source comes back dense (no re-quantisation)."""
     from gqa_convert.checkpoint import read_weights
     from gqa_convert.to_hf import export_to_hf
 
@@ -588,16 +619,20 @@ def to_hf(
 
 @app.command("inspect")
 def inspect_command(
-    src: Annotated[Path, typer.Argument(help="HF checkpoint folder or Hub repo id (org/name).")],
+    src: Annotated[
+        Path, typer.Argument(help="HF checkpoint folder, .gguf file or Hub repo id (org/name).")
+    ],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
+    gguf_file: GgufFileOpt = None,
 ) -> None:
-    """Describe SRC from config.json and safetensors headers only (no tensor data is read;
-    of a Hub repo, only those are fetched)."""
+    """Describe SRC from config.json and safetensors headers (or a GGUF's metadata) only: no
+    tensor data is read; of a Hub repo, only those are fetched. A quantised SRC: how, and the
+    dense size of its export."""
     from gqa_convert.inspection import inspect_checkpoint
 
-    info = inspect_checkpoint(src, revision=revision, token=token)
+    info = inspect_checkpoint(src, revision=revision, token=token, gguf_file=gguf_file)
     if json_output:
         print(json.dumps(info, indent=2))
         return
@@ -611,12 +646,16 @@ def inspect_command(
             value = ", ".join(f"{k} {_gb(v)}" for k, v in value.items())
         elif key == "fetched":
             value = "\n".join(f"{n}: {b:,} bytes" for n, b in value.items()) or "nothing (cache)"
-        elif key == "tensor_bytes":
+        elif key in ("tensor_bytes", "export_tensor_bytes"):
             value = _gb(value)
+        elif key == "quantization" and value is not None:
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
         elif key == "parameters":
             value = f"{value:,}"
         table.add_row(key, escape(str(value)))
     Console(highlight=False, soft_wrap=True).print(table)
+    if info.get("refused"):
+        err.print(f"[yellow]warning:[/yellow] {escape(info['refused'])}", highlight=False)
     for name, sizes in info["truncated_files"].items():
         err.print(
             f"[yellow]warning:[/yellow] {escape(name)} is truncated: {sizes['bytes']:,} bytes, "

@@ -34,7 +34,6 @@ from gqa_convert.checkpoint import (
     DTYPES,
     TensorInfo,
     TensorSpec,
-    find_index,
     read_array,
     read_weights,
     sha256_file,
@@ -364,9 +363,11 @@ def write_files(
     when more than one shard), config.json and the source's tokenizer files, copied.
     Return {file: sha256} of the files written (the copies are hashed as source files).
 
-    `dtype` (float32 / float16 / bfloat16; None keeps the source's) casts on the way;
-    `progress(nbytes)` is called per tensor.
+    `dtype` (float32 / float16 / bfloat16; None keeps the source's, or is a quantised
+    source's compute dtype: `plan.output_dtype`) casts on the way; `progress(nbytes)` is
+    called per tensor.
     """
+    dtype = plan.output_dtype(dtype)
     out_code = CODES[dtype] if dtype else None
     codes = {t.target: plan.sources[t.source].dtype for t in plan.tasks}
     specs = [TensorSpec(t.target, out_code or codes[t.target], t.target_shape) for t in plan.tasks]
@@ -441,7 +442,7 @@ def write_provenance(
         source_revision=source_revision,
         source_hashes=source_hashes,
         written={n: file_entry(folder / n, sha) for n, sha in {**written, **copied}.items()},
-        dtype=dtype or _dtype_name(codes),
+        dtype=plan.output_dtype(dtype) or _dtype_name(codes),
         verification=verification,
     )
     card = write_text(folder / "README.md", render_model_card(plan.config, manifest))
@@ -450,14 +451,11 @@ def write_provenance(
 
 
 def source_files(plan: ConversionPlan) -> list[Path]:
-    """Every file of the source the export reads or copies: config, index, shards, tokenizer."""
-    files = [plan.src / "config.json"]
-    index = find_index(plan.src)  # model.safetensors.index.json or pytorch_model.bin's
-    if index is not None:
-        files.append(index)
-    files += sorted({info.path for info in plan.sources.values()})
-    files += [plan.src / name for name in PASSTHROUGH if (plan.src / name).is_file()]
-    return files
+    """Every file of the source the export reads or copies: config, index, shards (or the
+    .gguf file), tokenizer."""
+    folder = plan.source.folder
+    copied = [folder / n for n in PASSTHROUGH if (folder / n).is_file()]
+    return [*plan.source.files, *(copied if plan.source.passthrough else [])]
 
 
 def _dtype_name(codes: set[str]) -> str:
@@ -481,6 +479,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The provenance record: what was read, what was written, how it was checked."""
     src = plan.src
+    sizes = {path.name: path.stat().st_size for path in source_files(plan)}
     if verification is None:
         status = "skipped"
     else:
@@ -495,9 +494,11 @@ def build_manifest(
             "revision": source_revision,
             "architecture": plan.config.architecture,
             "files": {
-                name: {"sha256": sha, "bytes": (src / name).stat().st_size}
-                for name, sha in source_hashes.items()
+                name: {"sha256": sha, "bytes": sizes[name]} for name, sha in source_hashes.items()
             },
+            # How the source was quantised (None: dense): method, format, block size, the
+            # modules left unquantised. The export is dense (`output.dtype`).
+            "quantization": plan.source.quantization,
         },
         "output": {
             "dtype": dtype,
@@ -531,11 +532,19 @@ def write_json(path: Path, data: Any) -> str:
 
 
 def to_torch(array: np.ndarray, code: str) -> torch.Tensor:
-    """A numpy array in storage dtype -> torch tensor of the real dtype (shares memory)."""
+    """A numpy array in storage dtype -> torch tensor of the real dtype (shares memory):
+    bfloat16 from uint16, the float8 formats from uint8."""
     import torch  # the plain conversion path moves bytes and never needs torch
 
     tensor = torch.from_numpy(array)
-    return tensor.view(torch.bfloat16) if code == "BF16" else tensor
+    real = DTYPES[code][1]
+    if str(tensor.dtype).removeprefix("torch.") == real:
+        return tensor
+    if not hasattr(torch, real):
+        raise BadInputError(
+            f"tensor dtype {code} ({real}) needs a newer torch than {torch.__version__}"
+        )
+    return tensor.view(getattr(torch, real))
 
 
 def load_state_dict(

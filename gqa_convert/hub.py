@@ -86,9 +86,13 @@ def is_repo_id(text: str) -> bool:
 
 
 def resolve_source(
-    src: str | Path, revision: str | None = None, token: str | None = None
+    src: str | Path,
+    revision: str | None = None,
+    token: str | None = None,
+    gguf_file: str | None = None,
 ) -> ResolvedSource:
-    """A local checkpoint folder as it is, or the Hub repo `src` downloaded into the cache.
+    """A local checkpoint folder (or .gguf file) as it is, or the Hub repo `src` downloaded
+    into the cache (of a GGUF repo, only the file `gguf_file`).
 
     `src` is a Hub repo id when it has the `org/name` shape and no such local path exists.
     `revision` (branch, tag or commit) applies to Hub sources only.
@@ -97,18 +101,34 @@ def resolve_source(
         if revision is not None:
             raise UsageError(f"--revision applies to a Hub repo id; {src} is a local folder")
         return ResolvedSource(Path(src))
-    return download_source(str(src), revision=revision, token=token)
+    return download_source(str(src), revision=revision, token=token, gguf_file=gguf_file)
 
 
 def download_source(
-    repo_id: str, *, revision: str | None = None, token: str | None = None
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    gguf_file: str | None = None,
 ) -> ResolvedSource:
     """Download what the conversion of `repo_id` needs into the HF cache (or find it there,
-    offline); return the snapshot folder and the commit it is at."""
+    offline); return the snapshot folder and the commit it is at. With `gguf_file`, only
+    that file is fetched, and the path is the file's."""
     from huggingface_hub import snapshot_download
 
     what = f"downloading {repo_id}" + (f" at {revision}" if revision else "")
     also = f"; nor is {repo_id} a local folder"
+    if gguf_file is not None:
+        with hub_errors(repo_id, what, token=token, revision=revision, not_found=also):
+            pattern = [glob.escape(gguf_file)]
+            folder = Path(
+                snapshot_download(repo_id, revision=revision, allow_patterns=pattern, token=token)
+            )
+        if not (folder / gguf_file).is_file():
+            raise BadInputError(
+                f"{repo_id}@{folder.name[:12]}: no file {gguf_file!r} (--gguf-file)"
+            )
+        return ResolvedSource(folder / gguf_file, repo_id, folder.name)
     with hub_errors(repo_id, what, token=token, revision=revision, not_found=also):
         meta = Path(
             snapshot_download(repo_id, revision=revision, allow_patterns=SOURCE_FILES, token=token)
@@ -116,7 +136,8 @@ def download_source(
         sha = meta.name  # the snapshot folder is named by the commit
         if not (meta / "config.json").is_file():
             raise BadInputError(
-                f"{repo_id}@{sha[:12]}: no config.json in the repository (not an HF checkpoint)"
+                f"{repo_id}@{sha[:12]}: no config.json in the repository (not an HF "
+                "checkpoint; for a GGUF repo, name the file with --gguf-file)"
             )
         weights = source_weight_files(repo_id, sha, meta)
         log.info("%s@%s: fetching %s", repo_id, sha[:12], ", ".join(weights))

@@ -13,10 +13,11 @@ from typing import Any
 from gqa_convert.checkpoint import DTYPES
 from gqa_convert.config import ModelConfig, RopeConfig
 from gqa_convert.mapping import ConversionPlan, plan_conversion
-from gqa_convert.memory import estimate
+from gqa_convert.memory import DTYPE_BYTES, estimate
 
 # Rough fixed costs of the processes, measured on this project's machines (see README).
 CONVERT_BASE_BYTES = 150 * 2**20  # python + numpy + our code, no torch
+QUANTISED_BASE_BYTES = 200 * 2**20  # a quantised source's reader: gguf-py, transformers' tables
 
 
 def inspect_checkpoint(
@@ -25,20 +26,25 @@ def inspect_checkpoint(
     verify_tokens: int | None = None,
     revision: str | None = None,
     token: str | None = None,
+    gguf_file: str | None = None,
 ) -> dict[str, Any]:
-    """A JSON-ready description of the HF checkpoint folder `src`, or of the Hub repo `src`
-    (`org/name`, at `revision`): online, only config.json, the index and each safetensors
-    header are fetched (HTTP range reads); with HF_HUB_OFFLINE=1, the local cache is read.
-    For a Hub repo, `fetched` lists the bytes fetched of each file, and `revision` the
-    commit."""
+    """A JSON-ready description of the HF checkpoint folder (or .gguf file) `src`, or of the
+    Hub repo `src` (`org/name`, at `revision`): online, only config.json, the index and each
+    safetensors header are fetched (HTTP range reads; a GGUF repo's file, `gguf_file`, is
+    downloaded whole); with HF_HUB_OFFLINE=1, the local cache is read. For a Hub repo,
+    `fetched` lists the bytes fetched of each file, and `revision` the commit."""
     import tempfile
 
     from huggingface_hub import constants
 
     from gqa_convert.hub import download_source, fetch_headers, is_repo_id, resolve_source
 
-    if Path(src).exists() or not is_repo_id(str(src)):
-        return _describe(resolve_source(src, revision=revision).path, verify_tokens)
+    if Path(src).exists() or not is_repo_id(str(src)) or gguf_file is not None:
+        source = resolve_source(src, revision=revision, token=token, gguf_file=gguf_file)
+        info = _describe(source.path, verify_tokens, gguf_file=gguf_file)
+        if source.repo_id is None:
+            return info
+        return {**info, "source": str(src), "revision": source.revision, "fetched": {}}
     if constants.is_offline_mode():
         source = download_source(str(src), revision=revision, token=token)
         info = _describe(source.path, verify_tokens)
@@ -53,39 +59,63 @@ def inspect_checkpoint(
 
 
 def _describe(
-    src: Path, verify_tokens: int | None, sizes: dict[str, int] | None = None
+    src: Path,
+    verify_tokens: int | None,
+    sizes: dict[str, int] | None = None,
+    gguf_file: str | None = None,
 ) -> dict[str, Any]:
-    """`inspect_checkpoint` of a folder; `sizes` are the real sizes of weight files of which
-    the folder holds only the header."""
-    plan = plan_conversion(src, check_sizes=False)
-    cfg = plan.config
-    infos = list(plan.sources.values())
-    n_params = sum(_numel(i.shape) for i in infos)
-    total_bytes = sum(i.nbytes for i in infos)
+    """`inspect_checkpoint` of a folder or .gguf file; `sizes` are the real sizes of weight
+    files of which the folder holds only the header."""
+    plan = plan_conversion(src, check_sizes=False, gguf_file=gguf_file, refuse=False)
+    cfg, source = plan.config, plan.source
+    tensors = list(plan.sources.values())
+    parts = [part for tensor in tensors for part in tensor.parts]
+    n_params = sum(_numel(t.shape) for t in tensors)
+    total_bytes = sum(part.nbytes for part in parts)
     files: dict[str, dict[str, Any]] = {}
     ends: dict[Path, int] = {}
 
     def size(path: Path) -> int:
         return (sizes or {}).get(path.name) or path.stat().st_size
 
-    for info in infos:
-        entry = files.setdefault(info.path.name, {"bytes": size(info.path), "tensors": 0})
+    for part in parts:
+        entry = files.setdefault(part.path.name, {"bytes": size(part.path), "tensors": 0})
         entry["tensors"] += 1
-        ends[info.path] = max(ends.get(info.path, 0), info.end)
+        ends[part.path] = max(ends.get(part.path, 0), part.end)
     truncated = {
         path.name: {"bytes": size(path), "header_says": end}
         for path, end in ends.items()
         if size(path) < end
     }
-    largest = max(i.nbytes for i in infos)
     # Convert, an upper bound: one source tensor and its rearranged copy at a time, up to two
-    # written tensors waiting for the background sha256, or an fp32 temporary to cast.
-    convert_peak = CONVERT_BASE_BYTES + 2 * largest + 2 * largest
+    # written tensors waiting for the background sha256, or an fp32 temporary to cast; a
+    # dequantised tensor (float32) also its stored bytes, the dequantisation's temporaries
+    # and the rounding's (8x; measured 7x on SmolLM2's GGUF embedding), and a quantised
+    # source's reader its imports (transformers' GGUF tables: 200 MB).
+    largest = max(t.nbytes * (8 if t.scheme else 4) for t in tensors)
+    convert_peak = CONVERT_BASE_BYTES + largest + (QUANTISED_BASE_BYTES if source.quantized else 0)
     # Verify (float32, SRC converted in memory, the default input length): whole-model and
     # layer-streamed, each with the logit statistics' float64 temporaries (memory.py).
-    storage = max(DTYPES[i.dtype][0].itemsize for i in infos)
+    storage = max(DTYPES[t.dtype][0].itemsize for t in tensors)
     tokens = verify_tokens or _default_seq_len(cfg)
-    need = estimate(cfg, dtype="float32", storage_bytes=storage, tokens=tokens)
+    need = estimate(
+        cfg,
+        dtype="float32",
+        storage_bytes=storage,
+        tokens=tokens,
+        second_copy=source.quantized,  # ours dequantised by our reader, beside HF's
+        dequantisation=source.dequantisation_bytes,
+    )
+    out_dtype = plan.output_dtype(None)
+    dense_bytes = sum(
+        _numel(task.target_shape)
+        * (
+            DTYPE_BYTES[out_dtype]
+            if out_dtype
+            else DTYPES[plan.sources[task.source].dtype][0].itemsize
+        )
+        for task in plan.tasks
+    )
     return {
         "source": str(Path(src)),
         "architecture": cfg.architecture,
@@ -112,8 +142,17 @@ def _describe(
         "local_attention_layers": [i for i, t in enumerate(cfg.attn_types) if t == "local"],
         "tied_embeddings": cfg.tie_word_embeddings,
         "qkv_bias": cfg.qkv_bias,
-        "dtypes": dict(Counter(DTYPES[i.dtype][1] for i in infos)),
+        "dtypes": dict(
+            Counter(DTYPES[p.dtype][1] if p.dtype in DTYPES else p.dtype for p in parts)
+        ),
         "tensor_bytes": total_bytes,
+        # Quantised sources: how (method, format, block size, modules left dense), and what
+        # the export is: dense, in `export_dtype` (--dtype overrides), `export_tensor_bytes`.
+        "quantization": source.quantization,
+        "export_dtype": out_dtype or _dtype_names(plan),
+        "export_tensor_bytes": dense_bytes,
+        # Why convert and verify would refuse this source (a format the gate cannot check).
+        "refused": str(source.refusal) if source.refusal is not None else None,
         "files": files,
         "dropped_tensors": list(plan.dropped),
         "truncated_files": truncated,  # shorter than their headers say: convert refuses them
@@ -123,6 +162,11 @@ def _describe(
             "verify_streamed": need.streamed,
         },
     }
+
+
+def _dtype_names(plan: ConversionPlan) -> str:
+    names = {DTYPES[plan.sources[t.source].dtype][1] for t in plan.tasks}
+    return names.pop() if len(names) == 1 else "mixed"
 
 
 def active_parameters(cfg: ModelConfig, total: int) -> int:

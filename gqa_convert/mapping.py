@@ -18,9 +18,10 @@ import einops
 import numpy as np
 
 from gqa_convert.architectures import MLP_KINDS, Family, TensorRow, families
-from gqa_convert.checkpoint import TensorInfo, check_finite, read_array, read_weights
-from gqa_convert.config import ModelConfig, from_hf, read_json
-from gqa_convert.errors import BadInputError, listing
+from gqa_convert.checkpoint import check_finite
+from gqa_convert.config import ModelConfig, from_hf
+from gqa_convert.errors import BadInputError, UnsupportedModelError, listing
+from gqa_convert.sources import Source, SourceTensor, open_source
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,18 @@ class TensorTask:
 
 @dataclass(frozen=True)
 class ConversionPlan:
-    src: Path | None
-    hf_config: dict[str, Any]
+    src: Path | None  # the source's path: its folder, or its .gguf file
+    hf_config: dict[str, Any]  # of the dense model (no quantization_config)
     config: ModelConfig
     tasks: tuple[TensorTask, ...]
     dropped: tuple[str, ...]  # source tensors present and deliberately unused
-    sources: Mapping[str, TensorInfo]  # empty for a plan built from shapes only
+    sources: Mapping[str, SourceTensor]  # empty for a plan built from shapes only
+    source: Source | None = None  # the reader of the tensors (sources/)
+
+    def output_dtype(self, dtype: str | None) -> str | None:
+        """The export's dtype: `dtype` if given, else the source's default (a quantised
+        source's compute dtype), else None: each tensor keeps its own."""
+        return dtype or (self.source.default_dtype if self.source is not None else None)
 
 
 def layout_shapes(layout: str, cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -187,34 +194,43 @@ def plan_tasks(
     return cfg, tasks, dropped
 
 
-def plan_conversion(src: str | Path, check_sizes: bool = True) -> ConversionPlan:
-    """Read config.json and safetensors headers of an HF checkpoint folder; read no tensor.
+def plan_conversion(
+    src: str | Path,
+    check_sizes: bool = True,
+    *,
+    gguf_file: str | None = None,
+    refuse: bool = True,
+) -> ConversionPlan:
+    """Read config.json (or a GGUF's metadata) and the tensor headers of a checkpoint; read no
+    tensor. `src` is a folder or a .gguf file (`gguf_file`: which one of the folder's).
 
-    `check_sizes=False` accepts files shorter than their headers say (for `inspect` only).
+    `check_sizes=False` accepts files shorter than their headers say, and `refuse=False` a
+    source whose format the gate cannot check (both for `inspect` only).
     """
-    src = Path(src)
-    if not src.is_dir():
-        missing = "no such folder" if not src.exists() else "not a folder"
-        raise BadInputError(f"{src}: {missing} (expected an HF checkpoint folder)")
-    try:
-        empty = not any(src.iterdir())
-    except OSError as e:
-        raise BadInputError(f"{src}: cannot list the folder ({e.strerror})") from None
-    if empty:
-        raise BadInputError(f"{src}: empty folder (expected config.json and model.safetensors)")
-    hf_config = read_json(src / "config.json")
+    source = open_source(src, gguf_file, check_sizes=check_sizes)
+    if refuse and source.refusal is not None:
+        raise source.refusal
+    return plan_source(source)
+
+
+def plan_source(source: Source) -> ConversionPlan:
+    """The plan of an opened source (see `plan_conversion`)."""
+    hf_config = source.hf_config
     cfg = from_hf(hf_config)  # unsupported architectures fail before the weights are looked at
-    sources = read_weights(src, check_sizes)
+    sources = source.tensors
     cfg, tasks, dropped = plan_tasks(hf_config, {n: i.shape for n, i in sources.items()})
-    problems = [
-        f"{sources[t.source].path.name}: {t.source} has dtype {sources[t.source].dtype}"
-        for t in tasks
-        if sources[t.source].dtype not in ("F32", "F16", "BF16")
-    ]
+    odd = [t.source for t in tasks if sources[t.source].dtype not in ("F32", "F16", "BF16")]
+    problems = [f"{sources[n].path.name}: {n} has dtype {sources[n].dtype}" for n in odd]
+    if problems and all(sources[n].dtype.startswith("F8_") for n in odd):
+        # 8-bit floats are a quantisation: without a quantization_config, of none we read
+        what = "weights must be F32, F16 or BF16 (8-bit floats need a quantization_config)"
+        raise UnsupportedModelError(listing(what, problems))
     if problems:
         raise BadInputError(listing("weights must be F32, F16 or BF16", problems))
-    log.info("planned %d tensors from %s (%d dropped)", len(tasks), src, len(dropped))
-    return ConversionPlan(src, hf_config, cfg, tuple(tasks), tuple(dropped), sources)
+    log.info("planned %d tensors from %s (%d dropped)", len(tasks), source.path, len(dropped))
+    return ConversionPlan(
+        source.path, hf_config, cfg, tuple(tasks), tuple(dropped), sources, source
+    )
 
 
 def axis_sizes(layout: str, cfg: ModelConfig) -> dict[str, int]:
@@ -266,7 +282,7 @@ def iter_arrays(
             source = last[1]
         else:
             last = None  # free it before the next read
-            source = read_array(info)
+            source = plan.source.read(task.source)  # dense: dequantised if stored quantised
             if not allow_nonfinite:
                 check_finite(info, source)
             last = (task.source, source) if task.expert is not None else None

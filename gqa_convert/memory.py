@@ -71,11 +71,13 @@ def estimate(
     tokens: int = 128,
     sequences: int = 1,
     second_copy: bool = False,
+    dequantisation: int = 0,
 ) -> Estimate:
     """Peak bytes of `verify` for `sequences` inputs of up to `tokens` tokens.
 
     `storage_bytes` per element of the files read; `second_copy`: our weights are read from
-    an export's files (not views of the HF model's).
+    an export's files (not views of the HF model's); `dequantisation`: the bytes a quantised
+    source's dequantisation holds at once besides its result (both sides' temporaries).
     """
     c, s = DTYPE_BYTES[dtype], storage_bytes
     table = cfg.d_vocab * cfg.d_model
@@ -96,7 +98,9 @@ def estimate(
         ours * layer * c + read,
         table * (c + s),  # one unembedding at a time (ours are views, or read after HF's)
     )
-    return Estimate(whole=whole, streamed=BASE_BYTES + acts + max(phases))
+    return Estimate(
+        whole=whole + dequantisation, streamed=BASE_BYTES + acts + max(phases) + dequantisation
+    )
 
 
 def available_bytes() -> int:

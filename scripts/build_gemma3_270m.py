@@ -10,6 +10,9 @@ round-tripped: a real trained Gemma 3, close to, not equal to, the released bf16
 Built into ``<out>.tmp-<pid>``, renamed to ``out`` at the end; a marker written last tells a
 finished build from an interrupted one, so a second run is a no-op.
 
+``join_gguf()`` keeps the joined file itself in ``$GQA_CONVERT_CACHE/gemma-3-270m-gguf``, for
+converting straight from the GGUF (tests/test_quantized.py).
+
 Usage: python scripts/build_gemma3_270m.py [OUT] [--force]
 """
 
@@ -52,6 +55,36 @@ def _package():
     return package
 
 
+def default_gguf_path() -> Path:
+    """``$GQA_CONVERT_CACHE/gemma-3-270m-gguf/gemma-3-270m-q4_k_m.gguf``."""
+    return default_gemma3_dir().with_name("gemma-3-270m-gguf") / "gemma-3-270m-q4_k_m.gguf"
+
+
+def join_gguf(out: Path | None = None) -> Path:
+    """The package's GGUF file, its chunks joined at `out` (default `default_gguf_path()`)
+    and checked against the sha256 the package states; kept once joined (a file of the
+    right size is taken as done, as its sha256 was checked before the rename)."""
+    package = _package()
+    out = default_gguf_path() if out is None else out
+    if out.is_file() and out.stat().st_size == sum(p.stat().st_size for p in package.chunk_paths()):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        digest = hashlib.sha256()
+        with tmp.open("wb") as f:
+            for chunk in package.chunk_paths():
+                data = chunk.read_bytes()
+                digest.update(data)
+                f.write(data)
+        if digest.hexdigest() != package.EXPECTED_SHA256:
+            raise RuntimeError(f"{tmp}: sha256 {digest.hexdigest()} != the package's")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def build_gemma3(out: Path, force: bool = False) -> Path:
     """The HF folder at `out`, built unless a finished build of the same package is there."""
     package = _package()
@@ -71,16 +104,7 @@ def build_gemma3(out: Path, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        gguf = tmp / "gguf" / package.MODEL_NAME
-        gguf.parent.mkdir()
-        digest = hashlib.sha256()
-        with gguf.open("wb") as f:
-            for chunk in package.chunk_paths():
-                data = chunk.read_bytes()
-                digest.update(data)
-                f.write(data)
-        if digest.hexdigest() != package.EXPECTED_SHA256:
-            raise RuntimeError(f"{gguf}: sha256 {digest.hexdigest()} != the package's")
+        gguf = join_gguf(tmp / "gguf" / package.MODEL_NAME)
         log.info("dequantising %s to fp32", gguf)
         kwargs = {"gguf_file": gguf.name, "local_files_only": True}
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)

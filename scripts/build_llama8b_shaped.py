@@ -10,6 +10,10 @@ norms 1. Rope: theta 500000, no llama3 scaling, so verify's default input stays 
         # (hard links, but the shard holding layer 20's k_proj is copied) with KV heads 0 and 1
         # of that k_proj swapped in place. `verify FOLDER-swap-kv20 OUT`, OUT converted from
         # FOLDER, must fail at layer 20, k (`convert` of the copy passes: both sides read it)
+    python scripts/build_llama8b_shaped.py FOLDER --fp8  # the same shape as a fine-grained FP8
+        # checkpoint (Qwen3-FP8 / DeepSeek style): every layer's linear weight random e4m3 with
+        # a random float32 weight_scale_inv per 128 x 128 block, embedding and lm_head bf16
+        # (lm_head in modules_to_not_convert): 9.1 GB in 3 shards
 
 Peak memory is the largest tensor (the 1.05 GB embedding) plus the random draw of one block
 of rows.
@@ -84,6 +88,35 @@ def specs(s: dict = SHAPE) -> list[TensorSpec]:
     return out
 
 
+FP8_BLOCK = 128
+
+
+def fp8_specs(s: dict = SHAPE) -> list[TensorSpec]:
+    """`specs(s)` with every layer's 2-d weight in e4m3 and its block scales beside it."""
+    out = []
+    for spec in specs(s):
+        if ".layers." not in spec.name or len(spec.shape) != 2:
+            out.append(spec)
+            continue
+        rows, cols = spec.shape
+        grid = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+        out.append(TensorSpec(spec.name, "F8_E4M3", spec.shape))
+        out.append(TensorSpec(spec.name + "_scale_inv", "F32", grid))
+    return out
+
+
+def fp8_config(s: dict = SHAPE) -> dict:
+    return {
+        **hf_config(s),
+        "quantization_config": {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+            "modules_to_not_convert": ["lm_head"],
+        },
+    }
+
+
 def attention_specs(prefix: str, s: dict) -> list[TensorSpec]:
     """A Llama layer's q / k / v / o projections, HF names under `prefix`."""
     m, q, kv = s["d_model"], s["n_heads"] * s["d_head"], s["n_kv"] * s["d_head"]
@@ -93,6 +126,22 @@ def attention_specs(prefix: str, s: dict) -> list[TensorSpec]:
         TensorSpec(prefix + "self_attn.v_proj.weight", "BF16", (kv, m)),
         TensorSpec(prefix + "self_attn.o_proj.weight", "BF16", (m, q)),
     ]
+
+
+def random_array(rng: np.random.Generator, spec: TensorSpec) -> np.ndarray:
+    """Random values of `spec`'s dtype: bf16 as below, e4m3 codes of magnitude [2^-6, 2^8)
+    (no NaN), float32 scales in [2^-12, 2^-8) (so e4m3 x scale spans bf16's range above)."""
+    if spec.dtype == "BF16":
+        return random_bf16(rng, spec.shape)
+    if spec.dtype == "F8_E4M3":
+        codes = rng.integers(0, 1 << 8, size=spec.shape, dtype=np.uint8)
+        exponent = ((codes >> 3) & 0x7) + np.uint8(1)  # 1..8 (of 0..15, bias 7): no NaN
+        return (codes & np.uint8(0x87)) | (exponent << np.uint8(3))
+    if spec.dtype == "F32":
+        return np.ldexp(
+            rng.uniform(1, 2, size=spec.shape), -12 + rng.integers(0, 4, spec.shape)
+        ).astype(np.float32)
+    raise ValueError(f"{spec.name}: no random {spec.dtype}")
 
 
 def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -141,7 +190,7 @@ def write_checkpoint(
             if spec.name.endswith("norm.weight"):
                 array = np.full(spec.shape, 0x3F80, dtype=np.uint16)  # 1.0
             else:
-                array = random_bf16(rng, spec.shape)
+                array = random_array(rng, spec)
             writer.write(spec.name, array)
             del array
         writer.close()
@@ -182,7 +231,12 @@ def main() -> None:
     cache = os.environ.get("GQA_CONVERT_CACHE") or Path.home() / ".cache" / "gqa-convert"
     parser.add_argument("folder", nargs="?", type=Path, default=Path(cache) / "llama8b-shaped")
     parser.add_argument("--swap-kv", type=int, metavar="LAYER")
+    parser.add_argument("--fp8", action="store_true", help="fine-grained FP8 (see above)")
     args = parser.parse_args()
+    if args.fp8:
+        folder = args.folder.expanduser()
+        print(write_checkpoint(folder, fp8_specs(), fp8_config(), SHARD_BYTES, 8, True))
+        return
     folder = build(args.folder.expanduser())
     print(folder)
     if args.swap_kv is not None:

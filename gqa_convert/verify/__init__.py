@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from gqa_convert.config import load_hf_config
+from gqa_convert.config import from_hf
 from gqa_convert.errors import BadInputError, UsageError
 from gqa_convert.memory import Estimate, choose_mode, estimate, peak_rss, return_freed_memory
+from gqa_convert.sources import Source, open_source
 from gqa_convert.verify.compare import (
     COMPONENTS,
     POST_NORM_COMPONENTS,
@@ -121,11 +122,15 @@ def verify(
     allow_nonfinite: bool = False,
     revision: str | None = None,
     token: str | None = None,
+    gguf_file: str | None = None,
 ) -> VerifyReport:
     """Compare our conversion of the HF checkpoint `src` with the HF model itself.
 
     `src` may be a Hub repo id, fetched at `revision` with `token` as `convert` fetches it
-    (`hub.resolve_source`: the HF cache, HF_HUB_OFFLINE=1 works from it).
+    (`hub.resolve_source`: the HF cache, HF_HUB_OFFLINE=1 works from it). It may be
+    quantised or a .gguf file (`gguf_file`: which one of the folder or repo, sources/):
+    the HF model is then transformers' own dequantisation of it, and ours our
+    dequantisation (`converted`'s, or the source's read by our reader).
 
     Ours is `model` if given (cast in place to `dtype`), else the export folder `converted`
     (config.json + safetensors, read part by part), else `src` mapped through the weight map
@@ -144,9 +149,15 @@ def verify(
     from gqa_convert.hub import resolve_source
 
     limits = tolerances_for(dtype, tolerances)
-    source = resolve_source(src, revision=revision, token=token)
+    source = resolve_source(src, revision=revision, token=token, gguf_file=gguf_file)
     src = source.path
-    source_cfg = load_hf_config(src)
+    if plan is not None and plan.source is not None:
+        opened = plan.source
+    else:
+        opened = open_source(src, gguf_file)
+    if opened.refusal is not None:
+        raise opened.refusal
+    source_cfg = from_hf(opened.hf_config)
     if seq_len is None:
         seq_len = default_seq_len(source_cfg)
     if seq_len < 1:
@@ -159,20 +170,20 @@ def verify(
             raise UsageError("streaming reads both models from files: pass no model/reference")
         mode, budget = "whole", None
     else:
-        need = _estimate(src, converted, source_cfg, dtype, seq_len, 1 + len(prompts or ()))
+        need = _estimate(opened, converted, source_cfg, dtype, seq_len, 1 + len(prompts or ()))
         mode, budget, _ = choose_mode(need, max_memory, streaming)
     streamed = mode == "streamed"
     if streamed:
         return_freed_memory()
     inputs, kind = make_inputs(src, source_cfg, prompts, seq_len)
 
-    ref = Reference(src, dtype, model=reference, streaming=streamed)
+    ref = Reference(opened, dtype, model=reference, streaming=streamed)
     place = placement(target, ref.model, streamed, dtype)
     ref.place(place)
     if model is None and converted is None and plan is None:
-        from gqa_convert.mapping import plan_conversion
+        from gqa_convert.mapping import plan_source
 
-        plan = plan_conversion(src)
+        plan = plan_source(opened)
     ours = Ours(
         dtype,
         model=model,
@@ -268,18 +279,27 @@ def verify_plan(
 
 
 def _estimate(
-    src: Path, converted: str | Path | None, cfg: Any, dtype: str, seq_len: int, sequences: int
+    source: Source,
+    converted: str | Path | None,
+    cfg: Any,
+    dtype: str,
+    seq_len: int,
+    sequences: int,
 ) -> Estimate:
-    from gqa_convert.checkpoint import DTYPES, read_weights
+    """`memory.estimate` for this source: the bytes read per element are those of its dense
+    tensors (a quantised source's are dequantised first, in float32 for most formats), and
+    ours are a second copy when read from files or dequantised by our reader."""
+    from gqa_convert.checkpoint import DTYPES
 
-    storage = max(DTYPES[i.dtype][0].itemsize for i in read_weights(src).values())
+    storage = max(DTYPES[t.dtype][0].itemsize for t in source.tensors.values())
     return estimate(
         cfg,
         dtype=dtype,
         storage_bytes=storage,
         tokens=seq_len,
         sequences=sequences,
-        second_copy=converted is not None,
+        second_copy=converted is not None or source.quantized,
+        dequantisation=source.dequantisation_bytes,
     )
 
 
@@ -386,7 +406,7 @@ def _compare_models(
 ) -> _Comparison:
     """Both models over `inputs`, layer by layer (see the module docstring)."""
     result = _Comparison(_LogitStats())
-    views = not ours.preloaded and not ours.files  # ours are views of HF's held tensors
+    views = ours.views  # ours are views of HF's held tensors
     with torch.no_grad():
         with ref.holding("embed"):
             hf_h = [ref.embed(tokens) for tokens in inputs]

@@ -6,6 +6,8 @@ Its tensors come from one of three places:
             tensors read from its safetensors files, so the gate checks the bytes shipped
   views     SRC mapped through the weight map: each row's einops layout applied to the HF
             reference's tensor of the part being held (a view, no second copy)
+  source    SRC quantised: its tensors dequantised by our reader (sources/), then mapped,
+            so that our dequantisation is what is compared with transformers'
 The model is built on the meta device from the config and a part (embedding, block i, final
 norm + unembedding) is loaded into it while held, then moved back to meta when streaming.
 """
@@ -107,6 +109,11 @@ class Ours(PartHolder):
             self._check_names()
         self.n_layers = len(self.model.blocks)
         self._held: set[Part] = set()
+        # Ours are views of the HF reference's tensors (SRC mapped in memory, dense).
+        source = plan.source if plan is not None else None
+        self.dequantised = not self.files and source is not None and source.quantized
+        self.views = not self.preloaded and not self.files and not self.dequantised
+        self._last: tuple[str, Tensor] | None = None  # a stacked source, for its next expert
 
     def _check_names(self) -> None:
         from gqa_convert.model.decoder import _zero_by_config
@@ -160,7 +167,10 @@ class Ours(PartHolder):
             info = self.files[name]
             return to_torch(read_array(info), info.dtype)
         task = self.tasks[name]
-        source = self.reference.tensor_of_source(part, task.source)
+        if self.dequantised:
+            source = self._dequantised(task.source)
+        else:
+            source = self.reference.tensor_of_source(part, task.source)
         bad = 0 if self.allow_nonfinite else count_nonfinite(source)  # before the permute
         tensor = apply_layout(task, source, self.cfg)
         if bad:
@@ -169,6 +179,17 @@ class Ours(PartHolder):
                 f"NaN/Inf value(s) of {tensor.numel()}; convert with --allow-nonfinite to keep them"
             )
         return tensor
+
+    def _dequantised(self, name: str) -> Tensor:
+        """The source tensor `name` as our reader dequantises it (the last one is kept: a
+        stacked source serves its experts in turn)."""
+        from gqa_convert.export import to_torch
+
+        if self._last is None or self._last[0] != name:
+            self._last = None
+            info = self.plan.sources[name]
+            self._last = (name, to_torch(self.plan.source.read(name), info.dtype))
+        return self._last[1]
 
     # ---- running ----------------------------------------------------------------------
 

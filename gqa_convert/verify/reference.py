@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gqa_convert.checkpoint import TensorInfo, read_array, read_weights
 from gqa_convert.errors import BadInputError, listing
+from gqa_convert.sources import Source, open_source
 from gqa_convert.verify.report import COMPUTE_DTYPES
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,24 @@ def load_reference(src: str | Path, dtype: str = "float32") -> nn.Module:
     return model.eval()
 
 
-def skeleton(src: str | Path, dtype: str = "float32") -> nn.Module:
-    """The HF model of `src` with every parameter on the meta device (no weight read)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def skeleton(source: Source, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """The HF model of `source` with every parameter on the meta device (no weight read), and
+    the transformers quantizer that dequantises its tensors while they load (None: dense).
 
-    with _quiet_hf(), _loading(src, "model"):
-        config = AutoConfig.from_pretrained(src, trust_remote_code=False)
+    A quantised source is prepared as `from_pretrained` prepares it (`get_hf_quantizer`,
+    `preprocess_model`), with the source's `hf_quantization`: its quantization_config with
+    `dequantize` on, so the reference holds transformers' own dequantisation."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    quantizer = None
+    with _quiet_hf(), _loading(source.path, "model"):
+        config = source.transformers_config()
+        if source.hf_quantization is not None:
+            from transformers.quantizers.auto import get_hf_quantizer
+
+            config.quantization_config = dict(source.hf_quantization)
+            quantizer, config, _ = get_hf_quantizer(config, None, None, True, {})
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(
                 config,
@@ -103,7 +114,15 @@ def skeleton(src: str | Path, dtype: str = "float32") -> nn.Module:
                 trust_remote_code=False,
                 **attention_implementation(config),
             )
-    return model.eval()
+        if quantizer is not None:
+            quantizer.preprocess_model(
+                model=model,
+                dtype=COMPUTE_DTYPES[dtype],
+                device_map=None,
+                checkpoint_files=None,
+                use_kernels=False,
+            )
+    return model.eval(), quantizer
 
 
 class _Recorder(nn.Module):
@@ -125,20 +144,6 @@ class _Recorder(nn.Module):
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self.call = (args, kwargs)
         return hidden_states
-
-
-class _Lazy:
-    """A source tensor read (by our reader) only when transformers' loader materialises it
-    with `tensor[...]`, as it does a safetensors slice: one tensor at a time is read and
-    cast, not the whole part."""
-
-    def __init__(self, info: TensorInfo):
-        self.info = info
-
-    def __getitem__(self, key: Any) -> Tensor:
-        from gqa_convert.export import to_torch
-
-        return to_torch(read_array(self.info), self.info.dtype)[key]
 
 
 class _Stub(nn.Module):
@@ -203,28 +208,37 @@ class PartHolder:
 
 
 class Reference(PartHolder):
-    """HF's model of `src` as parts that can be held and released.
+    """HF's model of `source` as parts that can be held and released.
 
     `model` is a preloaded HF model (whole, nothing released); otherwise a skeleton whose
-    parts are read from `src` on demand, kept once read when not `streaming`. `device_of`
-    maps a part to its device (one device, or accelerate's device map over several GPUs).
+    parts are read from the source on demand (through transformers' loader, and its
+    dequantisation of a quantised source), kept once read when not `streaming`.
+    `device_of` maps a part to its device (one device, or accelerate's device map over
+    several GPUs).
     """
 
     def __init__(
         self,
-        src: Path,
+        source: Source | str | Path,
         dtype: str,
         *,
         model: nn.Module | None = None,
         streaming: bool = False,
         device_of: Callable[[Part], torch.device] = lambda part: torch.device("cpu"),
     ):
-        self.src, self.dtype, self.streaming, self.device_of = src, dtype, streaming, device_of
+        if not isinstance(source, Source):  # a checkpoint folder, or a .gguf file
+            source = open_source(source)
+        self.source, self.src = source, source.path
+        self.dtype, self.streaming, self.device_of = dtype, streaming, device_of
         self.preloaded = model is not None
-        self.model = model if model is not None else skeleton(src, dtype)
+        self.quantizer = None
+        if model is None:
+            model, self.quantizer = skeleton(source, dtype)
+        self.model = model
         self.body = self.model.model
         self.n_layers = len(self.body.layers)
-        self.sources: dict[str, TensorInfo] = {} if self.preloaded else read_weights(src)
+        # transformers' loader input: each stored tensor (a GGUF's: as transformers reads it)
+        self.sources: dict[str, Any] = {} if self.preloaded else dict(source.hf_inputs(model))
         self.tied: dict[str, str] = dict(getattr(self.model, "_tied_weights_keys", None) or {})
         self._held: set[Part] = set()
         if not self.preloaded:
@@ -259,9 +273,6 @@ class Reference(PartHolder):
             for name, _ in module.named_parameters(remove_duplicate=False):
                 yield f"{prefix}.{name}", module, name
 
-    def _source(self, name: str) -> TensorInfo | None:
-        return self.sources.get(name) or self.sources.get(self.tied.get(name, ""))
-
     def _route_sources(self) -> dict[str, list[str]]:
         """Each HF parameter -> the source tensors transformers' loader builds it from, by the
         loader's own key renaming (`rename_source_key` over the model's conversion mapping):
@@ -273,7 +284,7 @@ class Reference(PartHolder):
             rename_source_key,
         )
 
-        self.conversions = get_model_conversion_mapping(self.model)
+        self.conversions = get_model_conversion_mapping(self.model, None, self.quantizer)
         renamings = [c for c in self.conversions if isinstance(c, WeightRenaming)]
         converters = [c for c in self.conversions if isinstance(c, WeightConverter)]
         meta = self.model.state_dict()
@@ -313,13 +324,14 @@ class Reference(PartHolder):
         from transformers.modeling_utils import LoadStateDictConfig
 
         device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
-        state: dict[str, _Lazy] = {}
+        state: dict[str, Any] = {}
         for full, _, _ in self._parameters(part):
             own = full in self.routes  # else tied: read the tie's source under our name
             for source in self._sources_of(full):
-                state[source if own else full] = _Lazy(self.sources[source])
+                state[source if own else full] = self.sources[source]
+        quantizer = {} if self.quantizer is None else {"hf_quantizer": self.quantizer}
         config = LoadStateDictConfig(
-            device_map={"": device}, dtype=dtype, weight_mapping=self.conversions
+            device_map={"": device}, dtype=dtype, weight_mapping=self.conversions, **quantizer
         )
         extra = {}
         if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters:
@@ -340,20 +352,29 @@ class Reference(PartHolder):
         ]
         if problems:
             raise BadInputError(listing(f"{self.src}: the tensors do not fit the model", problems))
+        if self.quantizer is not None:
+            self._to_compute_dtype(part, dtype)
+
+    def _to_compute_dtype(self, part: Part, dtype: torch.dtype) -> None:
+        """Float parameters the quantizer's dequantisation left in another dtype, cast to
+        the compute dtype that was asked for: transformers 5.24's compressed-tensors path
+        hands MoE experts over in the scales' dtype (bfloat16) whatever the model's dtype
+        (its values are kept; widening is exact), dense layers in the model's."""
+        for _, module, name in self._parameters(part):
+            param = module.get_parameter(name)
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     def tensor_of_source(self, part: Part, source: str) -> Tensor:
         """The held HF tensor that was read from the source tensor `source` (a tied
         `lm_head.weight` is read from the embedding's)."""
-        from gqa_convert.export import to_torch
-
         for full, module, name in self._parameters(part):
             if source in (full, self.tied.get(full)):
                 return module.get_parameter(name).detach()
         if source in self.sources and not self.preloaded:
             # A source the loader fused into a bigger tensor (an expert of gate_up_proj):
             # read again from its file, cast as the loader casts.
-            info = self.sources[source]
-            tensor = to_torch(read_array(info), info.dtype)
+            tensor = self.sources[source][...]
             return tensor.to(device=self.device_of(part), dtype=COMPUTE_DTYPES[self.dtype])
         raise BadInputError(f"{self.src}: no tensor {source!r} in the {part} part of the model")
 
