@@ -4,7 +4,7 @@ The pipeline, one module a stage: `hub` (resolve a repo id) -> `checkpoint` (saf
 I/O) -> `config` + `architectures` (config.json and the per-family tables in configs/) ->
 `mapping` (plan and stream) -> `model` (GroupedQueryAttention, GQATransformer) -> `verify`
 (HF vs ours) -> `export` (write, manifest, `card`) -> `hub` (push). Beside it: `inspection`,
-`to_hf` (the round trip), `interop` (TransformerLens), `api` (what the CLI calls).
+`to_hf` (the round trip), `interop` (TransformerLens 3.9 and 4.3), `api` (what the CLI calls).
 
 Heavy imports (torch) happen on first use, so the byte-moving conversion path stays light.
 """

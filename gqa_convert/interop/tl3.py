@@ -105,14 +105,18 @@ def _transformer_lens() -> Any:
         raise ImportError(
             f"to_hooked_transformer needs transformer-lens 3.x: {INSTALL_HINT}"
         ) from e
-    if not hasattr(tl, "HookedTransformer"):
+    try:
+        has_it = hasattr(tl, "HookedTransformer")
+    except ImportError:  # 4.x answers hasattr with an ImportError (its migration pointer)
+        has_it = False
+    if not has_it:
         try:
             version = metadata.version("transformer-lens")
         except metadata.PackageNotFoundError:
             version = "?"
         raise ImportError(
             f"the installed transformer-lens ({version}) has no HookedTransformer "
-            f"(4.0 removed it); install 3.9: {INSTALL_HINT}"
+            f"(4.0 removed it); install 3.9: {INSTALL_HINT}, or use to_transformer_bridge"
         )
     return tl
 
