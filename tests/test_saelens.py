@@ -121,12 +121,6 @@ def test_sae_on_the_hooked_transformer(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="issue 22: GQATransformer.run_with_cache does not take SAELens's stop_at_layer / "
-    "prepend_bos yet",
-)
 @pytest.mark.parametrize("case", CASES)
 def test_sae_on_gqa_transformer(tmp_path, case):
     """(b) our model as SAELens's model, also for a family TL 3.9 cannot express (Granite)."""
