@@ -496,3 +496,19 @@ def sha256_file(path: Path, chunk: int = 8 << 20, stop: threading.Event | None =
         while (n := f.readinto(buf)) and not (stop and stop.is_set()):
             digest.update(buf[:n])
     return digest.hexdigest()
+
+
+def to_torch(array: np.ndarray, code: str) -> torch.Tensor:
+    """A numpy array in storage dtype -> torch tensor of the real dtype (shares memory):
+    bfloat16 from uint16, the float8 formats from uint8."""
+    import torch  # the plain conversion path moves bytes and never needs torch
+
+    tensor = torch.from_numpy(array)
+    real = DTYPES[code][1]
+    if str(tensor.dtype).removeprefix("torch.") == real:
+        return tensor
+    if not hasattr(torch, real):
+        raise BadInputError(
+            f"tensor dtype {code} ({real}) needs a newer torch than {torch.__version__}"
+        )
+    return tensor.view(getattr(torch, real))

@@ -26,8 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from gqa_convert import __version__
 from gqa_convert.card import render_model_card
 from gqa_convert.checkpoint import (
@@ -37,12 +35,14 @@ from gqa_convert.checkpoint import (
     read_array,
     read_weights,
     sha256_file,
+    to_torch,
     write_sharded,
 )
 from gqa_convert.config import ModelConfig, read_json
 from gqa_convert.dtypes import CODES, cast
 from gqa_convert.errors import BadInputError, OutputError, listing
-from gqa_convert.mapping import ConversionPlan, expected_tasks, iter_arrays
+from gqa_convert.mapping import ConversionPlan, iter_arrays
+from gqa_convert.weight_map import expected_tasks
 
 if TYPE_CHECKING:
     import torch
@@ -529,22 +529,6 @@ def write_text(path: Path, text: str) -> str:
 def write_json(path: Path, data: Any) -> str:
     """Write `data` as indented JSON; return the file's sha256."""
     return write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def to_torch(array: np.ndarray, code: str) -> torch.Tensor:
-    """A numpy array in storage dtype -> torch tensor of the real dtype (shares memory):
-    bfloat16 from uint16, the float8 formats from uint8."""
-    import torch  # the plain conversion path moves bytes and never needs torch
-
-    tensor = torch.from_numpy(array)
-    real = DTYPES[code][1]
-    if str(tensor.dtype).removeprefix("torch.") == real:
-        return tensor
-    if not hasattr(torch, real):
-        raise BadInputError(
-            f"tensor dtype {code} ({real}) needs a newer torch than {torch.__version__}"
-        )
-    return tensor.view(getattr(torch, real))
 
 
 def load_state_dict(

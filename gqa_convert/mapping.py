@@ -8,51 +8,25 @@ shape matches the einops layout's sizes. All offenders go into one error.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import einops
 import numpy as np
 
-from gqa_convert.architectures import MLP_KINDS, Family, TensorRow, families
 from gqa_convert.checkpoint import check_finite
 from gqa_convert.config import ModelConfig, from_hf
 from gqa_convert.errors import BadInputError, UnsupportedModelError, listing
 from gqa_convert.sources import Source, SourceTensor, open_source
+from gqa_convert.weight_map import TensorTask, axis_sizes, expected_tasks, family_of
 
 log = logging.getLogger(__name__)
-
-# Axis letters of the layouts in configs/*.toml -> the config field giving their size.
-AXES = {
-    "m": "d_model",
-    "v": "d_vocab",
-    "f": "d_mlp",
-    "h": "d_head",
-    "n": "n_heads",
-    "k": "n_key_value_heads",
-    "e": "n_experts",
-    "i": "d_expert",
-}
 
 
 class TensorAccountingError(BadInputError):
     """The checkpoint's tensors do not match the family's weight map."""
-
-
-@dataclass(frozen=True)
-class TensorTask:
-    """One target tensor: which source it comes from and how its axes move."""
-
-    target: str
-    source: str
-    layout: str  # einops pattern
-    source_shape: tuple[int, ...]  # the whole source tensor's, fused or not
-    target_shape: tuple[int, ...]
-    rows: tuple[int, int] | None = None  # [start, stop) of a fused source's first axis
-    expert: int | None = None  # a stacked source's index on its first axis, taken first
 
 
 @dataclass(frozen=True)
@@ -71,93 +45,10 @@ class ConversionPlan:
         return dtype or (self.source.default_dtype if self.source is not None else None)
 
 
-def layout_shapes(layout: str, cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The source and target shapes an einops layout implies, e.g. "(n h) m -> n m h"."""
-
-    def side(text: str) -> tuple[int, ...]:
-        groups = re.findall(r"\(([^)]*)\)|(\w)", text)
-        return tuple(_axis_group_size(group or single, cfg) for group, single in groups)
-
-    left, right = layout.split("->")
-    return side(left), side(right)
-
-
-def _axis_group_size(group: str, cfg: ModelConfig) -> int:
-    """The size of one axis group of a layout, e.g. "(k h)" -> n_key_value_heads * d_head;
-    a digit is an axis of that size (xIELU's [1] parameters: "1 -> 1")."""
-    return int(
-        np.prod(
-            [int(a) if a.isdigit() else getattr(cfg, AXES[a]) for a in group.strip("() ").split()]
-        )
-    )
-
-
-def _family(cfg: ModelConfig) -> Family:
-    return next(f for f in families() if f.name == cfg.family)
-
-
-def expected_tasks(
-    cfg: ModelConfig, variant: str | None = None
-) -> tuple[list[TensorTask], list[str]]:
-    """Every target tensor the family's map yields for `cfg` (its default rows, or those of
-    `variant` where it has them), and the droppable sources."""
-    flags = {
-        "qkv_bias": cfg.qkv_bias,
-        "o_bias": cfg.o_bias,
-        "mlp_bias": cfg.mlp_bias,
-        "norm_bias": cfg.norm_bias,
-        "qk_norm": cfg.qk_norm is not None,
-        "xielu": cfg.act_fn == "xielu",
-        "tied": cfg.tie_word_embeddings,
-        "untied": not cfg.tie_word_embeddings,
-    }
-    tasks, droppable = [], []
-    for row in _family(cfg).rows_for(variant):
-        if not all(flags.get(w, True) for w in row.when):
-            continue
-        for layer, expert in _instances(row, cfg):
-            source = row.source.replace("{l}", str(layer)).replace("{e}", str(expert))
-            if row.drop:
-                droppable.append(source)
-                continue
-            target = row.target.replace("{l}", str(layer)).replace("{e}", str(expert))
-            src_shape, dst_shape = layout_shapes(row.layout, cfg)
-            rows = None
-            if row.fused:  # a slice of the source's first axis, e.g. k of qkv_proj
-                sizes = [_axis_group_size(group, cfg) for group in row.fused]
-                start = sum(sizes[: row.part])
-                rows = (start, start + sizes[row.part])
-                src_shape = (sum(sizes), *src_shape[1:])
-            if row.expert_axis:  # [n_experts, ...]: expert {e}'s slice
-                src_shape = (cfg.n_experts, *src_shape)
-            task = TensorTask(target, source, row.layout, src_shape, dst_shape, rows)
-            tasks.append(replace(task, expert=expert) if row.expert_axis else task)
-    return tasks, droppable
-
-
-def _instances(row: TensorRow, cfg: ModelConfig) -> Iterator[tuple[int | None, int | None]]:
-    """(layer, expert) for each tensor a row names: every layer (those whose MLP is of the
-    row's kind, for `when` dense / ungated / moe), and every expert of the layer for `{e}`
-    rows."""
-    kinds = [w for w in row.when if w in MLP_KINDS]
-    for layer in range(cfg.n_layers) if row.per_layer else [None]:
-        if kinds and mlp_kind(cfg, layer) not in kinds:
-            continue
-        for expert in range(cfg.n_experts) if row.per_expert or row.expert_axis else [None]:
-            yield layer, expert
-
-
-def mlp_kind(cfg: ModelConfig, layer: int) -> str:
-    """The kind of a layer's MLP: "moe", "dense" (gated) or "ungated"."""
-    if cfg.is_moe_layer(layer):
-        return "moe"
-    return "dense" if cfg.gated_mlp else "ungated"
-
-
 def _variant(cfg: ModelConfig, source_shapes: Mapping[str, Any]) -> str | None:
     """The family's layout variant whose own sources the checkpoint holds (e.g. experts
     stacked in `experts.gate_up_proj`, transformers' in-memory layout), else None."""
-    for variant in _family(cfg).variants:
+    for variant in family_of(cfg).variants:
         tasks, _ = expected_tasks(cfg, variant)
         default = {t.source for t in expected_tasks(cfg)[0]}
         if any(t.source in source_shapes for t in tasks if t.source not in default):
@@ -231,11 +122,6 @@ def plan_source(source: Source) -> ConversionPlan:
     return ConversionPlan(
         source.path, hf_config, cfg, tuple(tasks), tuple(dropped), sources, source
     )
-
-
-def axis_sizes(layout: str, cfg: ModelConfig) -> dict[str, int]:
-    """The sizes einops needs to split grouped axes, for the letters `layout` uses."""
-    return {a: getattr(cfg, field) for a, field in AXES.items() if re.search(rf"\b{a}\b", layout)}
 
 
 def apply_layout(task: TensorTask, tensor: Any, cfg: ModelConfig) -> Any:

@@ -36,7 +36,7 @@ from gqa_convert.export import (
     check_export_tensors,
     write_json,
 )
-from gqa_convert.mapping import TensorTask, axis_sizes, expected_tasks
+from gqa_convert.weight_map import TensorTask, axis_sizes, expected_tasks
 
 log = logging.getLogger(__name__)
 

@@ -62,9 +62,7 @@ class StoredTensor:
         return list(self.info.shape)
 
     def __getitem__(self, key: Any) -> torch.Tensor:
-        from gqa_convert.export import to_torch
-
-        return to_torch(checkpoint.read_array(self.info), self.info.dtype)[key]
+        return checkpoint.to_torch(checkpoint.read_array(self.info), self.info.dtype)[key]
 
 
 def stored_inputs(source: Source) -> dict[str, StoredTensor]:

@@ -493,7 +493,7 @@ def _hf_names(cfg: Any, architecture: str, model_type: str) -> dict[str, str]:
     HF name the family's weight map reads (as transformers maps its model's names)."""
     import gguf
 
-    from gqa_convert.mapping import expected_tasks
+    from gqa_convert.weight_map import expected_tasks
 
     arch_name = GGUF_MODEL_TYPE.get(model_type, model_type)
     arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name), None)
@@ -516,9 +516,9 @@ def _hf_names(cfg: Any, architecture: str, model_type: str) -> dict[str, str]:
 
 
 def _variants(cfg: Any) -> list[str]:
-    from gqa_convert.mapping import _family
+    from gqa_convert.weight_map import family_of
 
-    return list(_family(cfg).variants)
+    return list(family_of(cfg).variants)
 
 
 def _transform(name: str, undo: Undo, config: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:

@@ -160,7 +160,7 @@ class Ours(PartHolder):
             module.load_state_dict(state, assign=True, strict=True)
 
     def _tensor(self, part: Part, name: str) -> Tensor:
-        from gqa_convert.export import to_torch
+        from gqa_convert.checkpoint import to_torch
         from gqa_convert.mapping import apply_layout
 
         if self.files:
@@ -183,7 +183,7 @@ class Ours(PartHolder):
     def _dequantised(self, name: str) -> Tensor:
         """The source tensor `name` as our reader dequantises it (the last one is kept: a
         stacked source serves its experts in turn)."""
-        from gqa_convert.export import to_torch
+        from gqa_convert.checkpoint import to_torch
 
         if self._last is None or self._last[0] != name:
             self._last = None
