@@ -418,6 +418,7 @@ def test_streamed_and_whole_model_reports_agree(tmp_path, case):
     assert_streamed_equals_whole(tmp_path, *source(tmp_path, case))
 
 
+@pytest.mark.exactness  # bf16: rerun under every CPU capability (scripts/cpu_matrix.sh)
 @pytest.mark.parametrize("case", STREAMED)
 def test_bfloat16_source_passes_the_gate(tmp_path, case):
     """A bf16 source verified in bf16 passes at the bf16 tolerances (README); each case's

@@ -113,7 +113,9 @@ def clear_prompts(hf, lengths: list[int], **kw):
 
 # Rerun under every CPU capability (scripts/cpu_matrix.sh): a case of each mechanism the
 # greedy comparison could trip on (rotary variants, windows, q/k and sandwich norms, soft-caps,
-# routing, biases); the margin argument is the same for all.
+# routing, biases; of 2026: interleaved rotary, parallel blocks with LayerNorm and logit
+# scale, attention sinks, xIELU, biased LayerNorm with gelu); the margin argument is the
+# same for all.
 MATRIX_CASES = {
     "qwen3",
     "phi3-longrope-long",
@@ -125,6 +127,11 @@ MATRIX_CASES = {
     "olmoe",
     "mistral-mqa-window-5",
     "qwen2-biases",
+    "glm4",
+    "cohere2-layer-types-biases",
+    "granite_swa-sinks",
+    "apertus-xielu-llama3",
+    "starcoder2-window",
 }
 
 

@@ -33,6 +33,8 @@ from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
 CASES = {"qwen2-biases": ("qwen2", {}), "llama-attention_bias": ("llama", {"attention_bias": True})}
 HALF = [torch.bfloat16, torch.float16]
 SLACK = 0.01  # share of elements (module docstring)
+# Half precision: rerun under every CPU capability and thread count (scripts/cpu_matrix.sh).
+pytestmark = pytest.mark.exactness
 LAYER = 1  # a layer whose input went through a whole layer in half precision
 
 

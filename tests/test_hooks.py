@@ -495,7 +495,9 @@ def test_real_model_text_hooks_and_cache_as_tls(tmp_path, request, name):
 
     from gqa_convert.interop import to_hooked_transformer
 
-    out = convert(request.getfixturevalue(name), tmp_path / "out")
+    # Without the gate: tests/test_real_model.py runs it on both models; here it cost 80 s
+    # of Gemma's 95 (convert 84 s with it, 5 s without) and checks nothing about hooks.
+    out = convert(request.getfixturevalue(name), tmp_path / "out", verify=False)
     ours = GQATransformer.from_pretrained(out)
     tl = to_hooked_transformer(out, tokenizer=AutoTokenizer.from_pretrained(out))
     text = "The quick brown fox jumps over the lazy dog. Grouped-query attention"
