@@ -358,6 +358,7 @@ def test_allow_nonfinite_converts_and_keeps_the_nan(bases, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded", "bf16"])
+@pytest.mark.slow
 def test_pytorch_model_bin_converts_like_safetensors(bases, tmp_path, layout):
     src = tmp_path / "src"
     src.mkdir()
@@ -392,6 +393,7 @@ def test_pytorch_model_bin_converts_like_safetensors(bases, tmp_path, layout):
 # --- security -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_token_never_reaches_output_or_files(bases, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(bases["sharded"], src)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -35,6 +36,7 @@ def test_convert_writes_a_loadable_sharded_export(tmp_path):
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
+@pytest.mark.slow
 def test_convert_refuses_an_existing_out_and_keeps_it(tmp_path):
     src = make_hf_checkpoint(tmp_path / "src", "llama")
     out = tmp_path / "out"
@@ -83,6 +85,7 @@ def test_inspect_json_and_to_hf_through_the_cli(tmp_path):
     assert all(torch.equal(original[k], returned[k]) for k in original)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_checkpoint_folders(tmp_path):
     src = make_hf_checkpoint(tmp_path / "src", "llama")
     notes = tmp_path / "notes"

@@ -111,7 +111,8 @@ def clear_prompts(hf, lengths: list[int], **kw):
     raise AssertionError(f"no prompt without a near-tie in 10 seeds: {last}")
 
 
-# Rerun under every CPU capability (scripts/cpu_matrix.sh): a case of each mechanism the
+# Rerun under every CPU capability (scripts/cpu_matrix.sh), and the quick loop's share of the
+# cases (the others are `slow`: 0.3-3.4 s each, 91 s in all): a case of each mechanism the
 # greedy comparison could trip on (rotary variants, windows, q/k and sandwich norms, soft-caps,
 # routing, biases; of 2026: interleaved rotary, parallel blocks with LayerNorm and logit
 # scale, attention sinks, xIELU, biased LayerNorm with gelu); the margin argument is the
@@ -137,7 +138,10 @@ MATRIX_CASES = {
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=[pytest.mark.exactness] * (c in MATRIX_CASES)) for c in GENERATE_CASES],
+    [
+        pytest.param(c, marks=pytest.mark.exactness if c in MATRIX_CASES else pytest.mark.slow)
+        for c in GENERATE_CASES
+    ],
 )
 def test_greedy_equals_hf_generate(tmp_path, case):
     """fp32, 64 new tokens, three left-padded prompts of different lengths: token for token.
@@ -156,6 +160,7 @@ def test_greedy_equals_hf_generate(tmp_path, case):
 
 
 @pytest.mark.exactness
+@pytest.mark.slow
 def test_unpadded_prompt_equals_hf_and_the_padded_row(tmp_path):
     """No mask (HF drops an all-ones one): the same tokens as that row inside a padded batch."""
     src = make_hf_checkpoint(tmp_path / "src", "mistral", sliding_window=5)
@@ -279,6 +284,7 @@ def test_layer_cache_grows_in_blocks_and_keeps_what_it_held():
 
 @pytest.mark.exactness
 @pytest.mark.parametrize("case", ["llama-gqa4", "qwen3-sliding-upper-layers"])
+@pytest.mark.slow
 def test_greedy_equals_hf_generate_while_the_cache_grows(tmp_path, monkeypatch, case):
     """Buffers of 4 tokens, doubled 5 times during the prompt and the 64 new tokens: the
     same tokens as HF's generate (left-padded prompts)."""
@@ -296,6 +302,7 @@ def test_greedy_equals_hf_generate_while_the_cache_grows(tmp_path, monkeypatch, 
 
 
 @pytest.mark.exactness
+@pytest.mark.slow
 def test_sampling_equals_hf_with_the_same_seed(tmp_path):
     """One multinomial draw per step after temperature, top-k and top-p, as HF's.
 
@@ -510,6 +517,7 @@ def test_tokenizer_round_trip_from_the_export(export_with_tokenizer):
     assert model.generation_defaults.eos_token_ids == (50, 51)
 
 
+@pytest.mark.slow
 def test_generate_from_text_stops_at_the_exports_eos(export_with_tokenizer):
     src, out = export_with_tokenizer
     model = GQATransformer.from_pretrained(out)
@@ -519,6 +527,7 @@ def test_generate_from_text_stops_at_the_exports_eos(export_with_tokenizer):
     assert torch.equal(model.generate(["The cat", "A"], max_new_tokens=40), theirs)
 
 
+@pytest.mark.slow
 def test_no_tokenizer_is_one_clear_line(tmp_path):
     out = convert(make_hf_checkpoint(tmp_path / "src", "llama"), tmp_path / "out")
     model = GQATransformer.from_pretrained(out)
@@ -529,6 +538,7 @@ def test_no_tokenizer_is_one_clear_line(tmp_path):
     assert run.code == 3 and "no tokenizer in the export" in run.message, run.stderr
 
 
+@pytest.mark.slow
 def test_cli_generate_json_equals_the_library(export_with_tokenizer):
     _, out = export_with_tokenizer
     run = run_cli("generate", out, "The cat", "--max-new-tokens", "12", "--json")
@@ -572,6 +582,7 @@ def test_on_token_streams_each_step(tiny):
     assert torch.equal(torch.stack(steps, dim=1), out[:, 5:])
 
 
+@pytest.mark.slow
 def test_cli_generate_streams_the_text(export_with_tokenizer):
     _, out = export_with_tokenizer
     run = run_cli("generate", out, "The cat", "--max-new-tokens", "8")
@@ -590,6 +601,7 @@ def test_cli_generate_streams_the_text(export_with_tokenizer):
         (["--temperature", "0", "--top-k", "5"], "greedy"),
     ],
 )
+@pytest.mark.slow
 def test_cli_generate_usage_errors_exit_2(export_with_tokenizer, args, message):
     _, out = export_with_tokenizer
     run = run_cli("generate", out, "hi", *args)
@@ -606,6 +618,7 @@ def test_cli_generate_usage_errors_exit_2(export_with_tokenizer, args, message):
         (["--temperature", "-inf"], "--temperature must be a finite number"),
     ],
 )
+@pytest.mark.slow
 def test_cli_generate_device_and_temperature_mistakes_exit_2_before_printing(
     export_with_tokenizer, args, message
 ):
@@ -617,6 +630,7 @@ def test_cli_generate_device_and_temperature_mistakes_exit_2_before_printing(
     assert run.stdout == "" and run.stderr.strip() == f"error: {run.message}", run.stderr
 
 
+@pytest.mark.slow
 def test_cli_generate_huge_max_new_tokens_stops_at_eos(export_with_tokenizer, tmp_path):
     """--max-new-tokens 10**9 allocated the whole KV cache up front (exit 1 on a memory
     error); now it returns at the export's stop token as any other run does."""
@@ -635,6 +649,7 @@ def test_cli_generate_huge_max_new_tokens_stops_at_eos(export_with_tokenizer, tm
     assert result["new_tokens"] == free[: step + 1] and result["stop_reason"] == "eos"
 
 
+@pytest.mark.slow
 def test_cli_generate_out_of_memory_exits_3(export_with_tokenizer):
     """A KV cache that cannot grow (here: a first block of 2**40 tokens, 140 TB, a real
     failed allocation, under --max-new-tokens 10**15) is "not enough memory", exit 3 in one
@@ -659,6 +674,7 @@ def test_cli_generate_out_of_memory_exits_3(export_with_tokenizer):
     assert len(lines) == 1 and lines[0].startswith("error: not enough memory"), done.stderr
 
 
+@pytest.mark.slow
 def test_cli_generate_missing_export_exits_3(tmp_path):
     run = run_cli("generate", tmp_path / "nothing", "hi")
     assert run.code == 3 and "config.json" in run.message, run.stderr

@@ -26,6 +26,9 @@ from gqa_convert.hub import check_export, push_export, resolve_source
 from tests.hf_models import make_hf_checkpoint, make_hf_model
 from tests.hub_server import HUB_TOKEN, OTHER_TOKEN
 
+# A Hub server and mostly CLI subprocesses: 1-16 s a test (69 s for the module), so `slow`.
+pytestmark = pytest.mark.slow
+
 WRONG_TOKEN = "hf_FAKEwrongtoken_000000000000000"
 
 

@@ -170,6 +170,7 @@ def test_fp8_multi_block_partial_dequantiser_is_bit_exact():
     assert np.array_equal(bits(ours), bits(Q.reference_fp8(codes, scale, (128, 128))))
 
 
+@pytest.mark.slow
 def test_fp8_blocks_transformers_cannot_check_are_refused(tmp_path):
     """A [40, 40] block spans 96 rows as 40 + 40 + 16: transformers' CPU dequantisation would
     use blocks of 32 (96 / 3), so the gate could not check ours: exit 4, nothing written."""
@@ -183,6 +184,7 @@ def test_fp8_blocks_transformers_cannot_check_are_refused(tmp_path):
     assert "fp8 block [40, 40]" in info["refused"]
 
 
+@pytest.mark.slow
 def test_fbgemm_fp8_is_read_and_refused_by_name(tmp_path):
     """transformers has no CPU dequantisation of fbgemm_fp8: refused (exit 4), described by
     inspect; our reader still dequantises it (one scale per row) bit-exactly."""
@@ -637,6 +639,7 @@ def test_gguf_header_is_gguf_readers(tmp_path, case):
     assert metadata["tokenizer.ggml.tokens"] == len(reader.fields["tokenizer.ggml.tokens"].data)
 
 
+@pytest.mark.slow
 def test_gguf_file_picked_in_a_folder(tmp_path):
     """A folder of one .gguf is that file; of several, --gguf-file picks one."""
     folder = tmp_path / "repo"
@@ -651,6 +654,7 @@ def test_gguf_file_picked_in_a_folder(tmp_path):
     assert manifest["source"]["files"].keys() == {"other.gguf"}
 
 
+@pytest.mark.slow
 def test_mixtral_gguf_is_refused(tmp_path):
     """llama.cpp writes Mixtral as a llama with experts, which transformers' GGUF loader
     reads as a dense Llama (dropping the experts): no reference, refused."""
@@ -804,10 +808,9 @@ def assert_real_gguf_converts(gguf: Path, hf_dir: Path, out: Path) -> dict:
     real text (tokenised by the model's HF folder) against transformers' model of the same
     file, at 1e-4; returns the manifest. That model is `hf_dir`: the builders in scripts/
     save transformers' own fp32 dequantisation of this file (identified in the folder's
-    build marker), which reloads bit for bit (every tensor compared: equal); dequantising
-    the file a second time here took 87 s on Gemma-3-270M (0.3 s from the folder) and
-    checked nothing more: the gate above already ran transformers' GGUF loader as its
-    reference."""
+    build marker), which reloads bit for bit (every tensor compared: equal); loading the
+    file through transformers' GGUF loader a second time here would check nothing more (the
+    gate above ran it as its reference), and takes a minute or more on Gemma-3-270M."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.test_real_model import TEXT

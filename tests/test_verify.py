@@ -379,6 +379,7 @@ def test_cli_convert_no_verify_skips_and_records_it(tmp_path, theta_bug):
     assert verification == {"status": "skipped", "report": None}
 
 
+@pytest.mark.slow
 def test_cli_verify_subprocess_exit_code_and_json(tmp_path, llama):
     out = M.mutate_export(convert(llama, tmp_path / "out"), M.w_o_transposed())
     result = subprocess.run(
@@ -429,6 +430,7 @@ def test_smollm2_bf16_compute_passes(smollm2_dir):
     assert report.passed, report.summary()
 
 
+@pytest.mark.slow
 def test_a_tokenizer_transformers_cannot_read_is_bad_input(tmp_path):
     from tests.cli_subprocess import run_cli
 
@@ -534,6 +536,7 @@ def edit_export_config(folder, **changes):
     path.write_text(json.dumps(config))
 
 
+@pytest.mark.slow
 def test_an_export_with_one_layer_more_than_src_is_bad_input(tmp_path, llama):
     from tests.cli_subprocess import run_cli as run_process
 
@@ -571,6 +574,7 @@ def test_an_export_with_one_layer_more_than_src_is_bad_input(tmp_path, llama):
         "rope_layers-length",
     ],
 )
+@pytest.mark.slow
 def test_an_export_disagreeing_with_its_config_is_bad_input(tmp_path, llama, edit, names):
     from gqa_convert.errors import BadInputError
     from gqa_convert.to_hf import export_to_hf

@@ -176,6 +176,7 @@ def test_inspect_reports_both_estimates(llama):
     assert 0 < estimates["verify_streamed"] < estimates["verify"]
 
 
+@pytest.mark.slow
 def test_a_budget_smaller_than_one_layer_is_refused_before_loading(llama):
     run = run_cli("verify", llama, "--max-memory", "1MB")
     assert run.code == 3, run.stderr
@@ -185,6 +186,7 @@ def test_a_budget_smaller_than_one_layer_is_refused_before_loading(llama):
 
 
 @pytest.mark.parametrize(("size", "message"), [("1.5", "give a unit"), ("lots", "cannot read")])
+@pytest.mark.slow
 def test_a_budget_without_a_unit_is_a_usage_error(llama, size, message):
     """`--max-memory 1.5` was 1.5 bytes ("a budget of 0.0 MB"): a number needs its unit."""
     run = run_cli("verify", llama, "--max-memory", size)
@@ -192,6 +194,7 @@ def test_a_budget_without_a_unit_is_a_usage_error(llama, size, message):
     assert run.stderr.strip() == f"error: {run.message}"
 
 
+@pytest.mark.slow
 def test_convert_takes_the_same_memory_options(tmp_path, llama):
     run = run_cli("convert", llama, tmp_path / "out", "--max-memory", "1MB")
     assert run.code == 3 and "needs about" in run.message
