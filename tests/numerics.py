@@ -37,9 +37,16 @@ CLEAR_MARGIN = 2 * FP32_ATOL
 ROUTING_MARGIN = 1e-5
 # assert_rounds_like: how close, relative to HF-half vs fp32, ours must be to HF-half.
 ROUNDING_RATIO = 0.3
+# The same on the reference path (our explicit attention, TL's einsum form, against HF's
+# eager matmuls): other ops on other layouts, so other kernels; measured up to 0.31 there
+# with HF's casts (OLMo2 under ATEN_CPU_CAPABILITY default and avx2; 0 under avx512, where
+# the kernels agree, so not a cast), while the SDPA path measures 0 on every capability.
+REFERENCE_RATIO = 0.5
 
 
-def assert_rounds_like(ours: Tensor, theirs: Tensor, fp32: Tensor, what: str = "") -> None:
+def assert_rounds_like(
+    ours: Tensor, theirs: Tensor, fp32: Tensor, what: str = "", ratio: float = ROUNDING_RATIO
+) -> None:
     """`ours` and `theirs` are the same model's logits in bf16 / fp16 from two code paths,
     `fp32` the fp32 logits of the same weights (HF's).
 
@@ -65,8 +72,8 @@ def assert_rounds_like(ours: Tensor, theirs: Tensor, fp32: Tensor, what: str = "
     distance = (ours - theirs).abs().mean().item()
     hf_error = (theirs - fp32).abs().mean().item()
     assert hf_error > 0, f"{what}: HF's half-precision logits equal fp32's: nothing to compare"
-    assert distance <= ROUNDING_RATIO * hf_error, (
-        f"{what}: mean |ours - HF| {distance:.3g} > {ROUNDING_RATIO} x mean |HF - fp32| "
+    assert distance <= ratio * hf_error, (
+        f"{what}: mean |ours - HF| {distance:.3g} > {ratio} x mean |HF - fp32| "
         f"{hf_error:.3g}: our half-precision casts are not HF's"
     )
 
@@ -148,17 +155,18 @@ def assert_follows_hf_rounding(
     src: Path, n_pos: int, planted: M.Mutation, dtype: torch.dtype = torch.bfloat16
 ) -> VerifyReport:
     """The gate passes in `dtype`; on both attention paths our logits round as HF's
-    (`assert_rounds_like`); and the criterion sees `planted`, a cast put in another place.
-    Returns the gate's report."""
+    (`assert_rounds_like`, at REFERENCE_RATIO on the reference path); and the criterion sees
+    `planted`, a cast put in another place, on the SDPA path (where HF's casts measure 0 on
+    every capability: the widest gap between right and wrong). Returns the gate's report."""
     import pytest
 
     name = str(dtype).removeprefix("torch.")
     report = verify(src, dtype=name, seq_len=n_pos)
     assert report.passed, report.failures
     tokens = random_tokens(n_pos, batch=1)
-    for path in ("reference", "sdpa"):
-        assert_rounds_like(*half_logits(src, tokens, dtype, path), what=f"{name} {path}")
+    for path, ratio in (("reference", REFERENCE_RATIO), ("sdpa", ROUNDING_RATIO)):
+        assert_rounds_like(*half_logits(src, tokens, dtype, path), f"{name} {path}", ratio)
     bug = M.mutated_model(src, planted)
     with pytest.raises(AssertionError, match="casts are not HF's"):
-        assert_rounds_like(*half_logits(src, tokens, dtype, "reference", bug), what="planted")
+        assert_rounds_like(*half_logits(src, tokens, dtype, "sdpa", bug), what="planted")
     return report
