@@ -7,8 +7,8 @@ torch picks for the CPU (default / AVX2 / AVX-512, oneDNN's ISA, the thread coun
 products in another order, and the last bits differ. The helpers here state what is true
 everywhere instead, each with its argument:
 
-- `assert_rounds_like`: half-precision logits that follow HF's casts are much closer to HF's
-  than HF's are to the fp32 result;
+- `rounding_ratio` / `assert_follows_hf_rounding`: half-precision logits that follow HF's
+  casts are much closer to HF's than HF's are to the fp32 result;
 - `assert_same_argmax` / `assert_clear_margins`: argmax and greedy tokens are equal where
   the reference's top two logits are further apart than the fp32 tolerance allows us to be
   off; `routing_gap`: expert choices likewise, where the k-th and (k+1)-th router
@@ -35,20 +35,24 @@ CLEAR_MARGIN = 2 * FP32_ATOL
 # A top-k boundary between router probabilities closer than this could fall the other way
 # between two fp32 computations of the router's input (which differ by ~1e-6 relative).
 ROUTING_MARGIN = 1e-5
-# assert_rounds_like: how close, relative to HF-half vs fp32, ours must be to HF-half.
+# rounding_ratio: how close, relative to HF-half vs fp32, ours must be to HF-half.
 ROUNDING_RATIO = 0.3
-# The same on the reference path (our explicit attention, TL's einsum form, against HF's
-# eager matmuls): other ops on other layouts, so other kernels; measured up to 0.31 there
-# with HF's casts (OLMo2 under ATEN_CPU_CAPABILITY default and avx2; 0 under avx512, where
-# the kernels agree, so not a cast), while the SDPA path measures 0 on every capability.
-REFERENCE_RATIO = 0.5
+# An attention path's ratio may be larger where its attention kernels, not the casts, differ
+# from HF's: our TL-form reference attention against HF's eager matmuls under
+# ATEN_CPU_CAPABILITY default / avx2 (OLMo2: 0.31; 0 under avx512), our SDPA call against
+# HF's under torch 2.6's CPU SDPA (Gemma 3: 0.69; 0 under torch 2.13). In every case measured
+# the other path was at 0. A cast is outside attention and moves both paths alike, so
+# `assert_follows_hf_rounding` asks the best path for ROUNDING_RATIO, each path for
+# KERNEL_RATIO (no worse than HF's own half-precision error), and a planted cast must exceed
+# ROUNDING_RATIO on both.
+KERNEL_RATIO = 1.0
+PATHS = ("reference", "sdpa")
 
 
-def assert_rounds_like(
-    ours: Tensor, theirs: Tensor, fp32: Tensor, what: str = "", ratio: float = ROUNDING_RATIO
-) -> None:
-    """`ours` and `theirs` are the same model's logits in bf16 / fp16 from two code paths,
-    `fp32` the fp32 logits of the same weights (HF's).
+def rounding_ratio(ours: Tensor, theirs: Tensor, fp32: Tensor) -> float:
+    """mean |ours - HF's half| / mean |HF's half - fp32|, where `ours` and `theirs` are the
+    same model's logits in bf16 / fp16 from two code paths, `fp32` the fp32 logits of the
+    same weights (HF's).
 
     Argument: where our casts are HF's (every tensor rounded to the half dtype at the same
     places), the two half-precision runs differ only where a matmul sums its fp32 products
@@ -60,24 +64,27 @@ def assert_rounds_like(
     from HF's half logits is a small fraction of HF's own mean error against fp32
     (measured, `half_logits` on both paths of every half-precision test case, under
     ATEN_CPU_CAPABILITY default / avx2 / avx512 with oneDNN limited to the same ISA: 0 to
-    0.15; on the reference path, whose attention ops differ from HF's eager ones, up to
-    0.31, see REFERENCE_RATIO), and with one cast misplaced it is about as large (the rotary
-    or norm weight cast in the wrong dtype, the embedding scale or the expert weights not
-    rounded as HF's: 0.39 to 1.2, measured alike). ROUNDING_RATIO = 0.3 sits between: twice
-    the largest distance measured with HF's casts on the same ops, below the smallest with
-    one misplaced; the planted bugs are checked on the SDPA path. Means, not maxima: one
-    flipped rounding may move a single logit by a few ulp on some CPU.
+    0.15 on at least one attention path; a path whose attention kernels differ from HF's
+    measured up to 0.69, see KERNEL_RATIO), and with one cast misplaced it is about as
+    large (the rotary or norm weight cast in the wrong dtype, the embedding scale or the
+    expert weights not rounded as HF's: 0.39 to 1.2, measured alike). ROUNDING_RATIO = 0.3
+    sits between: twice the largest distance measured with HF's casts on the same ops,
+    below the smallest with one misplaced; a planted bug must exceed it on both paths.
+    Means, not maxima: one flipped rounding may move a single logit by a few ulp on some
+    CPU.
     """
-    assert ours.shape == theirs.shape == fp32.shape, (ours.shape, theirs.shape, fp32.shape)
     ours, theirs, fp32 = ours.float(), theirs.float(), fp32.float()
-    assert torch.isfinite(ours).all() and torch.isfinite(theirs).all(), what
-    distance = (ours - theirs).abs().mean().item()
+    assert torch.isfinite(ours).all() and torch.isfinite(theirs).all()
     hf_error = (theirs - fp32).abs().mean().item()
-    assert hf_error > 0, f"{what}: HF's half-precision logits equal fp32's: nothing to compare"
-    assert distance <= ratio * hf_error, (
-        f"{what}: mean |ours - HF| {distance:.3g} > {ratio} x mean |HF - fp32| "
-        f"{hf_error:.3g}: our half-precision casts are not HF's"
-    )
+    assert hf_error > 0, "HF's half-precision logits equal fp32's: nothing to compare"
+    return (ours - theirs).abs().mean().item() / hf_error
+
+
+def rounding_ratios(
+    src: Path, tokens: Tensor, dtype: torch.dtype, model: GQATransformer | None = None
+) -> dict[str, float]:
+    """`rounding_ratio` on each attention path (`half_logits`)."""
+    return {path: rounding_ratio(*half_logits(src, tokens, dtype, path, model)) for path in PATHS}
 
 
 def top2_margin(logits: Tensor) -> Tensor:
@@ -134,7 +141,7 @@ def half_logits(
     path: str,
     model: GQATransformer | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(ours, HF's) logits in `dtype` and HF's in fp32, for `assert_rounds_like`. `path`
+    """(ours, HF's) logits in `dtype` and HF's in fp32, for `rounding_ratio`. `path`
     "reference": our explicit attention against HF's eager one; "sdpa": our fast path
     against HF's default attention (SDPA, or eager where the config soft-caps the
     scores). Comparing our SDPA with HF's eager would measure the attention kernels, not
@@ -156,19 +163,26 @@ def half_logits(
 def assert_follows_hf_rounding(
     src: Path, n_pos: int, planted: M.Mutation, dtype: torch.dtype = torch.bfloat16
 ) -> VerifyReport:
-    """The gate passes in `dtype`; on both attention paths our logits round as HF's
-    (`assert_rounds_like`, at REFERENCE_RATIO on the reference path); and the criterion sees
-    `planted`, a cast put in another place, on the SDPA path (where HF's casts measure 0 on
-    every capability: the widest gap between right and wrong). Returns the gate's report."""
-    import pytest
-
+    """The gate passes in `dtype`; our logits round as HF's (`rounding_ratio` at most
+    ROUNDING_RATIO on the better attention path, KERNEL_RATIO on each: see KERNEL_RATIO);
+    and the criterion sees `planted`, a cast put in another place: above ROUNDING_RATIO on
+    both paths. Returns the gate's report."""
     name = str(dtype).removeprefix("torch.")
     report = verify(src, dtype=name, seq_len=n_pos)
     assert report.passed, report.failures
     tokens = random_tokens(n_pos, batch=1)
-    for path, ratio in (("reference", REFERENCE_RATIO), ("sdpa", ROUNDING_RATIO)):
-        assert_rounds_like(*half_logits(src, tokens, dtype, path), f"{name} {path}", ratio)
-    bug = M.mutated_model(src, planted)
-    with pytest.raises(AssertionError, match="casts are not HF's"):
-        assert_rounds_like(*half_logits(src, tokens, dtype, "sdpa", bug), what="planted")
+    assert_casts_like_hf(rounding_ratios(src, tokens, dtype), name)
+    assert_misplaced_cast(rounding_ratios(src, tokens, dtype, M.mutated_model(src, planted)))
     return report
+
+
+def assert_casts_like_hf(ratios: dict[str, float], what: str = "") -> None:
+    assert min(ratios.values()) <= ROUNDING_RATIO, (
+        f"{what}: our half-precision casts are not HF's: {ratios}"
+    )
+    assert max(ratios.values()) <= KERNEL_RATIO, f"{what}: an attention path is off: {ratios}"
+
+
+def assert_misplaced_cast(ratios: dict[str, float]) -> None:
+    """A planted cast bug must be seen on both attention paths."""
+    assert min(ratios.values()) > ROUNDING_RATIO, f"the check misses a planted cast: {ratios}"
