@@ -9,9 +9,11 @@ source, the same source and `when`).
 A fused source (Phi-3's `qkv_proj`, `gate_up_proj`) is several rows with the same source,
 each naming the parts its first axis is made of (`fused = ["(n h)", "(k h)", "(k h)"]`) and
 the one it takes (`part = 1`). A stacked source ([n_experts, ...], `expert_axis = true`) gives
-each expert `{e}` its slice first. Rows of a `variant` (MoE's "fused_experts", transformers'
-in-memory layout) replace the default rows of the same target when the checkpoint holds
-their sources (mapping.plan_tasks).
+each expert `{e}` its slice first; `interleaved = true` parts alternate along the last axis
+(gpt-oss's gate / up columns), `last_axis = true` parts follow each other along it (Llama
+4's halves). Rows of a `variant` (MoE's "fused_experts", transformers' in-memory layout)
+replace the default rows of the same target when the checkpoint holds their sources
+(mapping.plan_tasks).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ SLIDING_WINDOW_RULES = (
     "pattern_first",
     "use_sliding_window",
 )
-# Conditions a row's `when` may name: config flags, or the kind of the layer's MLP.
+# Conditions a row's `when` may name: config flags, or the kind of the layer's MLP, or
+# of its attention (Gemma 4: local / global sizes; K/V of its own, V of its own, shared).
 MLP_KINDS = ("dense", "ungated", "moe")
+ATTN_KINDS = ("local", "global", "own_kv", "own_v", "shared_kv")
 WHEN = (
     "qkv_bias",
     "o_bias",
@@ -44,8 +48,41 @@ WHEN = (
     "xielu",
     "tied",
     "untied",
+    "shared_expert",
+    "per_layer_input",
     *MLP_KINDS,
+    *ATTN_KINDS,
 )
+
+
+# Models transformers runs whose layers are not all GQA attention, by config.json's
+# model_type (the text model's and the composite's) and architecture: refused with the
+# reason, not as an unknown architecture.
+GATED_DELTANET = (
+    "three layers in four are Gated DeltaNet (linear attention) layers, not GQA attention"
+)
+LATENT_ATTENTION = (
+    "its attention is multi-head latent attention (low-rank compressed K/V shared by every "
+    "head), not GQA"
+)
+NOT_GQA = {
+    "qwen3_5": ("Qwen 3.5", GATED_DELTANET),
+    "qwen3_5_text": ("Qwen 3.5", GATED_DELTANET),
+    "qwen3_5_moe": ("Qwen 3.5-MoE", GATED_DELTANET),
+    "qwen3_5_moe_text": ("Qwen 3.5-MoE", GATED_DELTANET),
+    "qwen3_next": ("Qwen3-Next", GATED_DELTANET),
+    "mistral4": ("Mistral 4", LATENT_ATTENTION),
+    "glm4_moe_lite": ("GLM-4.7-Flash (glm4_moe_lite)", LATENT_ATTENTION),
+}
+NOT_GQA_ARCHITECTURES = {
+    "Qwen3_5ForCausalLM": "qwen3_5",
+    "Qwen3_5ForConditionalGeneration": "qwen3_5",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
+    "Qwen3NextForCausalLM": "qwen3_next",
+    "Mistral4ForCausalLM": "mistral4",
+    "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +101,13 @@ class TensorRow:
     # The source's first axis is the expert (a stacked [n_experts, ...] tensor): the row
     # takes expert {e}, then `fused` / `part` act on the next axis.
     expert_axis: bool = False
+    # The `fused` parts alternate along the source's last axis instead of following each
+    # other on its first (gpt-oss's gate_up_proj [E, d_model, 2 * d_expert]: gate
+    # `[..., ::2]`, up `[..., 1::2]`).
+    interleaved: bool = False
+    # The `fused` parts follow each other along the source's last axis (Llama 4's
+    # gate_up_proj [E, d_model, 2 * d_expert]: gate `[..., :i]`, up `[..., i:]`).
+    last_axis: bool = False
     # A layout some checkpoints use instead of the default rows' (e.g. "fused_experts"):
     # its rows replace the default rows of the same target when the plan finds their sources.
     variant: str | None = None
@@ -124,6 +168,10 @@ class Family:
     eps_field: str = "rms_norm_eps"  # Cohere: layer_norm_eps, StarCoder2: norm_epsilon
     # Whether the config class reads `layer_types` (Mistral's and Llama's ignore it).
     reads_layer_types: bool = False
+    # Layers after the last that transformers ignores (GLM-4.5's multi-token prediction):
+    # the name prefix of a layer's tensors, `{l}` its index; sources under it at indices >=
+    # n_layers are dropped.
+    extra_layers: str | None = None
 
     def rows_for(self, variant: str | None = None) -> tuple[TensorRow, ...]:
         """The default rows, or those of `variant` in place of the defaults they replace."""
@@ -181,6 +229,7 @@ def _build(name: str) -> Family:
         reads_layer_types=table.get(
             "reads_layer_types", parent.reads_layer_types if parent else False
         ),
+        extra_layers=table.get("extra_layers"),
     )
 
 
@@ -214,6 +263,10 @@ def family_for(architectures: list[str] | None, model_type: str | None) -> Famil
         if arch is None and model_type in family.model_types:
             return family
     stated = f"architectures={architectures!r}" if architectures else f"model_type={model_type!r}"
+    refused = NOT_GQA.get(model_type) or NOT_GQA.get(NOT_GQA_ARCHITECTURES.get(arch))
+    if refused:
+        name, why = refused
+        raise UnsupportedModelError(f"config.json: {stated}: {name} is not supported: {why}")
     raise UnsupportedModelError(
         f"config.json: unsupported architecture ({stated}); "
         f"supported: {', '.join(supported_architectures())}"

@@ -43,8 +43,12 @@ projection); Granite (embedding/attention/residual multipliers, logits scaling);
 SmolLM3 (layers without rotary); Gemma (norms scaling by 1 + w, embeddings times
 sqrt(d_model), GeGLU); Gemma-2 (sandwich norms, attention and final logit soft-caps,
 query_pre_attn_scalar, alternating local/global layers); Gemma-3 text (Gemma-2 without
-soft-caps, q/k RMSNorm per head, a rotary per layer type); mixtures of experts: Mixtral,
-Qwen3-MoE, OLMoE (top-k router, per-expert gated MLPs, Qwen3-MoE's dense layers); the
+soft-caps, q/k RMSNorm per head, a rotary per layer type); Gemma4 text, dense (norms by
+plain w, global layers with their own head size, KV heads and proportional rope, k = v, K/V
+shared from earlier layers, per-layer input embeddings, layer_scalar); mixtures of experts:
+Mixtral, Qwen3-MoE, OLMoE (top-k router, per-expert gated MLPs, Qwen3-MoE's dense layers),
+gpt_oss (attention sinks, yarn, a biased router with top-k then softmax, stacked experts with
+interleaved gate / up and biases, clamped SwiGLU; MXFP4 experts dequantised); the
 dense families of 2026: Seed_OSS (q/k/v and o biases by their own switches), InternLM3
 (Llama with every projection biased), Helium (interleaved rotary), ERNIE4_5 (interleaved
 rotary in fp32, use_bias), OLMo3 (OLMo2 with 3:1 sliding layers, a rotary per layer
@@ -54,9 +58,19 @@ interleaved rotary on half of each head), StarCoder2 (LayerNorm with bias, ungat
 Apertus (ungated xIELU MLP with learned parameters, q/k norm), Cohere (parallel block,
 LayerNorm, interleaved rotary, logit scale), Cohere2 (Cohere with 3:1 windows, rotary on local
 layers only), Hunyuan_v1_dense (q/k norm after rotary, ntk_alpha rope), Granite_SWA (Granite
-with windows, per-layer theta and attention sinks).
+with windows, per-layer theta and attention sinks); Llama4 text (Llama4ForCausalLM: NoPE
+every 4th layer with attention temperature tuning, chunked attention and a weightless q/k
+norm on the rotary layers, interleaved rotary; MoE layers with a sigmoid top-k router
+scaling the expert input and a shared expert, interleaved with dense layers); the mixtures
+of experts of 2026: GLM4_MoE (GLM-4.5 / 4.6: sigmoid router with a correction bias for the
+choice, grouped top-k, routed scaling factor, a shared expert, dense first layers, q/k norm,
+partial rotary), ERNIE4_5_MoE (softmax router with a correction bias, shared experts, MoE
+layers by start / end / interval), Hunyuan_v1_MoE (a shared MLP beside the routed experts).
+Refused with the reason: Qwen 3.5 / 3.5-MoE and Qwen3-Next (Gated DeltaNet layers), Mistral 4 and
+glm4_moe_lite (multi-head latent attention): not GQA.
 
-Rope: default, linear, dynamic, yarn, longrope, llama3, in both config.json spellings.
+Rope: default, linear, dynamic, yarn, longrope, llama3, proportional (Gemma 4), in both
+config.json spellings.
 Anything else is refused, naming the field."""
 
 app = typer.Typer(
@@ -140,8 +154,8 @@ MaxMemoryOpt = Annotated[
     str | None,
     typer.Option(
         help="Memory budget of the check, with its unit: 6GB, 1.5GiB, 800MB (default: what "
-        "is available). Whole-model "
-        "when it fits, else layer-streamed; exit 3 if even streaming does not fit."
+        "is available). Whole-model when it fits, else layer-streamed, else sub-layer (one "
+        "layer's parts at a time); exit 3 if even that does not fit."
     ),
 ]
 StreamingOpt = Annotated[
@@ -149,6 +163,14 @@ StreamingOpt = Annotated[
     typer.Option(
         "--streaming/--no-streaming",
         help="Force layer-streamed / whole-model verification (default: by the budget).",
+    ),
+]
+SubLayerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--sub-layer",
+        help="Force sub-layer verification: each layer's attention one KV head at a time, "
+        "its MLP and the vocabulary in chunks (default: only when one layer does not fit).",
     ),
 ]
 DeviceOpt = Annotated[
@@ -168,6 +190,7 @@ def _verify_kwargs(
     max_memory: str | None = None,
     streaming: bool | None = None,
     device: str = "cpu",
+    sub_layer: bool = False,
 ) -> dict:
     """The keyword arguments of `verify.verify` that the options shared by `verify` and
     `convert` set (unset tolerances: the compute dtype's defaults)."""
@@ -180,12 +203,14 @@ def _verify_kwargs(
         "min_top1_agreement": min_top1,
         "activation_rtol": activation_rtol,
     }
+    if sub_layer and streaming is not None:
+        raise UsageError("--sub-layer: give it without --streaming / --no-streaming")
     return {
         "prompts": prompts or None,
         "seq_len": seq_len,
         "tolerances": tolerances,
         "max_memory": parse_size(max_memory, "--max-memory") if max_memory else None,
-        "streaming": streaming,
+        "streaming": "sub-layer" if sub_layer else streaming,
         "device": device,
     }
 
@@ -321,6 +346,7 @@ def convert(
     activation_rtol: ActRtolOpt = None,
     max_memory: MaxMemoryOpt = None,
     streaming: StreamingOpt = None,
+    sub_layer: SubLayerOpt = False,
     device: DeviceOpt = "cpu",
     revision: Annotated[
         str | None, typer.Option(help="Branch, tag or commit of a Hub SRC (default: main).")
@@ -382,6 +408,7 @@ def convert(
             max_memory,
             streaming,
             device,
+            sub_layer=sub_layer,
         )
     if verify_dtype is not None:
         options["dtype"] = verify_dtype
@@ -461,6 +488,7 @@ def verify_command(
     token: TokenOpt = None,
     max_memory: MaxMemoryOpt = None,
     streaming: StreamingOpt = None,
+    sub_layer: SubLayerOpt = False,
     device: DeviceOpt = "cpu",
     gguf_file: GgufFileOpt = None,
 ) -> None:
@@ -481,6 +509,7 @@ def verify_command(
         max_memory,
         streaming,
         device,
+        sub_layer=sub_layer,
     )
     with layer_progress("comparing with the HF model") as advance:
         report = verify(

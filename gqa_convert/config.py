@@ -16,7 +16,17 @@ from gqa_convert.architectures import Family, family_for
 from gqa_convert.errors import BadInputError, UnsupportedModelError
 
 FORMAT = "gqa-convert/1"
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "ntk_alpha")
+ROPE_TYPES = (
+    "default",
+    "linear",
+    "dynamic",
+    "yarn",
+    "longrope",
+    "llama3",
+    "ntk_alpha",
+    "proportional",
+)
+ROUTERS = ("softmax", "sigmoid")  # MoEConfig.router: how the router scores the experts
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu", "xielu")  # HF ACT2FN names
 # transformers' Qwen2Config default: with use_sliding_window and no max_window_layers,
 # layers from 28 on use the window (0: every layer does).
@@ -33,7 +43,9 @@ class RopeConfig:
     yarn. `attention_factor` multiplies cos and sin (yarn, longrope; 1 otherwise).
     `partial_rotary_factor`: rotary on the first `int(d_head * factor)` dims of each head.
     `alpha`: ntk_alpha (Hunyuan), the default frequencies at theta * alpha^(d / (d - 2)),
-    d = d_head.
+    d = d_head. proportional (Gemma 4): the whole head rotates, pairs (i, i + d_head / 2),
+    the first `partial_rotary_factor` of the frequencies those of theta over d_head (divided
+    by `factor`, default 1), the rest 0 (features that do not move).
     """
 
     theta: float = 10_000.0
@@ -64,7 +76,25 @@ class MoEConfig:
     divided by their sum when `norm_topk_prob`; `weights_in_fp32` (Mixtral): the expert
     outputs are scaled by the fp32 weights, else by the weights cast to the compute dtype.
     `layers`: True where the layer's MLP is the MoE, False where it is dense (Qwen3-MoE's
-    `mlp_only_layers` / `decoder_sparse_step`)."""
+    `mlp_only_layers` / `decoder_sparse_step`).
+
+    The DeepSeek-V3 style router (GLM-4.5), each option off by default:
+    `router`: "softmax" (over every expert) or "sigmoid" (each expert's own score);
+    `router_in_fp32`: the router's logits from the input and weight cast to fp32 (GLM-4.5);
+    `score_correction_bias`: a learned bias `e_score_correction_bias` [n_experts] added to
+    the scores to choose the experts, not to weigh them; `n_group` / `topk_group`: the experts
+    in `n_group` equal groups, each group scored by the sum of its 2 best scores, the
+    experts chosen only within the `topk_group` best groups; `routed_scaling_factor`: the
+    chosen weights times this (after `norm_topk_prob`); `d_shared_expert`: the width of a
+    gated SiLU expert every token runs through, added unweighted (None: none; 0: GLM-4.5's
+    n_shared_experts = 0, whose zero-width tensors HF still writes and whose output is 0);
+    `score_scales_input` (Llama 4): the weight multiplies the expert's input, not its output.
+
+    gpt-oss's options: `router_bias` (the router has a bias `b_gate`), `softmax_after_topk`
+    (top-k on the router logits, then a softmax over the k in their dtype), `expert_bias`
+    (each expert has b_gate, b_in, b_out), `clamped_swiglu` (gate <= limit, up in
+    [-limit, limit], out = (up + 1) * gate * sigmoid(alpha * gate); `swiglu_alpha`,
+    `swiglu_limit`)."""
 
     n_experts: int
     top_k: int
@@ -72,6 +102,21 @@ class MoEConfig:
     norm_topk_prob: bool = False
     weights_in_fp32: bool = False
     layers: tuple[bool, ...] = ()
+    router: str = "softmax"
+    router_in_fp32: bool = False
+    score_correction_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    d_shared_expert: int | None = None
+    # Llama 4: each chosen expert's weight multiplies its input, x * w, not its output
+    score_scales_input: bool = False
+    router_bias: bool = False
+    softmax_after_topk: bool = False
+    expert_bias: bool = False
+    clamped_swiglu: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(bool(x) for x in self.layers))
@@ -79,6 +124,23 @@ class MoEConfig:
             raise BadInputError(
                 f"config.json: num_experts_per_tok = {self.top_k} with {self.n_experts} experts"
             )
+        if self.router not in ROUTERS:
+            raise BadInputError(f"config.json: router {self.router!r} (one of {ROUTERS})")
+        if (
+            self.n_group < 1
+            or self.n_experts % self.n_group
+            or not 0 < self.topk_group <= self.n_group
+            or self.top_k > self.topk_group * (self.n_experts // self.n_group)
+            or (self.n_group > 1 and self.n_experts // self.n_group < 2)
+        ):
+            raise BadInputError(
+                f"config.json: n_group = {self.n_group}, topk_group = {self.topk_group} with "
+                f"{self.n_experts} experts, {self.top_k} per token: expected groups of at "
+                "least 2 experts dividing them, topk_group <= n_group, and top_k experts "
+                "within the topk_group groups"
+            )
+        if self.d_shared_expert is not None and self.d_shared_expert < 0:
+            raise BadInputError(f"config.json: shared expert width {self.d_shared_expert} < 0")
 
 
 @dataclass(frozen=True)
@@ -145,8 +207,54 @@ class ModelConfig:
     # 1 + beta * log(1 + floor(position / query_scale_length)).
     query_scale_beta: float | None = None
     query_scale_length: int | None = None
+    # Llama 4's attention temperature tuning: the same scale (beta = attn_scale, length =
+    # floor_scale) at floor((index + 1) / length), the index counting every token, padding
+    # included (Llama4TextAttention's arange + cache length), only on layers without rotary.
+    temperature_tuning: bool = False
+    # Llama 4: the q / k norm ("weightless": RMS over d_head, no weight) on rotary layers only.
+    qk_norm_on_nope_layers: bool = True
+    # Llama 4's chunked attention: on the layers flagged in `chunked_layers`, a query attends
+    # only the keys of its own `attention_chunk_size`-token chunk (positions // size equal).
+    attention_chunk_size: int | None = None
+    chunked_layers: tuple[bool, ...] = ()
+    # Gemma 4: global layers' head size and KV heads (None: d_head, n_key_value_heads);
+    # `k_eq_v_global`: global layers have no W_V, v is k's projection (before k's norm);
+    # `v_norm`: a weightless RMSNorm of v; `kv_shared_layers`: the last this many layers
+    # compute no K/V and attend those of the last earlier layer of their type (`kv_source`);
+    # `d_per_layer_input` (0: off) the width of the per-layer input embeddings (vocabulary
+    # `d_vocab_per_layer`) each block adds through a gated projection; `layer_scalar`: each
+    # block's output (the whole residual stream) times its `layer_scalar`;
+    # `d_mlp_shared_kv` the MLP width of the K/V-shared layers (None: d_mlp; E2B / E4B's
+    # use_double_wide_mlp: twice it).
+    d_head_global: int | None = None
+    n_key_value_heads_global: int | None = None
+    k_eq_v_global: bool = False
+    v_norm: bool = False
+    kv_shared_layers: int = 0
+    d_per_layer_input: int = 0
+    d_vocab_per_layer: int = 0
+    layer_scalar: bool = False
+    d_mlp_shared_kv: int | None = None
 
     def __post_init__(self) -> None:
+        for name, base in (
+            ("d_head_global", "d_head"),
+            ("n_key_value_heads_global", "n_key_value_heads"),
+            ("d_mlp_shared_kv", "d_mlp"),
+        ):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(self, base))
+        global_kv = self.n_key_value_heads_global  # Gemma 4's; else n_key_value_heads, checked
+        if global_kv != self.n_key_value_heads and self.n_heads % global_kv:  # as transformers
+            raise BadInputError(
+                f"config.json: num_attention_heads={self.n_heads} is not divisible by "
+                f"num_global_key_value_heads={self.n_key_value_heads_global}"
+            )
+        if not 0 <= self.kv_shared_layers < self.n_layers:
+            raise BadInputError(
+                f"config.json: num_kv_shared_layers = {self.kv_shared_layers}: expected 0 to "
+                f"{self.n_layers - 1} (the first layer computes its own K/V)"
+            )
         if self.n_heads % self.n_key_value_heads:
             raise BadInputError(
                 f"config.json: num_attention_heads={self.n_heads} is not divisible by "
@@ -179,13 +287,23 @@ class ModelConfig:
             raise BadInputError(
                 f"config.json: {len(self.moe.layers)} MoE layer flags, n_layers = {self.n_layers}"
             )
-        if self.qk_norm not in (None, "head", "heads", "proj") or self.norm_placement not in (
+        object.__setattr__(self, "chunked_layers", tuple(bool(c) for c in self.chunked_layers))
+        if self.chunked_layers and (
+            len(self.chunked_layers) != self.n_layers or not self.attention_chunk_size
+        ):
+            raise BadInputError(
+                f"config.json: {len(self.chunked_layers)} chunked-attention flags for "
+                f"{self.n_layers} layers, attention_chunk_size = {self.attention_chunk_size!r}"
+            )
+        qk_norms = (None, "head", "heads", "proj", "weightless")
+        if self.qk_norm not in qk_norms or self.norm_placement not in (
             "pre",
             "post",
             "sandwich",
         ):
             raise BadInputError(
-                f"config.json: qk_norm={self.qk_norm!r} (None, 'head', 'heads' or 'proj'), "
+                f"config.json: qk_norm={self.qk_norm!r} (None, 'head', 'heads', 'proj' or "
+                "'weightless'), "
                 f"norm_placement={self.norm_placement!r} ('pre', 'post' or 'sandwich')"
             )
         if self.norm_type not in ("rms", "layer"):
@@ -196,6 +314,8 @@ class ModelConfig:
                 f"config.json: {len(self.rope_thetas)} per-layer rope thetas, n_layers = "
                 f"{self.n_layers}"
             )
+        for layer in range(self.n_layers):  # every shared layer has a source
+            self.kv_source(layer)
 
     def rope_for(self, attn_type: str) -> RopeConfig:
         """The rotary of a layer type: `rope_local` on local layers when set, else `rope`."""
@@ -214,6 +334,47 @@ class ModelConfig:
         """Dims of each head that rotate (the first ones); the rest pass through."""
         return int(self.d_head * self.rope.partial_rotary_factor)
 
+    def layer_d_head(self, layer: int) -> int:
+        """The head size of layer `layer` (Gemma 4's global layers: `d_head_global`)."""
+        return self.d_head_global if self.attn_types[layer] == "global" else self.d_head
+
+    def layer_n_kv(self, layer: int) -> int:
+        """The KV heads of layer `layer` (Gemma 4's global layers: their own count)."""
+        if self.attn_types[layer] == "global":
+            return self.n_key_value_heads_global
+        return self.n_key_value_heads
+
+    def layer_rotary_dim(self, layer: int) -> int:
+        """Rotating dims of layer `layer`'s heads: `rotary_dim` at the layer's head size;
+        the whole head under proportional rope (its frequencies hold the partial factor)."""
+        d_head, rope = self.layer_d_head(layer), self.layer_rope(layer)
+        return d_head if rope.type == "proportional" else int(d_head * rope.partial_rotary_factor)
+
+    def kv_source(self, layer: int) -> int | None:
+        """The earlier layer whose keys and values layer `layer` attends (Gemma 4's KV
+        sharing: the last layer of its type before the shared ones), None: its own."""
+        first = self.n_layers - self.kv_shared_layers
+        if layer < first:
+            return None
+        kind = self.attn_types[layer]
+        owners = [i for i in range(first) if self.attn_types[i] == kind]
+        if not owners:
+            raise BadInputError(
+                f"config.json: layer {layer} ({kind}) shares K/V, but no layer before the "
+                f"{self.kv_shared_layers} shared ones is {kind}"
+            )
+        return owners[-1]
+
+    def layer_d_mlp(self, layer: int) -> int:
+        """The dense MLP width of layer `layer` (Gemma 4's K/V-shared layers: their own)."""
+        return self.d_mlp if self.kv_source(layer) is None else self.d_mlp_shared_kv
+
+    def has_w_v(self, layer: int) -> bool:
+        """Whether layer `layer` has its own V projection (not K/V-shared, not k = v)."""
+        if self.kv_source(layer) is not None:
+            return False
+        return not (self.k_eq_v_global and self.attn_types[layer] == "global")
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and self.moe.layers[layer]
 
@@ -225,6 +386,16 @@ class ModelConfig:
     def d_expert(self) -> int:
         """One expert's MLP width (Qwen3-MoE's moe_intermediate_size; 0 without MoE)."""
         return self.moe.d_expert if self.moe else 0
+
+    @property
+    def d_shared_expert(self) -> int:
+        """The shared expert's width (GLM-4.5's n_shared_experts * moe_intermediate_size; 0
+        without one)."""
+        return (self.moe.d_shared_expert or 0) if self.moe else 0
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.moe is not None and self.moe.d_shared_expert is not None
 
     @property
     def group_size(self) -> int:
@@ -265,7 +436,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for name in ("attn_types", "rope_layers", "rope_thetas"):
+        for name in ("attn_types", "rope_layers", "rope_thetas", "chunked_layers"):
             data[name] = list(data[name])
         if data["moe"] is not None:
             data["moe"]["layers"] = list(data["moe"]["layers"])
@@ -287,6 +458,7 @@ class ModelConfig:
             data["attn_types"] = tuple(data["attn_types"])
             data["rope_layers"] = tuple(data.get("rope_layers", ()))
             data["rope_thetas"] = tuple(data.get("rope_thetas", ()))
+            data["chunked_layers"] = tuple(data.get("chunked_layers", ()))
             if data.get("moe") is not None:
                 data["moe"] = MoEConfig(**data["moe"])
             return cls(**data)
@@ -383,6 +555,8 @@ def _rope_from_hf(hf: dict, family: Family, d_head: int) -> RopeConfig:
     if rope_type == "default":
         return RopeConfig(**common)
     common["type"] = rope_type
+    if rope_type == "proportional":  # Gemma 4: factor optional, 1 by default
+        return RopeConfig(**common, factor=_get(params, "factor", float, 1.0))
     if rope_type in ("linear", "dynamic"):
         return RopeConfig(**common, factor=_get(params, "factor", float))
     # transformers: a top-level original_max_position_embeddings (Phi-3's config class always
@@ -454,14 +628,17 @@ def _rope_from_hf(hf: dict, family: Family, d_head: int) -> RopeConfig:
 LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
 
 
-def _ropes(hf: dict, family: Family, d_head: int) -> tuple[RopeConfig, RopeConfig | None]:
+def _ropes(
+    hf: dict, family: Family, d_head: int, d_head_global: int | None = None
+) -> tuple[RopeConfig, RopeConfig | None]:
     """The rotary of global layers, and of local layers where the family has one per layer
     type (Gemma 3, else None), read as Gemma3TextConfig reads them: `rope_parameters`
     {full_attention, sliding_attention}, else `rope_theta` + `rope_scaling` (global) and
-    `rope_local_base_freq` (local), with the family's default thetas."""
+    `rope_local_base_freq` (local), with the family's default thetas (Gemma 4: its default
+    `rope_parameters`; global layers' head size `d_head_global`)."""
     if not family.fixed.get("rope_per_layer_type"):
         return _rope_from_hf(hf, family, d_head), None
-    per_type = hf.get("rope_parameters") or {}
+    per_type = hf.get("rope_parameters") or family.defaults.get("rope_parameters") or {}
     if not isinstance(per_type, dict) or not set(per_type) <= set(LAYER_TYPES):
         raise BadInputError(
             f"config.json: rope_parameters = {per_type!r}: expected an object per layer type "
@@ -483,7 +660,8 @@ def _ropes(hf: dict, family: Family, d_head: int) -> tuple[RopeConfig, RopeConfi
             params.update(hf["rope_scaling"])
         theta = hf.get(theta_field) if theta_field else None
         params.setdefault("rope_theta", theta or family.defaults[theta_field or "rope_theta"])
-        rope = _rope_from_hf({**hf, "rope_parameters": params}, family, d_head)
+        dim = d_head_global if layer_type == "full_attention" and d_head_global else d_head
+        rope = _rope_from_hf({**hf, "rope_parameters": params}, family, dim)
         if rope.type in ("dynamic", "longrope"):  # their frequencies follow the length
             raise UnsupportedModelError(
                 f"config.json: rope_type {rope.type!r} on {layer_type} layers is not supported"
@@ -543,6 +721,8 @@ def _attn_types(
                 f"config.json: field 'max_window_layers' = {first!r} is not a count >= 0"
             )
         types = tuple("local" if on and i >= first else "global" for i in range(n_layers))
+    if family.fixed.get("last_layer_global") and types:  # Gemma 4's config class forces it
+        types = (*types[:-1], "global")
     if "local" in types and window is None:
         raise BadInputError(
             "config.json: layer_types asks for sliding attention, sliding_window is null"
@@ -595,6 +775,13 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     attn_types, window = _attn_types(hf, family, rope_layers)
     rope_layers, rope_thetas = _nope_layers(hf, family, rope_layers, attn_types)
     biases = _biases(hf, family)
+    moe = _moe_from_hf(hf, family, n_layers)
+    if biases["mlp"] and moe is not None:
+        raise UnsupportedModelError(
+            f"config.json: {family.bias_fields.get('mlp', 'mlp_bias')} = true in a mixture of "
+            "experts: MLP biases there (ERNIE 4.5 MoE's on the shared expert and lm_head) are "
+            "not supported"
+        )
     defaults = family.defaults
 
     def option(name: str, kind: type, default: Any) -> Any:
@@ -611,8 +798,13 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
 
     # Gemma: embeddings times sqrt(d_model), rounded to the compute dtype first.
     sqrt_scale = family.fixed.get("embedding_scale") == "sqrt_d_model"
-    rope, rope_local = _ropes(hf, family, d_head)
+    gemma4 = _gemma4_layers(hf, family, attn_types, d_head)
+    rope, rope_local = _ropes(hf, family, d_head, gemma4.get("d_head_global"))
     beta, scale_length = _query_scale(hf, family, rope)
+    tuning = _temperature_tuning(hf, family)  # Llama 4's, in place of Ministral 3's
+    if tuning is not None:
+        beta, scale_length = tuning
+    chunk_size, chunked = _chunked_layers(hf, family, rope_layers)
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if not isinstance(dtype, str):
         raise BadInputError(f"config.json: field 'dtype' = {dtype!r} is not a dtype name")
@@ -623,9 +815,11 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         d_model=d_model,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_key_value_heads=_get(hf, "num_key_value_heads", int, n_heads) or n_heads,
+        n_key_value_heads=_get(
+            hf, "num_key_value_heads", int, defaults.get("num_key_value_heads", n_heads)
+        ),
         d_head=d_head,
-        d_mlp=_get(hf, "intermediate_size", int),
+        d_mlp=_get(hf, family.fixed.get("d_mlp_field", "intermediate_size"), int),
         d_vocab=_get(hf, "vocab_size", int),
         n_ctx=_get(hf, "max_position_embeddings", int),
         eps=_get(hf, family.eps_field, float, defaults.get(family.eps_field, ...)),
@@ -657,7 +851,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         residual_multiplier=option("residual_multiplier", float, 1.0),
         logits_scaling=option("logits_scaling", float, 1.0),
         rope_layers=rope_layers,
-        moe=_moe_from_hf(hf, family, n_layers),
+        moe=moe,
         rotary_adjacent_pairs=fixed.get("rotary_adjacent_pairs", False),
         rotary_math_in_fp32=fixed.get("rotary_math_in_fp32", False),
         qk_norm_after_rotary=fixed.get("qk_norm_after_rotary", False),
@@ -670,7 +864,85 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         attn_sinks=fixed.get("attn_sinks", False),
         query_scale_beta=beta,
         query_scale_length=scale_length,
+        temperature_tuning=tuning is not None,
+        qk_norm_on_nope_layers=fixed.get("qk_norm_on_nope_layers", True),
+        attention_chunk_size=chunk_size,
+        chunked_layers=chunked,
+        v_norm=fixed.get("v_norm", False),
+        layer_scalar=fixed.get("layer_scalar", False),
+        **gemma4,
     )
+
+
+def _count(hf: dict, key: str, default: int) -> int:
+    """`hf[key]`, an int >= 0 (null: `default`)."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadInputError(f"config.json: field {key!r} = {value!r} is not a count >= 0")
+    return value
+
+
+def _gemma4_layers(
+    hf: dict, family: Family, attn_types: tuple[str, ...], d_head: int
+) -> dict[str, Any]:
+    """Gemma4TextConfig's global layers (head_dim and KV heads), k = v, KV sharing and
+    per-layer inputs, for a family that reads them (`global_head_dim` in its defaults).
+    Global layers' sizes are `per_layer_config` (what transformers writes) or
+    `global_head_dim` and, with attention_k_eq_v, `num_global_key_value_heads` (what the
+    published configs state); any other per-layer difference is refused."""
+    if "global_head_dim" not in family.defaults:
+        return {}
+    n_layers = len(attn_types)
+    if _get(hf, "enable_moe_block", bool, False):
+        raise UnsupportedModelError(
+            "config.json: enable_moe_block = true (Gemma 4's MoE variant) is not supported yet"
+        )
+    k_eq_v = _get(hf, "attention_k_eq_v", bool, False)
+    n_kv = _get(hf, "num_key_value_heads", int)
+    per_layer = hf.get("per_layer_config")
+    if per_layer is None:
+        d_global = _get(hf, "global_head_dim", int, family.defaults["global_head_dim"])
+        n_kv_global = _get(hf, "num_global_key_value_heads", int, None) if k_eq_v else None
+        n_kv_global = n_kv_global or n_kv
+    else:
+        overrides = {}
+        if not isinstance(per_layer, dict):
+            raise BadInputError(f"config.json: per_layer_config = {per_layer!r} is not an object")
+        for key, value in per_layer.items():
+            if not (isinstance(key, str) and key.isdigit() and isinstance(value, dict)):
+                raise BadInputError(f"config.json: per_layer_config[{key!r}] = {value!r}")
+            overrides[int(key)] = value
+        global_values = {
+            json.dumps(overrides.get(i, {}), sort_keys=True)
+            for i, t in enumerate(attn_types)
+            if t == "global"
+        }
+        allowed = {"head_dim", "num_key_value_heads"}
+        if (
+            len(global_values) > 1
+            or any(attn_types[i] == "local" for i in overrides if i < n_layers)
+            or any(i >= n_layers or not set(v) <= allowed for i, v in overrides.items())
+        ):
+            raise UnsupportedModelError(
+                "config.json: per_layer_config gives layers other sizes than their type's "
+                "(supported: head_dim and num_key_value_heads, the same on every global layer)"
+            )
+        first = next((overrides[i] for i, t in enumerate(attn_types) if t == "global"), {})
+        d_global = _get(first, "head_dim", int, d_head)
+        n_kv_global = _get(first, "num_key_value_heads", int, n_kv)
+    d_per_layer = _count(hf, "hidden_size_per_layer_input", 0)
+    wide = 2 if _get(hf, "use_double_wide_mlp", bool, False) else 1  # on K/V-shared layers
+    return {
+        "d_mlp_shared_kv": wide * _get(hf, "intermediate_size", int),
+        "d_head_global": d_global,
+        "n_key_value_heads_global": n_kv_global,
+        "k_eq_v_global": k_eq_v,
+        "kv_shared_layers": _count(hf, "num_kv_shared_layers", 0),
+        "d_per_layer_input": d_per_layer,
+        "d_vocab_per_layer": _get(hf, "vocab_size_per_layer_input", int) if d_per_layer else 0,
+    }
 
 
 def _head_dim(hf: dict, family: Family, d_model: int, n_heads: int) -> int:
@@ -765,29 +1037,107 @@ def _query_scale(hf: dict, family: Family, rope: RopeConfig) -> tuple[float | No
     return beta, length
 
 
+def _temperature_tuning(hf: dict, family: Family) -> tuple[float, int] | None:
+    """Llama 4's attention temperature tuning on its NoPE layers, if `attn_temperature_tuning`:
+    (attn_scale, floor_scale), as Llama4TextAttention reads them."""
+    if not family.fixed.get("temperature_tuning"):
+        return None
+    defaults = family.defaults
+    if not _get(hf, "attn_temperature_tuning", bool, defaults["attn_temperature_tuning"]):
+        return None
+    scale = _get(hf, "attn_scale", float, defaults["attn_scale"])
+    return scale, _get(hf, "floor_scale", int, defaults["floor_scale"])
+
+
+KINDS = {"chunked_attention", "full_attention"}  # Llama 4's layer_types
+
+
+def _chunked_layers(
+    hf: dict, family: Family, rope_layers: tuple[bool, ...]
+) -> tuple[int | None, tuple[bool, ...]]:
+    """Llama 4's chunked attention: `attention_chunk_size` (null: none) on the layers
+    `layer_types` calls "chunked_attention", or without layer_types the rotary layers (as
+    Llama4TextConfig derives them)."""
+    if not family.fixed.get("chunked_attention"):
+        return None, ()
+    if "attention_chunk_size" in hf:
+        size = _get(hf, "attention_chunk_size", int, None)
+    else:
+        size = family.defaults["attention_chunk_size"]
+    types = hf.get("layer_types")
+    if types is None:
+        chunked = rope_layers if size is not None else (False,) * len(rope_layers)
+    elif not isinstance(types, list) or len(types) != len(rope_layers) or not set(types) <= KINDS:
+        raise UnsupportedModelError(
+            f"config.json: layer_types = {types!r}: expected {len(rope_layers)} entries of "
+            "full_attention / chunked_attention"
+        )
+    else:
+        chunked = tuple(t == "chunked_attention" for t in types)
+    if any(chunked) and size is None:
+        raise BadInputError(
+            "config.json: layer_types has chunked_attention layers, attention_chunk_size is null"
+        )
+    return (size, chunked) if any(chunked) else (None, ())
+
+
 def _moe_from_hf(hf: dict, family: Family, n_layers: int) -> MoEConfig | None:
     """The family's `[moe]` table: each of our fields is a config.json field (or a list of
-    spellings, the first present wins), or a value the modelling code hard-wires."""
+    spellings, the first present wins), or a value the modelling code hard-wires (a bool or
+    number; `router` is always the kind itself). Beyond MoEConfig's fields: `mlp_only_layers`
+    and `sparse_step` (Qwen3-MoE), `first_dense` (the first k layers dense: GLM-4.5's
+    first_k_dense_replace), `last_moe` (the last MoE layer, -1: the last layer; ERNIE 4.5's
+    moe_layer_end_index), `shared_experts` (how many experts of width d_expert the shared
+    expert is made of: d_shared_expert = shared_experts * d_expert; 0 with
+    `shared_experts_zero_means_none`: none, as ERNIE 4.5 builds none)."""
     if not family.moe:
         return None
     values: dict[str, Any] = {}
     for name, spec in family.moe.items():
-        if isinstance(spec, bool):
+        if not isinstance(spec, str | list) or name == "router":
             values[name] = spec
             continue
         keys = [spec] if isinstance(spec, str) else list(spec)
         key = next((k for k in keys if hf.get(k) is not None), keys[0])
-        if name == "mlp_only_layers":
+        if name in ("mlp_only_layers", "moe_layers"):
             values[name] = hf.get(key)
+        elif name in ("first_dense", "shared_experts", "last_moe"):  # may be 0 (or -1: last)
+            value = hf.get(key, family.defaults.get(key, 0))
+            if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+                raise BadInputError(f"config.json: field {key!r} = {value!r} is not a count >= 0")
+            values[name] = value
         else:
-            kind = bool if name == "norm_topk_prob" else int
+            kind = MOE_KINDS.get(name, int)
             values[name] = _get(hf, key, kind, family.defaults.get(key, ...))
     only = values.pop("mlp_only_layers", None) or []
     step = values.pop("sparse_step", 1)
-    if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
-        raise BadInputError(f"config.json: mlp_only_layers = {only!r} is not a list of layers")
-    layers = tuple(i not in only and (i + 1) % step == 0 for i in range(n_layers))
+    first = values.pop("first_dense", 0)
+    last = values.pop("last_moe", -1)
+    last = n_layers - 1 if last == -1 else last
+    zero_is_none = values.pop("shared_experts_zero_means_none", False)
+    if "shared_experts" in values:
+        count = values.pop("shared_experts")
+        if count or not zero_is_none:
+            values["d_shared_expert"] = count * values["d_expert"]
+    listed = values.pop("moe_layers", None)  # Llama 4: the MoE layers, overriding the step
+    for field_name, value in (("mlp_only_layers", only), ("moe_layers", listed or [])):
+        if not isinstance(value, list) or not all(isinstance(i, int) for i in value):
+            raise BadInputError(f"config.json: {field_name} = {value!r} is not a list of layers")
+    layers = tuple(
+        i not in only and (i + 1) % step == 0 and first <= i <= last for i in range(n_layers)
+    )
+    if listed is not None:
+        layers = tuple(i in listed for i in range(n_layers))
     return MoEConfig(**values, layers=layers)
+
+
+# The kind of each `[moe]` field read from config.json (int if not named here).
+MOE_KINDS = {
+    "norm_topk_prob": bool,
+    "routed_scaling_factor": float,
+    "swiglu_alpha": float,
+    "swiglu_limit": float,
+}
 
 
 def _rope_layers(hf: dict, family: Family, n_layers: int) -> tuple[bool, ...]:

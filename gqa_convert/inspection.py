@@ -160,6 +160,7 @@ def _describe(
             "convert": convert_peak,
             "verify": need.whole,  # whole-model
             "verify_streamed": need.streamed,
+            "verify_sub_layer": need.sub_layer,
         },
     }
 
@@ -171,10 +172,14 @@ def _dtype_names(plan: ConversionPlan) -> str:
 
 def active_parameters(cfg: ModelConfig, total: int) -> int:
     """Parameters one token uses: `total` less the experts it is not routed to, in each MoE
-    layer (n_experts - top_k experts of 3 * d_model * d_expert each); `total` if dense."""
+    layer (n_experts - top_k experts of 3 * d_model * d_expert each, and their biases
+    where they have them, gpt-oss); `total` if dense."""
     if cfg.moe is None:
         return total
-    unused = (cfg.moe.n_experts - cfg.moe.top_k) * 3 * cfg.d_model * cfg.moe.d_expert
+    per_expert = 3 * cfg.d_model * cfg.moe.d_expert
+    if cfg.moe.expert_bias:
+        per_expert += 2 * cfg.moe.d_expert + cfg.d_model
+    unused = (cfg.moe.n_experts - cfg.moe.top_k) * per_expert
     return total - unused * sum(cfg.moe.layers)
 
 
@@ -217,14 +222,23 @@ def quirks(plan: ConversionPlan) -> dict[str, Any]:
         found["no_rope_layers"] = [i for i, r in enumerate(cfg.rope_layers) if not r]
     if cfg.moe is not None:
         moe = cfg.moe
+        routing = [f"{moe.n_experts} experts of width {moe.d_expert}, top {moe.top_k} per token"]
+        options = {
+            "weights renormalised": moe.norm_topk_prob,
+            f"{moe.router} router": moe.router != "softmax",
+            "score correction bias": moe.score_correction_bias,
+            f"top {moe.topk_group} of {moe.n_group} groups": moe.n_group > 1,
+            f"weights x {moe.routed_scaling_factor}": moe.routed_scaling_factor != 1,
+            f"shared expert of width {moe.d_shared_expert}": moe.d_shared_expert is not None,
+        }
+        routing += [text for text, on in options.items() if on]
         found["moe"] = (
-            f"{moe.n_experts} experts of width {moe.d_expert}, top {moe.top_k} per token"
-            f"{', weights renormalised' if moe.norm_topk_prob else ''}; MoE layers "
-            f"{[i for i, m in enumerate(moe.layers) if m]}"
+            f"{', '.join(routing)}; MoE layers {[i for i, m in enumerate(moe.layers) if m]}"
         )
-    if cfg.rotary_dim != cfg.d_head:
+    if cfg.rotary_dim != cfg.d_head and cfg.rope.type != "proportional":
         found["rotary_dim"] = f"{cfg.rotary_dim} of {cfg.d_head} (partial rotary)"
     found.update(_quirks_2026(cfg))
+    found.update(_quirks_gemma4(cfg))
     fused: dict[str, dict[str, None]] = {}  # e.g. qkv_proj -> W_Q, _W_K, _W_V (split)
     stacked: dict[str, None] = {}  # experts stored stacked: each sliced out per expert
     for task in plan.tasks:
@@ -237,6 +251,29 @@ def quirks(plan: ConversionPlan) -> dict[str, Any]:
         found["fused"] = {name: ", ".join(parts) for name, parts in fused.items()}
     if stacked:
         found["experts_stacked"] = ", ".join(stacked)
+    return found
+
+
+def _quirks_gemma4(cfg: ModelConfig) -> dict[str, Any]:
+    """Gemma 4's options, in words."""
+    found: dict[str, Any] = {}
+    if cfg.rope.type == "proportional":
+        angles = int(cfg.rope.partial_rotary_factor * cfg.d_head_global // 2)
+        found["rope"] = f"global layers: proportional, {angles} of {cfg.d_head_global // 2} angles"
+    if (cfg.d_head_global, cfg.n_key_value_heads_global) != (cfg.d_head, cfg.n_key_value_heads):
+        found["global_layers"] = (
+            f"head size {cfg.d_head_global}, {cfg.n_key_value_heads_global} KV heads"
+            f"{', k = v (no v_proj)' if cfg.k_eq_v_global else ''}"
+        )
+    if cfg.kv_shared_layers:
+        shared = range(cfg.n_layers - cfg.kv_shared_layers, cfg.n_layers)
+        found["kv_shared_layers"] = {i: cfg.kv_source(i) for i in shared}
+    if cfg.d_mlp_shared_kv != cfg.d_mlp:
+        found["d_mlp_shared_kv"] = cfg.d_mlp_shared_kv
+    if cfg.d_per_layer_input:
+        found["per_layer_input"] = f"{cfg.d_per_layer_input} per layer"
+    if cfg.v_norm or cfg.layer_scalar:
+        found["v_norm, layer_scalar"] = (cfg.v_norm, cfg.layer_scalar)
     return found
 
 
@@ -254,6 +291,8 @@ def _quirks_2026(cfg: ModelConfig) -> dict[str, Any]:
         found["qk_norm"] = "LayerNorm of q and k over d_head, a weight per head, before rotary"
     if cfg.qk_norm_after_rotary:
         found["qk_norm"] = "RMSNorm of q and k over d_head, per head, after rotary"
+    if cfg.qk_norm == "weightless" and not cfg.qk_norm_on_nope_layers:
+        found["qk_norm"] += " (no weight; rotary layers only)"
     if cfg.norm_type == "layer":
         found["norm_type"] = f"LayerNorm{' with bias' if cfg.norm_bias else ' without bias'}"
     if cfg.parallel_attn_mlp:
@@ -270,11 +309,23 @@ def _quirks_2026(cfg: ModelConfig) -> dict[str, Any]:
         found["rope_thetas"] = list(cfg.rope_thetas)
     if cfg.attn_sinks:
         found["attn_sinks"] = "a learned logit per head joins each softmax (attn.sinks)"
-    if cfg.query_scale_beta is not None:
+    if cfg.query_scale_beta is not None and cfg.temperature_tuning:
+        found["temperature_tuning"] = (
+            f"on layers without rotary, q times 1 + {cfg.query_scale_beta:g} * log(1 + "
+            f"floor((token index + 1) / {cfg.query_scale_length}))"
+        )
+    elif cfg.query_scale_beta is not None:
         found["query_scale"] = (
             f"q times 1 + {cfg.query_scale_beta:g} * log(1 + floor(position / "
             f"{cfg.query_scale_length}))"
         )
+    if cfg.chunked_layers:
+        found["chunked_attention"] = (
+            f"chunks of {cfg.attention_chunk_size} tokens on layers "
+            f"{[i for i, c in enumerate(cfg.chunked_layers) if c]}"
+        )
+    if cfg.moe is not None and cfg.moe.score_scales_input:
+        found["moe_input_scaling"] = "each chosen expert runs on x * its router score"
     return found
 
 

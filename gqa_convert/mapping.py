@@ -8,7 +8,8 @@ shape matches the einops layout's sizes. All offenders go into one error.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,16 @@ def _variant(cfg: ModelConfig, source_shapes: Mapping[str, Any]) -> str | None:
     return None
 
 
+def extra_layer_tensors(cfg: ModelConfig, names: Iterable[str]) -> list[str]:
+    """The sources of layers after the last that the family's transformers class ignores
+    (`Family.extra_layers`: GLM-4.5's multi-token-prediction layer), in `names`' order."""
+    prefix = family_of(cfg).extra_layers
+    if prefix is None:
+        return []
+    pattern = re.compile(re.escape(prefix).replace(re.escape("{l}"), r"(\d+)"))
+    return [n for n in names if (m := pattern.match(n)) is not None and int(m[1]) >= cfg.n_layers]
+
+
 def plan_tasks(
     hf_config: dict[str, Any], source_shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[ModelConfig, list[TensorTask], list[str]]:
@@ -63,6 +74,7 @@ def plan_tasks(
     cfg = from_hf(hf_config)
     expected, droppable = expected_tasks(cfg, _variant(cfg, source_shapes))
     dropped = [name for name in droppable if name in source_shapes]
+    dropped += extra_layer_tensors(cfg, source_shapes)
     tasks, used, problems = [], set(dropped), []
     for task in expected:
         source = task.source
@@ -131,6 +143,11 @@ def apply_layout(task: TensorTask, tensor: Any, cfg: ModelConfig) -> Any:
         tensor = tensor[task.expert]
     if task.rows is not None:
         tensor = tensor[task.rows[0] : task.rows[1]]
+    if task.interleave is not None:
+        part, parts = task.interleave
+        tensor = tensor[..., part::parts]
+    if task.columns is not None:
+        tensor = tensor[..., task.columns[0] : task.columns[1]]
     return einops.rearrange(tensor, task.layout, **axis_sizes(task.layout, cfg))
 
 

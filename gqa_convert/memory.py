@@ -8,6 +8,11 @@ alone; the parts are named so the README and `inspect` can say what dominates:
   streamed     the largest of three phases, each holding one part on each side:
                embedding (HF's table cast + the bytes read), one decoder layer on
                each side, final norm + unembedding (one side's at a time) + the logits
+  sub-layer    a layer's small tensors (norms; what is not split: MoE experts, an
+               attention with a q/k norm over the whole projection) on each side, and one
+               part of a split module at a time (`part_elements`: one KV head's attention
+               weights; MLP and vocabulary chunks of that size) with the bytes read; ours
+               mapped in memory from SRC read a whole source tensor (or table) to slice it
 
 plus the interpreter with torch and transformers, and the activations of all inputs.
 """
@@ -38,6 +43,7 @@ def layer_params(cfg: ModelConfig) -> int:
     mlp = 3 * cfg.d_model * cfg.d_mlp
     if cfg.moe is not None and any(cfg.moe.layers):
         moe = cfg.d_model * cfg.moe.n_experts * (1 + 3 * cfg.moe.d_expert)
+        moe += 3 * cfg.d_model * cfg.d_shared_expert + cfg.moe.n_experts  # shared, bias
         mlp = max(moe, mlp if not all(cfg.moe.layers) else 0)
     return 2 * cfg.d_model + attn + mlp
 
@@ -54,13 +60,30 @@ def expert_stack(cfg: ModelConfig) -> int:
     return 2 * cfg.moe.n_experts * cfg.d_model * cfg.moe.d_expert if cfg.moe else 0
 
 
+def part_elements(cfg: ModelConfig) -> int:
+    """Weights of one sub-layer part: one KV head with its query heads (q, k, v rows and
+    o_proj's columns); MLP and vocabulary chunks are cut to about as many."""
+    group = cfg.n_heads // cfg.n_key_value_heads
+    return cfg.d_model * cfg.d_head * (2 * group + 2)
+
+
+def split_params(cfg: ModelConfig) -> int:
+    """Parameters of the largest layer that sub-layer streaming holds in parts (attention
+    unless its q/k norm spans the projection; a dense MLP), the rest being held whole."""
+    q, kv = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
+    attn = cfg.d_model * (2 * q + 2 * kv) if cfg.qk_norm in (None, "head") else 0
+    dense = cfg.moe is None or not all(cfg.moe.layers)
+    return attn + (3 * cfg.d_model * cfg.d_mlp if dense else 0)
+
+
 @dataclass(frozen=True)
 class Estimate:
     whole: int
     streamed: int
+    sub_layer: int
 
     def to_dict(self) -> dict[str, int]:
-        return {"whole": self.whole, "streamed": self.streamed}
+        return {"whole": self.whole, "streamed": self.streamed, "sub_layer": self.sub_layer}
 
 
 def estimate(
@@ -98,8 +121,18 @@ def estimate(
         ours * layer * c + read,
         table * (c + s),  # one unembedding at a time (ours are views, or read after HF's)
     )
+    part = part_elements(cfg)
+    # Ours mapped in memory (views) read the whole source tensor, or table, to slice it.
+    mapped = 0 if second_copy else 1
+    sub_phases = (
+        mapped * table * (c + s),
+        2 * (layer - split_params(cfg)) * c + part * (c + s) + mapped * read * (1 + c // s),
+        mapped * table * (c + s) + part * (c + s),
+    )
     return Estimate(
-        whole=whole + dequantisation, streamed=BASE_BYTES + acts + max(phases) + dequantisation
+        whole=whole + dequantisation,
+        streamed=BASE_BYTES + acts + max(phases) + dequantisation,
+        sub_layer=BASE_BYTES + acts + max(sub_phases),
     )
 
 
@@ -168,21 +201,32 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+SUB_LAYER = "sub-layer"
+
+
 def choose_mode(
-    need: Estimate, budget: int | None, streaming: bool | None
+    need: Estimate, budget: int | None, streaming: bool | str | None
 ) -> tuple[str, int, bool]:
-    """("whole" or "streamed", the budget, whether it was given), or InsufficientMemoryError.
+    """("whole", "streamed" or "sub-layer", the budget, whether it was given), or
+    InsufficientMemoryError.
 
     Without `budget` it is what is available now. `streaming` None picks whole-model when it
-    fits, else streamed; True / False force one. A forced whole-model run is refused only
-    against a budget the caller gave (they asked for it); streamed always must fit.
+    fits, else layer-streamed when that fits, else sub-layer; True / False / "sub-layer"
+    force one. A forced whole-model run is refused only against a budget the caller gave
+    (they asked for it); a streamed mode always must fit.
     """
     given = budget is not None
     if budget is None:
         budget = available_bytes()
     if streaming is None:
-        streaming = need.whole > budget
-    mode, want = ("streamed", need.streamed) if streaming else ("whole", need.whole)
+        streaming = need.whole > budget and (need.streamed <= budget or SUB_LAYER)
+    if streaming not in (True, False, SUB_LAYER):
+        raise ValueError(f"streaming={streaming!r}: True, False, None or {SUB_LAYER!r}")
+    mode, want = {
+        True: ("streamed", need.streamed),
+        False: ("whole", need.whole),
+        SUB_LAYER: (SUB_LAYER, need.sub_layer),
+    }[streaming]
     if want > budget and (streaming or given):
         source = "--max-memory" if given else "available memory"
         hint = "" if streaming else "; drop --no-streaming"

@@ -80,10 +80,15 @@ def export_to_hf(
     by_source: dict[str, list[TensorTask]] = {}
     for task in expected_tasks(cfg)[0]:
         by_source.setdefault(task.source, []).append(task)
-    # A fused source comes back from all its parts, in row order; a source two targets read
+    # A fused source comes back from all its parts, in row order (or interleaved, gpt-oss's
+    # gate / up columns), a stacked one from every expert's; a source two targets read
     # whole (tied embeddings) from the first, W_E.
     sources = {
-        name: sorted(parts, key=lambda t: t.rows) if parts[0].rows else parts[:1]
+        name: sorted(
+            parts, key=lambda t: (t.expert or 0, t.rows or t.interleave or t.columns or ())
+        )
+        if parts[0].rows or parts[0].interleave or parts[0].columns or parts[0].expert is not None
+        else parts[:1]
         for name, parts in by_source.items()
     }
     specs = [
@@ -96,10 +101,26 @@ def export_to_hf(
         array = read_array(ours[task.target])
         return einops.rearrange(array, layout, **axis_sizes(layout, cfg))
 
+    def joined(parts: list[TensorTask]) -> np.ndarray:
+        """One expert's (or an unstacked source's) tensor from its parts."""
+        pieces = [back(task) for task in parts]
+        if len(pieces) == 1:
+            return pieces[0]
+        if parts[0].interleave is not None:  # [..., i] x parts -> [..., (i parts)]
+            return np.stack(pieces, axis=-1).reshape(*pieces[0].shape[:-1], -1)
+        if parts[0].columns is not None:  # Llama 4's halves: [..., i] x parts -> [..., (parts i)]
+            return np.concatenate(pieces, axis=-1)
+        return np.concatenate(pieces, axis=0)
+
     def arrays():
         for name, parts in sources.items():
-            pieces = [back(task) for task in parts]
-            yield name, pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+            if parts[0].expert is None:
+                yield name, joined(parts)
+                continue
+            experts: dict[int, list[TensorTask]] = {}
+            for task in parts:
+                experts.setdefault(task.expert, []).append(task)
+            yield name, np.stack([joined(p) for p in experts.values()])  # [n_experts, ...]
 
     with atomic_folder(Path(out), overwrite, (converted,)) as tmp:
         write_sharded(tmp, specs, arrays(), shard_bytes, progress)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from gqa_convert.architectures import MLP_KINDS, Family, TensorRow, families
+from gqa_convert.architectures import ATTN_KINDS, MLP_KINDS, Family, TensorRow, families
 from gqa_convert.config import ModelConfig
 
 # Axis letters of the layouts in configs/*.toml -> the config field giving their size.
@@ -24,6 +24,13 @@ AXES = {
     "k": "n_key_value_heads",
     "e": "n_experts",
     "i": "d_expert",
+    "s": "d_shared_expert",
+    "g": "d_head_global",  # Gemma 4's global layers
+    "j": "n_key_value_heads_global",
+    "l": "n_layers",  # Gemma 4's per-layer inputs, stacked
+    "p": "d_per_layer_input",
+    "u": "d_vocab_per_layer",
+    "d": "d_mlp_shared_kv",  # Gemma 4's K/V-shared layers' MLP width
 }
 
 
@@ -38,6 +45,9 @@ class TensorTask:
     target_shape: tuple[int, ...]
     rows: tuple[int, int] | None = None  # [start, stop) of a fused source's first axis
     expert: int | None = None  # a stacked source's index on its first axis, taken first
+    # (part, parts): an interleaved fused source's last axis, `[..., part::parts]`
+    interleave: tuple[int, int] | None = None
+    columns: tuple[int, int] | None = None  # [start, stop) of a fused source's last axis
 
 
 def layout_shapes(layout: str, cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -79,6 +89,8 @@ def expected_tasks(
         "xielu": cfg.act_fn == "xielu",
         "tied": cfg.tie_word_embeddings,
         "untied": not cfg.tie_word_embeddings,
+        "shared_expert": cfg.has_shared_expert,
+        "per_layer_input": cfg.d_per_layer_input > 0,
     }
     tasks, droppable = [], []
     for row in family_of(cfg).rows_for(variant):
@@ -91,15 +103,27 @@ def expected_tasks(
                 continue
             target = row.target.replace("{l}", str(layer)).replace("{e}", str(expert))
             src_shape, dst_shape = layout_shapes(row.layout, cfg)
-            rows = None
-            if row.fused:  # a slice of the source's first axis, e.g. k of qkv_proj
+            rows = interleave = columns = None
+            if row.fused and row.interleaved:  # every len(fused)-th of the last axis
+                sizes = [_axis_group_size(group, cfg) for group in row.fused]
+                interleave = (row.part, len(sizes))
+                src_shape = (*src_shape[:-1], sum(sizes))
+            elif row.fused and row.last_axis:  # a slice of the last axis
+                sizes = [_axis_group_size(group, cfg) for group in row.fused]
+                start = sum(sizes[: row.part])
+                columns = (start, start + sizes[row.part])
+                src_shape = (*src_shape[:-1], sum(sizes))
+            elif row.fused:  # a slice of the source's first axis, e.g. k of qkv_proj
                 sizes = [_axis_group_size(group, cfg) for group in row.fused]
                 start = sum(sizes[: row.part])
                 rows = (start, start + sizes[row.part])
                 src_shape = (sum(sizes), *src_shape[1:])
             if row.expert_axis:  # [n_experts, ...]: expert {e}'s slice
                 src_shape = (cfg.n_experts, *src_shape)
-            task = TensorTask(target, source, row.layout, src_shape, dst_shape, rows)
+            task = TensorTask(
+                target, source, row.layout, src_shape, dst_shape, rows, interleave=interleave
+            )
+            task = replace(task, columns=columns) if columns else task
             tasks.append(replace(task, expert=expert) if row.expert_axis else task)
     return tasks, droppable
 
@@ -109,8 +133,11 @@ def _instances(row: TensorRow, cfg: ModelConfig) -> Iterator[tuple[int | None, i
     row's kind, for `when` dense / ungated / moe), and every expert of the layer for `{e}`
     rows."""
     kinds = [w for w in row.when if w in MLP_KINDS]
+    attn = [w for w in row.when if w in ATTN_KINDS]
     for layer in range(cfg.n_layers) if row.per_layer else [None]:
         if kinds and mlp_kind(cfg, layer) not in kinds:
+            continue
+        if attn and not set(attn) <= attn_kinds(cfg, layer):
             continue
         for expert in range(cfg.n_experts) if row.per_expert or row.expert_axis else [None]:
             yield layer, expert
@@ -121,6 +148,15 @@ def mlp_kind(cfg: ModelConfig, layer: int) -> str:
     if cfg.is_moe_layer(layer):
         return "moe"
     return "dense" if cfg.gated_mlp else "ungated"
+
+
+def attn_kinds(cfg: ModelConfig, layer: int) -> set[str]:
+    """What a layer's attention is: its type ("local" / "global"), and "own_kv" (its own
+    K projection), "own_v" (and V's: not k = v), or "shared_kv" (Gemma 4's)."""
+    kinds = {cfg.attn_types[layer]}
+    if cfg.kv_source(layer) is not None:
+        return kinds | {"shared_kv"}
+    return kinds | {"own_kv"} | ({"own_v"} if cfg.has_w_v(layer) else set())
 
 
 def axis_sizes(layout: str, cfg: ModelConfig) -> dict[str, int]:

@@ -202,8 +202,8 @@ def write_checkpoint(
     return folder
 
 
-def swap_kv(src: Path, layer: int, a: int = 0, b: int = 1) -> Path:
-    """A copy of `src` with KV heads a and b of layer `layer`'s k_proj swapped."""
+def swap_kv(src: Path, layer: int, a: int = 0, b: int = 1, shape: dict = SHAPE) -> Path:
+    """A copy of `src` (of `shape`) with KV heads a and b of layer `layer`'s k_proj swapped."""
     out = src.with_name(f"{src.name}-swap-kv{layer}")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
@@ -213,7 +213,7 @@ def swap_kv(src: Path, layer: int, a: int = 0, b: int = 1) -> Path:
             shutil.copyfile(path, out / path.name)
         else:
             os.link(path, out / path.name)
-    rows = SHAPE["d_head"] * SHAPE["d_model"] * 2  # bytes of one KV head's rows
+    rows = shape["d_head"] * shape["d_model"] * 2  # bytes of one KV head's rows
     with open(out / info.path.name, "r+b") as f:
         f.seek(info.start + a * rows)
         head_a = f.read(rows)

@@ -11,6 +11,8 @@ largest tensor is the 16 MB embedding (or lm_head). Weights are random bf16 of +
     python scripts/build_moe_shaped.py [FOLDER] --measure  # then convert it (--no-verify, and
         # with the gate, layer-streamed), each in a child process: peak RSS (ru_maxrss, the
         # child spawned by a tiny launcher as scripts/bench.py does) against the tensor sizes
+    python scripts/build_moe_shaped.py FOLDER --family gpt_oss --measure  # gpt-oss-20b's
+        # width, 2 layers (GPT_OSS_SHAPE): 5.7 GB, experts stacked in 1.06 GB gate_up_proj
 """
 
 from __future__ import annotations
@@ -86,13 +88,74 @@ def specs(s: dict = SHAPE) -> list[TensorSpec]:
     return out
 
 
-def build(folder: Path, shape: dict = SHAPE, seed: int = 13) -> Path:
+# gpt-oss-20b at its real width, 2 of its 24 layers (issue 27): 64 / 8 heads of 64, 32 experts
+# of width 2880 stacked as the Hub stacks them (dense bf16, not MXFP4), vocab 201088: 5.7 GB.
+GPT_OSS_SHAPE = dict(layers=2, d_model=2880, n_heads=64, n_kv=8, d_head=64, d_expert=2880)
+GPT_OSS_SHAPE |= dict(experts=32, top_k=4, vocab=201088)
+
+
+def gpt_oss_config(s: dict = GPT_OSS_SHAPE) -> dict:
+    return {
+        **hf_config(s),
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * (s["layers"] // 2),
+        "rope_theta": 150000,
+        "rope_scaling": {
+            **{"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0},
+            **{"truncate": False, "original_max_position_embeddings": 4096},
+        },
+        "attention_bias": True,
+        "swiglu_limit": 7.0,
+    }
+
+
+def gpt_oss_specs(s: dict = GPT_OSS_SHAPE) -> list[TensorSpec]:
+    """gpt-oss's Hub names: biased attention with sinks, a biased router, experts stacked."""
+    m, i, v, e = s["d_model"], s["d_expert"], s["vocab"], s["experts"]
+    q, kv = s["n_heads"] * s["d_head"], s["n_kv"] * s["d_head"]
+    out = [TensorSpec("model.embed_tokens.weight", "BF16", (v, m))]
+    for layer in range(s["layers"]):
+        p = f"model.layers.{layer}."
+        out += attention_specs(p, s)
+        out += [
+            TensorSpec(p + f"self_attn.{n}_proj.bias", "BF16", (q if n == "q" else kv,))
+            for n in "qkv"
+        ]
+        out += [
+            TensorSpec(p + "self_attn.o_proj.bias", "BF16", (m,)),
+            TensorSpec(p + "self_attn.sinks", "BF16", (s["n_heads"],)),
+            TensorSpec(p + "mlp.router.weight", "BF16", (e, m)),
+            TensorSpec(p + "mlp.router.bias", "BF16", (e,)),
+            TensorSpec(p + "mlp.experts.gate_up_proj", "BF16", (e, m, 2 * i)),
+            TensorSpec(p + "mlp.experts.gate_up_proj_bias", "BF16", (e, 2 * i)),
+            TensorSpec(p + "mlp.experts.down_proj", "BF16", (e, i, m)),
+            TensorSpec(p + "mlp.experts.down_proj_bias", "BF16", (e, m)),
+            TensorSpec(p + "input_layernorm.weight", "BF16", (m,)),
+            TensorSpec(p + "post_attention_layernorm.weight", "BF16", (m,)),
+        ]
+    out.append(TensorSpec("model.norm.weight", "BF16", (m,)))
+    out.append(TensorSpec("lm_head.weight", "BF16", (v, m)))
+    return out
+
+
+FAMILIES = {
+    "mixtral": (specs, hf_config, SHAPE),
+    "gpt_oss": (gpt_oss_specs, gpt_oss_config, GPT_OSS_SHAPE),
+}
+
+
+def build(folder: Path, shape: dict = SHAPE, seed: int = 13, family: str = "mixtral") -> Path:
     """Write the checkpoint into `folder` (kept if there already), one tensor in memory."""
-    return write_checkpoint(folder, specs(shape), hf_config(shape), SHARD_BYTES, seed)
+    make_specs, make_config, default = FAMILIES[family]
+    shape = default if family != "mixtral" else shape
+    return write_checkpoint(folder, make_specs(shape), make_config(shape), SHARD_BYTES, seed)
 
 
-def measure(src: Path) -> None:
-    all_specs = specs()
+def measure(src: Path, family: str = "mixtral") -> None:
+    make_specs, _, shape = FAMILIES[family]
+    all_specs = make_specs(shape)
     largest = max(s.nbytes for s in all_specs)
     layer = sum(s.nbytes for s in all_specs if s.name.startswith("model.layers.0."))
     total = sum(s.nbytes for s in all_specs)
@@ -120,11 +183,12 @@ def main() -> None:
     cache = os.environ.get("GQA_CONVERT_CACHE") or Path.home() / ".cache" / "gqa-convert"
     parser.add_argument("folder", nargs="?", type=Path, default=Path(cache) / "moe-shaped")
     parser.add_argument("--measure", action="store_true")
+    parser.add_argument("--family", choices=FAMILIES, default="mixtral")
     args = parser.parse_args()
-    folder = build(args.folder.expanduser())
+    folder = build(args.folder.expanduser(), family=args.family)
     print(folder)
     if args.measure:
-        measure(folder)
+        measure(folder, args.family)
 
 
 if __name__ == "__main__":

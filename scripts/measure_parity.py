@@ -27,6 +27,7 @@ from gqa_convert.verify import (
     COMPUTE_DTYPES,
     Tolerances,
     _compare_models,
+    _localise,
     _LogitStats,
     default_seq_len,
     load_reference,
@@ -51,9 +52,9 @@ def correct(src: Path, dtype: str, seq_len: int | None, hf=None) -> dict[str, fl
     cfg = load_hf_config(src)
     inputs, _ = make_inputs(src, cfg, None, report.tokens // report.sequences)
     # Every component of every block (on HF's input), with nothing ever called diverged.
-    result = _compare_models(
-        Reference(src, dtype, model=hf), Ours(dtype, model=model), inputs, math.inf
-    )
+    ref, ours = Reference(src, dtype, model=hf), Ours(dtype, model=model)
+    result = _compare_models(ref, ours, inputs, math.inf)
+    _localise(ref, ours, result, math.inf)
     worst = max(result.worst_component, result.embed_err, *result.layer_errs, result.final_err)
     return {
         "logit": report.max_abs_logit_diff,

@@ -190,12 +190,12 @@ def config_field(name: str, value: object) -> Mutation:
     return mutate
 
 
-def moe_field(name: str, value: object) -> Mutation:
+def moe_field(name: str, value: object, **more: object) -> Mutation:
     """One field of the mixture-of-experts config replaced (the expert weights applied in
-    the compute dtype where Mixtral keeps them fp32, ...)."""
+    the compute dtype where Mixtral keeps them fp32, ...), and any `more` with it."""
 
     def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
-        return replace(cfg, moe=replace(cfg.moe, **{name: value})), state
+        return replace(cfg, moe=replace(cfg.moe, **{name: value}, **more)), state
 
     return mutate
 
@@ -295,5 +295,16 @@ def parallel_block_as_serial() -> Mutation:
         for i in range(cfg.n_layers):
             state[f"blocks.{i}.ln2.w"] = state[f"blocks.{i}.ln1.w"].clone()
         return replace(cfg, parallel_attn_mlp=False), state
+
+    return mutate
+
+
+def shared_expert_dropped() -> Mutation:
+    """The shared expert left out (a converter that maps GLM-4.5 onto a routed-only MoE):
+    each MoE layer's output is the routed experts' sum alone."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        state = {n: t for n, t in state.items() if ".mlp.shared_expert." not in n}
+        return replace(cfg, moe=replace(cfg.moe, d_shared_expert=None)), state
 
     return mutate

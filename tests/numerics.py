@@ -125,13 +125,36 @@ def assert_clear_margins(step_logits: Tensor, margin: float = CLEAR_MARGIN) -> N
     )
 
 
-def routing_gap(router_output: Tensor | tuple[Tensor, ...], k: int) -> Tensor:
+def routing_gap(
+    router_output: Tensor | tuple[Tensor, ...], k: int, router: torch.nn.Module | None = None
+) -> Tensor:
     """Per token, the k-th minus the (k+1)-th router probability, from router logits (or
     HF's router output, whose first element they are). Expert choices of two runs whose
-    router inputs agree to fp32 rounding are equal where this exceeds ROUTING_MARGIN."""
+    router inputs agree to fp32 rounding are equal where this exceeds ROUTING_MARGIN.
+    `router`: HF's router module, whose correction bias steers the choice (ERNIE 4.5 MoE's
+    `moe_statics.e_score_correction_bias`, GLM-4.5's `e_score_correction_bias`) and which
+    may score by sigmoid within groups (GLM-4.5's `num_group`, `topk_group`): the gap is then
+    of the scores plus the bias, the smaller of that at the topk_group-th group and at the
+    k-th expert."""
     logits = router_output[0] if isinstance(router_output, tuple) else router_output
-    top = logits.float().softmax(-1).topk(k + 1, dim=-1).values
-    return top[..., k - 1] - top[..., k]
+    statics = getattr(router, "moe_statics", router)
+    bias = getattr(statics, "e_score_correction_bias", None)
+    grouped = hasattr(router, "num_group")  # GLM-4.5's sigmoid router
+    scores = logits.float().sigmoid() if grouped else logits.float().softmax(-1)
+    if bias is not None:
+        scores = scores + bias.float().flatten()
+    gap = torch.full(scores.shape[:1], torch.inf)
+    if grouped and router.topk_group < router.num_group:
+        n_group, topk_group = router.num_group, router.topk_group
+        groups = scores.view(scores.shape[0], n_group, -1)
+        group_scores = groups.topk(2, dim=-1).values.sum(-1)  # [tokens, n_group]
+        top = group_scores.topk(topk_group + 1, dim=-1)
+        gap = top.values[..., topk_group - 1] - top.values[..., topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, top.indices[..., :topk_group], True)
+        scores = groups.masked_fill(~keep[..., None], -torch.inf).flatten(1)
+    top = scores.topk(k + 1, dim=-1).values
+    return torch.minimum(gap, top[..., k - 1] - top[..., k])
 
 
 def half_logits(

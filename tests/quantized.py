@@ -494,3 +494,51 @@ def reference_compressed(
             value = float(q[i, j]) - (float(zero[k]) if zero is not None else 0.0)
             exact[i, j] = value * float(scale[k])
     return round_to(exact, dtype)
+
+
+# ---- MXFP4 (gpt-oss's experts) ------------------------------------------------------------
+
+E2M1_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+# The Hub's gpt-oss checkpoints: only the experts' gate_up_proj / down_proj are MXFP4.
+GPT_OSS_NOT_CONVERTED = [
+    "model.layers.*.self_attn",
+    "model.layers.*.mlp.router",
+    "model.embed_tokens",
+    "lm_head",
+]
+
+
+def quantize_mxfp4(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' dense experts [E, cols, rows] -> (blocks uint8 [E, rows, cols / 32, 16],
+    scales uint8 [E, rows, cols / 32]): per block of 32, the smallest power of two that
+    brings the largest magnitude within 6, each value to its nearest e2m1 code (low nibble
+    first)."""
+    rows_major = np.swapaxes(dense, -1, -2).astype(np.float32)  # [E, rows, cols]
+    groups = rows_major.reshape(*rows_major.shape[:-1], -1, 32)  # [E, rows, G, 32]
+    peak = np.abs(groups).max(-1)
+    exponent = np.ceil(np.log2(np.maximum(peak, 2.0**-100) / 6.0)).astype(np.int32)
+    exponent = np.clip(exponent, -127, 127)
+    scaled = groups / np.ldexp(np.float32(1), exponent)[..., None]
+    nearest = np.abs(np.abs(scaled)[..., None] - E2M1_MAGNITUDES).argmin(-1)
+    codes = (nearest | np.where(scaled < 0, 8, 0)).astype(np.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.astype(np.uint8), (exponent + 127).astype(np.uint8)
+
+
+def write_mxfp4(folder: Path) -> dict[str, np.ndarray]:
+    """Rewrite a dense gpt-oss checkpoint's experts (`gate_up_proj`, `down_proj`) as MXFP4
+    `_blocks` / `_scales`, as the Hub's checkpoints store them, with their
+    quantization_config. Returns the dense experts the stored blocks mean, [E, cols, rows],
+    by `reference_mxfp4` (an independent byte-by-byte reading)."""
+    from tests.test_quantized import reference_mxfp4
+
+    tensors = {k: v for k, v in load_file(folder / "model.safetensors").items()}
+    meant = {}
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = quantize_mxfp4(tensors.pop(name).float().numpy())
+        tensors[name + "_blocks"] = torch.from_numpy(blocks)
+        tensors[name + "_scales"] = torch.from_numpy(scales)
+        meant[name] = np.ascontiguousarray(np.swapaxes(reference_mxfp4(blocks, scales), -1, -2))
+    quantization = {"quant_method": "mxfp4", "modules_to_not_convert": GPT_OSS_NOT_CONVERTED}
+    _save(folder, tensors, quantization)
+    return meant

@@ -194,7 +194,7 @@ def test_dynamic_frequencies_follow_the_length(tmp_path):
     ("family", "field", "overrides"),
     [
         ("llama", "partial_rotary_factor", {"partial_rotary_factor": 0.5}),
-        ("qwen3", "rope_type", {"rope_parameters": {"rope_type": "proportional"}}),
+        ("qwen3", "rope_type", {"rope_parameters": {"rope_type": "mrope"}}),  # Qwen2-VL's
         ("smollm3", "no_rope_layers", {"no_rope_layers": [1, 2, 1]}),
     ],
 )
@@ -303,11 +303,14 @@ def component_errors(src, n_pos: int):
     ours = Ours("float32", model=model, reference=ref)
     errors = {}
     with torch.no_grad():
-        hidden, calls = ref.layer_calls(ref.embed(random_tokens(n_pos, batch=1)))
+        tokens = random_tokens(n_pos, batch=1)
+        hidden, calls = ref.layer_calls(ref.embed(tokens), tokens)
+        extra = ours.block_inputs(tokens, ours.embed(tokens))  # Gemma 4's
         for i in range(model.cfg.n_layers):
             out, acts = run_hf_layer(ref.body.layers[i], hidden, calls[i], True)
             cos, sin = ours.rotary(n_pos, i)
-            _, errs = run_our_block(model.blocks[i], hidden, cos, sin, acts)
+            kwargs = ours.block_kwargs(extra, i, hidden.device)
+            _, errs = run_our_block(model.blocks[i], hidden, cos, sin, acts, **kwargs)
             errors.update({f"{name}.{i}": err for name, err in errs.items()})
             hidden = out
     return model, errors

@@ -14,16 +14,25 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from gqa_convert import GQATransformer, convert, convert_in_memory
 from gqa_convert.errors import BadInputError
 from gqa_convert.model.generate import filter_logits
-from tests import test_families, test_families_2026, test_gemma, test_moe, test_parity
+from tests import (
+    test_families,
+    test_families_2026,
+    test_gemma,
+    test_gemma4,
+    test_gpt_oss,
+    test_moe,
+    test_moe_2026,
+    test_parity,
+)
 from tests.cli_subprocess import run_cli
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
 from tests.numerics import ROUTING_MARGIN, assert_clear_margins, routing_gap
 from tests.test_verify import save_char_tokenizer
 
 NEW = 64
-# Every family case of test_families, test_gemma, test_moe and test_families_2026 (families
-# added there are covered here), and the Llama, Mistral (windows of 8 and 5, MQA) and Qwen2
-# (biases) cases of test_parity.
+# Every family case of test_families, test_gemma, test_gemma4, test_moe, test_moe_2026 and
+# test_families_2026 (families added there are covered here), and the Llama, Mistral
+# (windows of 8 and 5, MQA) and Qwen2 (biases) cases of test_parity.
 PARITY_EXTRAS = [
     "llama-gqa4",
     "llama-mha",
@@ -34,8 +43,11 @@ PARITY_EXTRAS = [
 GENERATE_CASES = {
     **test_families.CASES,
     **test_gemma.CASES,
+    **test_gemma4.CASES,  # K/V sharing with the cache: shared layers read their source's
     **test_moe.CASES,
+    **test_moe_2026.CASES,
     **test_families_2026.CASES,
+    **test_gpt_oss.CASES,
     **{case: test_parity.CASES[case][:2] + test_parity.CASES[case][3:] for case in PARITY_EXTRAS},
 }
 
@@ -67,9 +79,9 @@ def hf_generate(hf, tokens, mask=None, **kw):
     k = getattr(hf.config, "num_experts_per_tok", None)
     gaps: list[torch.Tensor] = []
     handles = [
-        module.register_forward_hook(lambda m, i, out: gaps.append(routing_gap(out, k)))
+        module.register_forward_hook(lambda m, i, out: gaps.append(routing_gap(out, k, m)))
         for name, module in hf.named_modules()
-        if greedy and name.endswith("mlp.gate")
+        if greedy and name.endswith(("mlp.gate", "mlp.router"))  # gpt-oss: mlp.router
     ]
     try:
         with torch.no_grad():
@@ -115,7 +127,7 @@ def clear_prompts(hf, lengths: list[int], **kw):
 # cases (the others are `slow`: 0.3-3.4 s each, 91 s in all): a case of each mechanism the
 # greedy comparison could trip on (rotary variants, windows, q/k and sandwich norms, soft-caps,
 # routing, biases; of 2026: interleaved rotary, parallel blocks with LayerNorm and logit
-# scale, attention sinks, xIELU, biased LayerNorm with gelu); the margin argument is the
+# scale, attention sinks, xIELU, biased LayerNorm with gelu; gpt-oss); the margin argument is the
 # same for all.
 MATRIX_CASES = {
     "qwen3",
@@ -124,6 +136,7 @@ MATRIX_CASES = {
     "granite",
     "gemma2",
     "gemma3",
+    "gemma4-all-final-cap",
     "mixtral-window-8",
     "olmoe",
     "mistral-mqa-window-5",
@@ -133,6 +146,8 @@ MATRIX_CASES = {
     "granite_swa-sinks",
     "apertus-xielu-llama3",
     "starcoder2-window",
+    "gpt_oss-window-6",
+    "glm4_moe",
 }
 
 

@@ -172,14 +172,19 @@ def test_an_expert_ablated_by_a_hook_changes_the_output(tmp_path):
     """TL's way to keep every token away from an expert: zero its column of
     hook_expert_weights, which top-k picks from. In block 0 no token then picks expert 0;
     the logits change at every token that picked it, and at none before the first one."""
-    src, n_pos = source(tmp_path, "olmoe")
-    model = convert_in_memory(src)
-    tokens = random_tokens(n_pos, batch=1)
-    name = "blocks.0.mlp.hook_expert_indices"
 
     def no_expert_0(probs, hook):
         return probs * (torch.arange(probs.shape[-1]) != 0)
 
+    assert_expert_0_kept_away(*source(tmp_path, "olmoe"), no_expert_0)
+
+
+def assert_expert_0_kept_away(src, n_pos: int, no_expert_0) -> None:
+    """`no_expert_0` on block 0's hook_expert_weights: no token picks expert 0, and the
+    logits change at every token that picked it, and at none before the first one."""
+    model = convert_in_memory(src)
+    tokens = random_tokens(n_pos, batch=1)
+    name = "blocks.0.mlp.hook_expert_indices"
     with torch.no_grad():
         clean, before = model.run_with_cache(tokens, names_filter=name)
         with model.hooks([("blocks.0.mlp.hook_expert_weights", no_expert_0)]):

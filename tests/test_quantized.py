@@ -474,7 +474,9 @@ def test_mxfp4_dequantiser_equals_transformers_and_fails_on_swapped_nibbles():
     assert not np.array_equal(dense_experts(swapped, scales), theirs)
 
 
-def test_mxfp4_checkpoint_is_refused_until_gpt_oss(tmp_path):
+def test_mxfp4_tensors_read_as_dense_experts_and_a_broken_checkpoint_is_one_line(tmp_path):
+    """An MXFP4 pair reads as transformers' dense [E, cols, rows]; a gpt-oss checkpoint that
+    holds nothing else (tests/test_gpt_oss.py converts whole ones) fails in one line."""
     from safetensors.numpy import save_file
 
     src = tmp_path / "src"
@@ -497,7 +499,14 @@ def test_mxfp4_checkpoint_is_refused_until_gpt_oss(tmp_path):
     assert source.tensors[name].shape == (2, 96, 6)
     assert np.array_equal(source.read(name), dense_experts(blocks, scales))
     run = run_cli("convert", src, tmp_path / "out")
-    assert run.code == 4 and "gpt-oss" in run.message, run.stderr
+    assert run.code == 3 and "config.json" in run.message, run.stderr
+    assert_nothing_written(tmp_path)
+    # MXFP4 in another family: transformers would not dequantise it, so it is refused.
+    (src / "config.json").write_text(
+        json.dumps({**config, "architectures": ["MixtralForCausalLM"]})
+    )
+    run = run_cli("convert", src, tmp_path / "out")
+    assert run.code == 4 and "only in gpt-oss" in run.message, run.stderr
     assert_nothing_written(tmp_path)
 
 

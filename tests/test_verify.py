@@ -147,6 +147,35 @@ def test_a_broken_export_fails_and_names_the_layer(tmp_path, llama, name):
         assert all(report.components[c] < 1e-4 for c in order[: order.index(component)])
 
 
+def test_a_passing_gate_runs_each_layer_once_and_a_failing_one_rechecks_up_to_the_break(llama):
+    """The verdict reads the free-running figures only: on a correct conversion each HF layer
+    and each block of ours runs once per input (no teacher forcing). On a broken one, a
+    second pass runs both on HF's stream from block 0 up to the broken block, no further."""
+    hf = load_reference(llama)
+    n_layers = len(hf.model.layers)
+    for model, broken in (
+        (convert_in_memory(llama), None),
+        (M.mutated_model(llama, M.swap_kv_heads(layer=1)), 1),
+    ):
+        calls = {"hf": [0] * n_layers, "ours": [0] * n_layers}
+        hooks = [
+            layer.register_forward_hook(lambda *_, c=calls[side], i=i: c.__setitem__(i, c[i] + 1))
+            for side, layers in (("hf", hf.model.layers), ("ours", model.blocks))
+            for i, layer in enumerate(layers)
+        ]
+        try:
+            report = verify(llama, model=model, reference=hf, seq_len=32)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert report.passed is (broken is None)
+        again = [int(broken is not None and i <= broken) for i in range(n_layers)]
+        want = [report.sequences * (1 + a) for a in again]
+        assert calls == {"hf": want, "ours": want}
+        if broken is not None:
+            assert report.first_divergence == {"layer": 1, "component": "k"}
+
+
 def test_sliding_window_ignored_fails_past_the_window(tmp_path, mistral):
     out = M.mutate_export(convert(mistral, tmp_path / "out"), M.sliding_window_ignored())
     report = verify(mistral, out, seq_len=64)

@@ -203,6 +203,13 @@ TL_LACKS = (
     ("query_scale_beta", None),  # Ministral 3's llama_4_scaling_beta
     ("qk_norm_after_rotary", False),  # Hunyuan
     ("rope_thetas", ()),  # Granite SWA's per-layer theta
+    ("chunked_layers", ()),  # Llama 4's chunked attention
+    ("temperature_tuning", False),  # Llama 4's
+    ("v_norm", False),  # Gemma 4's, with its layer_scalar, k = v, K/V sharing, per-layer inputs
+    ("layer_scalar", False),
+    ("k_eq_v_global", False),
+    ("kv_shared_layers", 0),
+    ("d_per_layer_input", 0),
 )
 
 
@@ -229,6 +236,8 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
         problems.append("norm_placement = 'post' (TL applies it to OLMo 2 and 3 only)")
     if cfg.qk_norm == "proj" and cfg.architecture not in PROJ_QK_NORM:
         problems.append("qk_norm = 'proj' (TL applies it to OLMo2 and OLMoE only)")
+    if cfg.qk_norm == "weightless":
+        problems.append("qk_norm = 'weightless' (Llama 4's, on rotary layers only)")
     if cfg.qk_norm == "heads":
         problems.append("qk_norm = 'heads' (TL's q / k norm weights are shared by the heads)")
     if cfg.parallel_attn_mlp:
@@ -238,6 +247,17 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
     if cfg.moe is not None and not all(cfg.moe.layers):
         dense = [i for i, moe in enumerate(cfg.moe.layers) if not moe]
         problems.append(f"dense MLP layers {dense} among MoE layers (TL's MoE is on every layer)")
+    if cfg.moe is not None:  # TL's MoE: a softmax router's top-k, no shared expert
+        moe = cfg.moe
+        beyond = {
+            f"a {moe.router} router": moe.router != "softmax",
+            "e_score_correction_bias": moe.score_correction_bias,
+            f"grouped top-k (n_group = {moe.n_group})": moe.n_group > 1,
+            f"routed_scaling_factor = {moe.routed_scaling_factor}": moe.routed_scaling_factor != 1,
+            "a shared expert": moe.d_shared_expert is not None,
+            "the weight scaling the expert's input": moe.score_scales_input,  # Llama 4
+        }
+        problems += [f"{what} (TL's MoE lacks it)" for what, on in beyond.items() if on]
     if cfg.rope.type == "linear" and local and cfg.rope_local is None:
         problems.append("linear rope scaling with sliding-window layers (TL skips them)")
     if cfg.rope.type == "yarn" and cfg.rope.partial_rotary_factor != 1.0:

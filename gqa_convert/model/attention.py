@@ -33,7 +33,7 @@ from gqa_convert.config import ModelConfig
 from gqa_convert.model.attention_config import AttentionConfig, attention_config
 from gqa_convert.model.fused import FusedProjections
 from gqa_convert.model.hooks import HookPoint
-from gqa_convert.model.norm import apply_qk_norm, qk_norm
+from gqa_convert.model.norm import apply_qk_norm, qk_norm, rms_normalize
 from gqa_convert.model.rotary import apply_rotary, length_dependent, rotary_inv_freq, rotary_table
 
 # Buffers TL's attention holds and derives from its config; we derive them per call.
@@ -56,6 +56,20 @@ def causal_mask(
     if window is not None:
         allowed &= j > i - window  # HF and TL: keep keys with q_idx - kv_idx < window
     return allowed
+
+
+def same_chunk(
+    q_len: int, k_len: int, size: int, attention_mask: Tensor | None, device: torch.device
+) -> Bool[Tensor, "*batch q_len k_len"]:
+    """Llama 4's chunked attention: True where key j is in query i's `size`-token chunk,
+    chunks counted from each row's first attended token (HF's `chunked_overlay` with its
+    left padding) when `attention_mask` [batch, k_len] is given."""
+    if attention_mask is None:
+        pos = torch.arange(k_len, device=device)
+    else:
+        pos = attention_mask.cumsum(dim=-1) - 1  # [batch, k_len]; pads before: < 0, masked
+    chunk = torch.div(pos, size, rounding_mode="floor")
+    return chunk[..., -q_len:, None] == chunk[..., None, :]
 
 
 class GroupedQueryAttention(nn.Module):
@@ -88,18 +102,21 @@ class GroupedQueryAttention(nn.Module):
         n, k, m, h = acfg.n_heads, acfg.n_key_value_heads, acfg.d_model, acfg.d_head
         self.repeat_kv_heads = acfg.group_size
         dt = acfg.dtype
+        # Gemma 4: a layer attending an earlier layer's K/V has no K/V weights, a k = v
+        # layer no V weights (None).
+        own_k, own_v = acfg.kv_source is None, acfg.kv_source is None and not acfg.k_eq_v
         self.W_Q = nn.Parameter(torch.empty(n, m, h, dtype=dt))
-        self._W_K = nn.Parameter(torch.empty(k, m, h, dtype=dt))
-        self._W_V = nn.Parameter(torch.empty(k, m, h, dtype=dt))
+        self._W_K = nn.Parameter(torch.empty(k, m, h, dtype=dt)) if own_k else None
+        self._W_V = nn.Parameter(torch.empty(k, m, h, dtype=dt)) if own_v else None
         self.W_O = nn.Parameter(torch.empty(n, h, m, dtype=dt))
         # Biases are zero unless the checkpoint has them (ModelConfig.qkv_bias / o_bias).
         self.b_Q = nn.Parameter(torch.zeros(n, h, dtype=dt))
-        self._b_K = nn.Parameter(torch.zeros(k, h, dtype=dt))
-        self._b_V = nn.Parameter(torch.zeros(k, h, dtype=dt))
+        self._b_K = nn.Parameter(torch.zeros(k, h, dtype=dt)) if own_k else None
+        self._b_V = nn.Parameter(torch.zeros(k, h, dtype=dt)) if own_v else None
         self.b_O = nn.Parameter(torch.zeros(m, dtype=dt))
         # RMSNorm of q and k before rotary (Qwen3 per head, OLMo2 over the projection), or
         # after it (Hunyuan), Cohere's LayerNorm per head; or None.
-        self.q_norm, self.k_norm = qk_norm(acfg, n), qk_norm(acfg, k)
+        self.q_norm, self.k_norm = qk_norm(acfg, n), qk_norm(acfg, k) if own_k else None
         # Granite SWA's (and gpt-oss's) sinks: a learned logit per head, an extra score
         # column of every softmax, dropped after it.
         self.sinks = nn.Parameter(torch.zeros(n, dtype=dt)) if acfg.attn_sinks else None
@@ -123,6 +140,8 @@ class GroupedQueryAttention(nn.Module):
         if acfg.positional_embedding_type == "rotary":
             self.hook_rot_k = HookPoint()  # after rotary, keys of every position so far
             self.hook_rot_q = HookPoint()  # after rotary
+        if self.sinks is not None:  # ours (TL has no sinks): [head_index], the sink logits
+            self.hook_sinks = HookPoint(has_batch_dim=False)
 
     @property
     def W_K(self) -> Float[Tensor, "head_index d_model d_head"]:
@@ -135,7 +154,8 @@ class GroupedQueryAttention(nn.Module):
 
     @property
     def W_V(self) -> Float[Tensor, "head_index d_model d_head"]:
-        return torch.repeat_interleave(self._W_V, self.repeat_kv_heads, dim=0)
+        W = self._W_K if self.cfg.k_eq_v else self._W_V  # Gemma 4's k = v: K's weights
+        return torch.repeat_interleave(W, self.repeat_kv_heads, dim=0)
 
     @W_V.setter
     def W_V(self, value: Tensor) -> None:
@@ -207,9 +227,17 @@ class GroupedQueryAttention(nn.Module):
         q = self.hook_q(self._project("q", query_input, self.W_Q, self.b_Q))
         W_K, b_K = (self.W_K, self.b_K) if ungroup else (self._W_K, self._b_K)
         W_V, b_V = (self.W_V, self.b_V) if ungroup else (self._W_V, self._b_V)
+        if self.cfg.kv_source is not None:  # Gemma 4: K/V are an earlier layer's
+            if self.cfg.qk_norm in ("head", "heads"):
+                q = apply_qk_norm(self.q_norm, q)
+            return q, None, None
         k = self.hook_k(self._project("k", key_input, W_K, b_K))
-        v = self.hook_v(self._project("v", value_input, W_V, b_V))
-        if self.cfg.qk_norm in ("head", "heads") and not self.cfg.qk_norm_after_rotary:
+        # Gemma 4's k = v layers: v is k's projection, before k's norm
+        v = self.hook_v(k if self.cfg.k_eq_v else self._project("v", value_input, W_V, b_V))
+        if self.cfg.v_norm:  # Gemma 4: a weightless RMSNorm of v
+            v = rms_normalize(v, self.cfg.eps)
+        per_head = ("head", "heads", "weightless")
+        if self.cfg.qk_norm in per_head and not self.cfg.qk_norm_after_rotary:
             q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
         return q, k, v
 
@@ -288,6 +316,7 @@ class GroupedQueryAttention(nn.Module):
         rotary: tuple[Tensor, Tensor] | None = None,
         use_fast_path: bool | None = None,
         positions: Int[Tensor, "*batch pos"] | None = None,
+        shared_kv: dict[int, tuple[Tensor, Tensor]] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """TL's forward. `past_kv_cache_entry` (ours, `KeyValueCacheEntry`, or TL's) gets the
         new K/V appended (unrotated, after the q/k norms, at n_kv heads) and the queries'
@@ -302,9 +331,20 @@ class GroupedQueryAttention(nn.Module):
         `use_fast_path`: None picks SDPA unless a hook reads scores or pattern, False forces
         the reference path (so do a soft-cap on the scores and sinks); `positions` [pos] or
         [batch, pos], the queries' positions (Ministral 3's query scale; None: those of
-        `rotary`'s rule).
+        `rotary`'s rule); `shared_kv` (Gemma 4's KV sharing, one dict per forward pass):
+        {layer: (keys after rotary, values)} of every key position attended, written by
+        `kv_store` layers, read by those with a `kv_source` (which neither cache nor
+        rotate keys of their own).
         """
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+        if self.cfg.kv_source is not None:
+            if shared_kv is None or self.cfg.kv_source not in shared_kv:
+                raise ValueError(
+                    f"layer {self.layer_id} attends the K/V of layer {self.cfg.kv_source}: "
+                    "run the model (or pass shared_kv)"
+                )
+            kv = shared_kv[self.cfg.kv_source]
+            return self._attend_shared(q, kv, rotary, attention_mask, use_fast_path)
         if self.cfg.qk_norm == "proj":  # where TL applies OLMo's norms: after calculate_qkv
             q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
         # TL's entry caches keys before rotary; ours for generation (`LayerCache`,
@@ -325,15 +365,49 @@ class GroupedQueryAttention(nn.Module):
             k = self._rotate(k, cos[..., -k_new:, :], sin[..., -k_new:, :])
         elif rotary is not None:
             raise ValueError("rotary given, but cfg.positional_embedding_type is not 'rotary'")
-        if self.cfg.query_scale_beta is not None:  # Ministral 3, after rotary as in HF
+        tuning = self.cfg.temperature_tuning  # Llama 4's: after the cache, by its length
+        if self.cfg.query_scale_beta is not None and not tuning:  # Ministral 3, after rotary
             q = q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)
         if entry is not None and not cached_before_rotary:
             k, v = entry.append(k, v)
+        if self.cfg.query_scale_beta is not None and tuning:  # k: every key so far
+            q = q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)
         if rotates:
             k = self.hook_rot_k(k)  # every key the queries attend
         if self.cfg.qk_norm_after_rotary:  # Hunyuan: the cache holds k before this norm
             q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
-        k_len = k.shape[1]
+        if self.cfg.kv_store and shared_kv is not None:  # Gemma 4: later layers attend these
+            shared_kv[self.layer_id] = (k, v)
+        return self._attend(q, k, v, attention_mask, additive_attention_mask, use_fast_path)
+
+    def _attend_shared(
+        self,
+        q: Float[Tensor, "batch pos head_index d_head"],
+        kv: tuple[Tensor, Tensor],
+        rotary: tuple[Tensor, Tensor] | None,
+        attention_mask: Int[Tensor, "batch offset_pos"] | None,
+        use_fast_path: bool | None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Gemma 4's KV-shared layer: its queries, rotated, attend another layer's keys
+        (rotated) and values, every position that layer attended."""
+        k, v = kv
+        if rotary is not None:
+            cos, sin = rotary
+            q_len = q.shape[1]
+            q = self.hook_rot_q(self._rotate(q, cos[..., -q_len:, :], sin[..., -q_len:, :]))
+        return self._attend(q, k, v, attention_mask, None, use_fast_path)
+
+    def _attend(
+        self,
+        q: Float[Tensor, "batch pos head_index d_head"],
+        k: Float[Tensor, "batch kv_pos kv_head_index d_head"],
+        v: Float[Tensor, "batch kv_pos kv_head_index d_head"],
+        attention_mask: Int[Tensor, "batch offset_pos"] | None,
+        additive_attention_mask: Tensor | None,
+        use_fast_path: bool | None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Masked attention of `q` over `k` / `v` (rotated, the cache's included), then W_O."""
+        q_len, k_len = q.shape[1], k.shape[1]
         if attention_mask is not None:  # [batch, positions so far]: those of the keys held
             attention_mask = attention_mask[:, -k_len:]
 
@@ -347,11 +421,16 @@ class GroupedQueryAttention(nn.Module):
         # SDPA without a mask: causal when queries and keys are the same positions; none at
         # all for one query (the newest position sees every key held).
         windowed = self.window is not None and k_len > self.window
+        chunk = self.cfg.chunk_size  # Llama 4's chunked layers
+        windowed = windowed or (chunk is not None and k_len > chunk)
         unmasked = attention_mask is None and additive_attention_mask is None and not windowed
         is_causal = use_fast_path and unmasked and q_len == k_len and q_len > 1
         mask = None
         if not (use_fast_path and unmasked and (q_len == 1 or is_causal)):
             mask = causal_mask(q_len, k_len, self.window, q.device)  # [q, k]
+            if chunk is not None:  # [q, k], or [batch, 1, q, k] with a mask
+                in_chunk = same_chunk(q_len, k_len, chunk, attention_mask, q.device)
+                mask = mask & (in_chunk if attention_mask is None else in_chunk[:, None])
             if attention_mask is not None:
                 mask = mask & attention_mask[:, None, None, :].bool()  # [batch, 1, q, k]
         if use_fast_path:
@@ -370,11 +449,13 @@ class GroupedQueryAttention(nn.Module):
         return self._project_out(z)
 
     def _softmax(self, scores: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head q k"]:
-        """Softmax over keys in fp32; with sinks, each head's sink logit is one more column,
-        dropped after the softmax (the pattern then sums to less than 1)."""
+        """Softmax over keys in fp32; with sinks, each head's sink logit (through
+        `hook_sinks`) is one more column, dropped after the softmax: the pattern then sums
+        to less than 1, the rest being the sink's share."""
         if self.sinks is None:
             return F.softmax(scores, dim=-1, dtype=torch.float32)
-        sink = self.sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        sinks = self.hook_sinks(self.sinks)  # [head_index]
+        sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
         return F.softmax(torch.cat((scores, sink), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -393,11 +474,15 @@ class GroupedQueryAttention(nn.Module):
         q_len: int,
         q: Tensor,
     ) -> Tensor:
-        """Ministral 3's 1 + beta * log(1 + floor(position / length)) per query position,
+        """Ministral 3's 1 + beta * log(1 + floor(position / length)) per query position
+        (Llama 4's temperature tuning: floor((token index + 1) / length), the index counting
+        padding and the cache as Llama4TextAttention's),
         computed in fp32 as Ministral3Attention does, cast to q's dtype, shaped to broadcast
         over [batch, pos, head, d_head]. `positions` [pos] or [batch, pos] (our decoder's);
         None: those `rotary` would use (the mask's cumsum - 1, or the last q_len of k_len)."""
-        if positions is None:
+        if self.cfg.temperature_tuning:  # Llama 4: indices of all keys held (no window), + 1
+            positions = torch.arange(k_len - q_len + 1, k_len + 1, device=q.device)
+        elif positions is None:
             if attention_mask is not None:
                 positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -q_len:]
             else:

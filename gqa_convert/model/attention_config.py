@@ -82,6 +82,17 @@ class AttentionConfig:
     # Ministral 3: after rotary, q times 1 + beta * log(1 + floor(position / length)).
     query_scale_beta: float | None = None
     query_scale_length: int | None = None
+    # Llama 4's temperature tuning: the query scale at floor((token index + 1) / length)
+    temperature_tuning: bool = False
+    # Llama 4's chunked attention: keys of the query's own chunk only (positions // size).
+    chunk_size: int | None = None
+    # Gemma 4: `v_norm` a weightless RMSNorm of v; `k_eq_v` no W_V, v is k's projection;
+    # `kv_source` the layer whose keys and values this one attends (it has no W_K / W_V);
+    # `kv_store` later layers attend this one's.
+    v_norm: bool = False
+    k_eq_v: bool = False
+    kv_source: int | None = None
+    kv_store: bool = False
 
     @property
     def rotary_base(self) -> float:
@@ -105,24 +116,33 @@ def attention_config(
     if isinstance(cfg, ModelConfig):
         in_model = layer_id is not None and layer_id < cfg.n_layers
         rotary = not in_model or cfg.rope_layers[layer_id]
+        query_scaled = cfg.query_scale_beta is not None and not (
+            cfg.temperature_tuning and rotary
+        )  # Llama 4: temperature tuning on NoPE layers only
+        chunked = in_model and bool(cfg.chunked_layers) and cfg.chunked_layers[layer_id]
         multiplier = cfg.attention_multiplier  # Granite: scores times it, not / sqrt(d_head)
+        # Gemma 4: global layers' own head size and KV heads, K/V shared between layers
+        d_head = cfg.layer_d_head(layer_id) if in_model else cfg.d_head
+        source = cfg.kv_source(layer_id) if in_model else None
         # Gemma 2/3: scores / sqrt(query_pre_attn_scalar)
-        scale = (cfg.query_pre_attn_scalar or cfg.d_head) ** 0.5
+        scale = (cfg.query_pre_attn_scalar or d_head) ** 0.5
         return AttentionConfig(
             n_heads=cfg.n_heads,
-            n_key_value_heads=cfg.n_key_value_heads,
+            n_key_value_heads=cfg.layer_n_kv(layer_id) if in_model else cfg.n_key_value_heads,
             d_model=cfg.d_model,
-            d_head=cfg.d_head,
+            d_head=d_head,
             attn_scale=1 / multiplier if multiplier else scale,
             window_size=cfg.sliding_window,
             scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
             positional_embedding_type="rotary" if rotary else "standard",
-            rotary_dim=cfg.rotary_dim if rotary else None,
+            rotary_dim=(cfg.layer_rotary_dim(layer_id) if in_model else cfg.rotary_dim)
+            if rotary
+            else None,
             # Gemma 3: the local layers' own; Granite SWA: the layer's own theta
             rope=cfg.layer_rope(layer_id) if in_model else cfg.rope_for(attn_type),
             rotary_adjacent_pairs=cfg.rotary_adjacent_pairs,
             n_ctx=cfg.n_ctx,
-            qk_norm=cfg.qk_norm,
+            qk_norm=cfg.qk_norm if rotary or cfg.qk_norm_on_nope_layers else None,
             eps=cfg.eps,
             norm_weight_in_fp32=cfg.norm_weight_in_fp32,
             rotary_in_fp32=cfg.rotary_in_fp32,
@@ -132,8 +152,15 @@ def attention_config(
             qk_norm_after_rotary=cfg.qk_norm_after_rotary,
             rotary_math_in_fp32=cfg.rotary_math_in_fp32,
             attn_sinks=cfg.attn_sinks,
-            query_scale_beta=cfg.query_scale_beta,
+            query_scale_beta=cfg.query_scale_beta if query_scaled else None,
             query_scale_length=cfg.query_scale_length,
+            temperature_tuning=cfg.temperature_tuning,
+            chunk_size=cfg.attention_chunk_size if chunked else None,
+            v_norm=cfg.v_norm,
+            k_eq_v=cfg.k_eq_v_global and attn_type == "global",
+            kv_source=source,
+            kv_store=in_model
+            and any(cfg.kv_source(i) == layer_id for i in range(layer_id + 1, cfg.n_layers)),
         )
     if isinstance(cfg, Mapping):
         get = cfg.get

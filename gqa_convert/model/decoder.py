@@ -48,14 +48,16 @@ class GatedMLP(nn.Module):
     act is `cfg.act_fn` (SiLU, or Gemma's tanh GELU); with `cfg.mlp_bias`, b_gate / b_in
     [d_mlp] and b_out [d_model] added as HF's nn.Linear adds them (InternLM3, ERNIE)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, d_mlp: int | None = None):
+        """`d_mlp`: this layer's width, if not cfg.d_mlp (Gemma 4's double-wide MLPs)."""
         super().__init__()
+        f = d_mlp or cfg.d_mlp
         self.act = ACTIVATIONS[cfg.act_fn]
-        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
-        self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
-        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, f))
+        self.W_gate = nn.Parameter(torch.empty(cfg.d_model, f))
+        self.W_out = nn.Parameter(torch.empty(f, cfg.d_model))
         if cfg.mlp_bias:
-            self.b_gate, self.b_in = bias(cfg.d_mlp, True), bias(cfg.d_mlp, True)
+            self.b_gate, self.b_in = bias(f, True), bias(f, True)
             self.b_out = bias(cfg.d_model, True)
         # TL's GatedMLP hook points, all [batch, pos, d_mlp]
         self.hook_pre = HookPoint()  # x W_gate, before the activation
@@ -79,6 +81,47 @@ class Embed(nn.Module):
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         return self.W_E[tokens]
+
+
+class PerLayerEmbed(nn.Module):
+    """Gemma 4's per-layer inputs: a second embedding `W_E` [d_vocab_per_layer, n_layers,
+    p] (times sqrt(p) rounded to the dtype, as HF's embed_scale) and a projection of the
+    scaled embeddings `W_proj` [d_model, n_layers, p] (times d_model^-0.5, then RMSNorm `ln`
+    over p), summed and times 2^-0.5: one input [batch, pos, n_layers, p] per layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        p = cfg.d_per_layer_input
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab_per_layer, cfg.n_layers, p))
+        self.W_proj = nn.Parameter(torch.empty(cfg.d_model, cfg.n_layers, p))
+        self.ln = make_norm(p, cfg.eps, cfg.norm_type, cfg.norm_weight_in_fp32, cfg.norm_offset)
+        self.scale, self.proj_scale = p**0.5, cfg.d_model**-0.5
+
+    def forward(
+        self, tokens: Int[Tensor, "batch pos"], embeds: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos n_layers p"]:
+        scale = torch.tensor(self.scale, dtype=torch.float32, device=embeds.device)
+        by_token = self.W_E[tokens] * scale.to(self.W_E.dtype)
+        proj = (embeds @ self.W_proj.flatten(1)).unflatten(-1, self.W_proj.shape[1:])
+        return (self.ln(proj * self.proj_scale) + by_token) * 2**-0.5
+
+
+class PerLayerInput(nn.Module):
+    """Gemma 4's gate of a block's per-layer input into the residual stream:
+    ln_post((act(x W_gate) * per_layer_input) W_out), W_gate [d_model, p], W_out [p,
+    d_model]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.act_fn]
+        self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_per_layer_input))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_per_layer_input, cfg.d_model))
+        self.ln_post = norm(cfg)
+
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], per_layer: Float[Tensor, "batch pos p"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        return self.ln_post((self.act(x @ self.W_gate) * per_layer) @ self.W_out)
 
 
 class Unembed(nn.Module):
@@ -138,7 +181,13 @@ class TransformerBlock(nn.Module):
         if cfg.is_moe_layer(layer_id):
             self.mlp = MoEMLP(cfg)
         else:
-            self.mlp = GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)
+            self.mlp = GatedMLP(cfg, cfg.layer_d_mlp(layer_id)) if cfg.gated_mlp else MLP(cfg)
+        if cfg.d_per_layer_input:  # Gemma 4: the block's per-layer input, after the MLP
+            self.per_layer = PerLayerInput(cfg)
+            self.hook_per_layer_input = HookPoint()  # [batch, pos, d_per_layer_input]
+            self.hook_per_layer_out = HookPoint()  # [batch, pos, d_model], added to resid
+        if cfg.layer_scalar:  # Gemma 4: the block's output times it
+            self.layer_scalar = nn.Parameter(torch.ones(1))
         self.use_rope = cfg.rope_layers[layer_id]  # False: a NoPE layer, no rotary at all
         self.hook_resid_pre = HookPoint()  # every residual-stream hook: [batch, pos, d_model]
         self.hook_attn_out = HookPoint()
@@ -165,13 +214,17 @@ class TransformerBlock(nn.Module):
         cache: Any | None = None,
         attention_mask: Int[Tensor, "batch positions_so_far"] | None = None,
         positions: Int[Tensor, "*batch pos"] | None = None,
+        per_layer_input: Float[Tensor, "batch pos p"] | None = None,
+        shared_kv: dict[int, tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor:
         """Pre-norm: resid + m * sublayer(ln(resid)); post-norm: resid + m * ln(sublayer(resid));
         sandwich: resid + m * ln_post(sublayer(ln(resid))), m being Granite's
         residual_multiplier (1 elsewhere); parallel (Cohere): resid + attn(ln1(resid)) +
         mlp(ln1(resid)). hook_attn_out / hook_mlp_out see the sublayer's output before m
         (after the post-norm, as TransformerLens). `cache` (this layer's KV cache entry),
-        `attention_mask` and `positions` (the new tokens') go to the attention."""
+        `attention_mask` and `positions` (the new tokens') go to the attention, and
+        `shared_kv` (Gemma 4's KV sharing). Gemma 4: resid + per_layer(resid,
+        per_layer_input) after the MLP, the result times `layer_scalar`."""
         pre, m = self.cfg.norm_placement != "post", self.cfg.residual_multiplier
         resid = self.hook_resid_pre(resid)
         if self.use_split_qkv_input:  # TL's: q, k, v inputs per head, each through ln1
@@ -197,6 +250,7 @@ class TransformerBlock(nn.Module):
             rotary=rotary,
             use_fast_path=use_fast_path,
             positions=positions,
+            shared_kv=shared_kv,
         )
         attn_out = self.hook_attn_out(self.norm_after(1, attn_out))
         if self.cfg.parallel_attn_mlp:  # HF's order: (resid + attn) + mlp, from ln1's output
@@ -207,7 +261,13 @@ class TransformerBlock(nn.Module):
         mlp_in = self.hook_mlp_in(resid.clone()) if self.use_hook_mlp_in else resid
         mlp_out = self.mlp(self.ln2(mlp_in) if pre else mlp_in)
         mlp_out = self.hook_mlp_out(self.norm_after(2, mlp_out))
-        return self.hook_resid_post(resid + mlp_out * m)
+        resid = resid + mlp_out * m
+        if hasattr(self, "per_layer"):
+            per_layer = self.hook_per_layer_input(per_layer_input)
+            resid = resid + self.hook_per_layer_out(self.per_layer(resid, per_layer))
+        if hasattr(self, "layer_scalar"):
+            resid = resid * self.layer_scalar
+        return self.hook_resid_post(resid)
 
     def inactive_hooks(self) -> dict[str, str]:
         """{hook point name within the block: the setting that makes it fire} for those
@@ -247,6 +307,8 @@ class GQATransformer(TransformerLensAPI):
         self.cfg = cfg
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: what enters block 0 (scaled)
+        if cfg.d_per_layer_input:  # Gemma 4's per-layer inputs
+            self.embed_per_layer = PerLayerEmbed(cfg)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = norm(cfg)
         self.unembed = Unembed(cfg)
@@ -295,6 +357,8 @@ class GQATransformer(TransformerLensAPI):
             inv_freq = self.rotary_inv_freq_layers[rope]
         elif rope != cfg.rope and self.rotary_inv_freq_local is not None:
             inv_freq = self.rotary_inv_freq_local
+        if layer is not None and cfg.layer_rotary_dim(layer) != cfg.rotary_dim:
+            inv_freq = rotary_inv_freq(rope, cfg.layer_rotary_dim(layer))  # Gemma 4
         if length_dependent(rope):
             n_len = int(positions.max()) + 1
             inv_freq = rotary_inv_freq(rope, cfg.rotary_dim, n_len, cfg.n_ctx)
@@ -339,6 +403,10 @@ class GQATransformer(TransformerLensAPI):
         elif tokens.ndim == 1:
             tokens = tokens[None]  # TL: one sequence gets a batch dimension
         resid = self.hook_embed(scale_embeddings(self.cfg, self.embed(tokens)))
+        per_layer = [None] * len(self.blocks)
+        if hasattr(self, "embed_per_layer"):  # Gemma 4: [batch, pos, n_layers, p]
+            per_layer = self.embed_per_layer(tokens, resid).unbind(2)
+        shared_kv: dict[int, tuple[Tensor, Tensor]] = {}  # Gemma 4's KV sharing
         n_new, past = tokens.shape[1], cache.length if cache is not None else 0
         if attention_mask is not None:
             positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -n_new:]
@@ -355,7 +423,17 @@ class GQATransformer(TransformerLensAPI):
             if rope not in tables:
                 tables[rope] = self.rotary(n_new, dtype, None, positions=positions, layer=i)
             cos, sin = tables[rope]
-            resid = block(resid, cos, sin, use_fast_path, entry, attention_mask, positions)
+            resid = block(
+                resid,
+                cos,
+                sin,
+                use_fast_path,
+                entry,
+                attention_mask,
+                positions,
+                per_layer[i],
+                shared_kv,
+            )
         if stop_at_layer is not None:
             return resid
         if logits_to_keep:

@@ -1,4 +1,5 @@
-"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE), in TransformerLens 3.9's names.
+"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE, gpt-oss), in TransformerLens 3.9's
+names.
 
 A router `W_gate` [d_model, n_experts] scores each token (as HF's `F.linear`, so the logits
 are HF's bit for bit on the same input); the `top_k` experts of highest softmax probability
@@ -8,16 +9,23 @@ probabilities, divided by their sum when `norm_topk_prob` (Mixtral always). Mixt
 the expert outputs by the fp32 weights; Qwen3-MoE and OLMoE cast the weights to the compute
 dtype first (`weights_in_fp32`). A token's k weighted outputs are summed in that product's
 dtype, then cast, as transformers' default experts forward does (in bf16 the logits are
-HF's bit for bit). Only the tokens routed to an expert pass through it.
+HF's bit for bit). Only the tokens routed to an expert pass through it. gpt-oss
+(MoEConfig's `router_bias`, `softmax_after_topk`, `expert_bias`, `clamped_swiglu`): the
+router adds a bias `b_gate`, picks the top-k logits and softmaxes those k (in their dtype);
+each expert adds its biases and applies the clamped SwiGLU (`Expert`).
 
 Each expert is its own module, `experts.{e}.W_gate / W_in` [d_model, d_expert] and
 `experts.{e}.W_out` [d_expert, d_model] (our dense MLP's layout; TL's MoE keeps the
 nn.Linear transposes, which interop writes). Hooks, TL's `MoE` names with TL's contents,
 tokens flattened to rows (row = batch index * pos + position):
-  hook_expert_weights  [batch * pos, n_experts]  the router's softmax (fp32), before top-k
+  hook_expert_weights  [batch * pos, n_experts]  the router's softmax (fp32), before top-k;
+                       with `softmax_after_topk` (gpt-oss) the router's logits, what its
+                       top-k picks from (the k picked are then softmaxed: -inf in a
+                       column keeps every token away from that expert)
   hook_expert_indices  [batch * pos, top_k]      the chosen experts, best first
   experts.{e}.hook_gate / hook_pre / hook_post  [tokens routed to e, d_expert]: x W_gate,
-                       x W_in, silu(gate) * pre (TL's MoEGatedMLP names), the rows ordered
+                       x W_in (+ b_gate, b_in), silu(gate) * pre (gpt-oss: the clamped
+                       SwiGLU's output) (TL's MoEGatedMLP names), the rows ordered
                        as TL's and HF's eager loop order them: by slot (the tokens that
                        chose e first), then by token
 and ours, which TL does not have:
@@ -31,6 +39,25 @@ row). A hook that returns a tensor reroutes, as in TL: new `hook_expert_weights`
 picks from (zero a column to keep every token away from that expert), new
 `hook_expert_indices` send each slot's token to another expert with the slot's weight, and
 new `hook_topk_weights` rescale the chosen experts (zero: ablate).
+
+Named options (config.MoEConfig), for the DeepSeek-V3 style router of GLM-4.5:
+- `router = "sigmoid"`: `hook_expert_weights` holds each expert's sigmoid score (fp32)
+  instead of the softmax; the chosen experts' weights are gathered from it.
+- `score_correction_bias`: `e_score_correction_bias` [n_experts] (fp32 in HF) is added to
+  those scores to choose the experts only (the weights are the scores without it).
+- `n_group` > 1: the experts split into n_group equal groups, each scored by the sum of
+  its 2 best (bias-corrected) scores; experts are chosen only within the `topk_group` best
+  groups. A `hook_expert_weights` column set to -inf (sigmoid) or 0 (softmax) keeps every
+  token away from that expert.
+- `routed_scaling_factor`: the chosen weights times this, after `norm_topk_prob`.
+- `d_shared_expert` not None: `shared_expert` (an `Expert`, the same W_gate / W_in / W_out
+  layout and hooks) runs on every token, rows = batch * pos as the router hooks, and its
+  output is added to the routed experts' sum unweighted (width 0: HF's zero-size tensors,
+  output 0).
+- `score_scales_input` (Llama 4): each chosen expert runs on the token times its weight (in
+  the compute dtype), its output then added unscaled (Llama4TextMoe); with the sigmoid
+  router, top-k of the sigmoid scores picks what HF's top-k of the logits picks, unless two
+  logits large enough for their sigmoids to round to the same fp32 value tie.
 """
 
 from __future__ import annotations
@@ -45,13 +72,27 @@ from gqa_convert.model.hooks import HookPoint
 
 
 class Expert(nn.Module):
-    """One expert: W_out(silu(x W_gate) * (x W_in))."""
+    """One expert: W_out(silu(x W_gate) * (x W_in)); with `bias`, each projection adds its
+    bias (b_gate, b_in, b_out; gpt-oss); with `clamp` (alpha, limit), gpt-oss's clamped
+    SwiGLU: g = min(gate, limit), u = clamp(pre, -limit, limit), post = (u + 1) * g *
+    sigmoid(alpha g), in transformers' order of operations."""
 
-    def __init__(self, d_model: int, d_expert: int):
+    def __init__(
+        self,
+        d_model: int,
+        d_expert: int,
+        bias: bool = False,
+        clamp: tuple[float, float] | None = None,
+    ):
         super().__init__()
         self.W_gate = nn.Parameter(torch.empty(d_model, d_expert))
         self.W_in = nn.Parameter(torch.empty(d_model, d_expert))
         self.W_out = nn.Parameter(torch.empty(d_expert, d_model))
+        if bias:
+            self.b_gate = nn.Parameter(torch.zeros(d_expert))
+            self.b_in = nn.Parameter(torch.zeros(d_expert))
+            self.b_out = nn.Parameter(torch.zeros(d_model))
+        self.bias, self.clamp = bias, clamp
         # rows: the tokens routed to this expert, of the whole batch
         self.hook_gate = HookPoint(has_batch_dim=False)
         self.hook_pre = HookPoint(has_batch_dim=False)
@@ -59,20 +100,39 @@ class Expert(nn.Module):
         self.hook_out = HookPoint(has_batch_dim=False)
 
     def forward(self, x: Float[Tensor, "tokens d_model"]) -> Float[Tensor, "tokens d_model"]:
-        gate, pre = self.hook_gate(x @ self.W_gate), self.hook_pre(x @ self.W_in)
-        return self.hook_out(self.hook_post(F.silu(gate) * pre) @ self.W_out)
+        gate, pre = x @ self.W_gate, x @ self.W_in
+        if self.bias:  # added after the matmul, as transformers' experts forward adds it
+            gate, pre = gate + self.b_gate, pre + self.b_in
+        gate, pre = self.hook_gate(gate), self.hook_pre(pre)
+        if self.clamp is None:
+            post = F.silu(gate) * pre
+        else:
+            alpha, limit = self.clamp
+            gate, pre = gate.clamp(max=limit), pre.clamp(min=-limit, max=limit)
+            post = (pre + 1) * (gate * torch.sigmoid(gate * alpha))
+        out = self.hook_post(post) @ self.W_out
+        return self.hook_out(out + self.b_out if self.bias else out)
 
 
 class MoEMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         moe = cfg.moe
+        self.moe = moe
         self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
         self.weights_in_fp32 = moe.weights_in_fp32
+        self.softmax_after_topk = moe.softmax_after_topk
         self.W_gate = nn.Parameter(torch.empty(cfg.d_model, moe.n_experts))
+        if moe.score_correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.empty(moe.n_experts))
+        # gpt-oss: the router's bias [n_experts]
+        self.b_gate = nn.Parameter(torch.zeros(moe.n_experts)) if moe.router_bias else None
+        clamp = (moe.swiglu_alpha, moe.swiglu_limit) if moe.clamped_swiglu else None
         self.experts = nn.ModuleList(
-            Expert(cfg.d_model, moe.d_expert) for _ in range(moe.n_experts)
+            Expert(cfg.d_model, moe.d_expert, moe.expert_bias, clamp) for _ in range(moe.n_experts)
         )
+        if moe.d_shared_expert is not None:  # rows of its hooks: batch * pos tokens
+            self.shared_expert = Expert(cfg.d_model, moe.d_shared_expert)
         self.hook_router_logits = HookPoint()
         # rows: batch * pos tokens (TL's)
         self.hook_expert_weights = HookPoint(has_batch_dim=False)
@@ -82,12 +142,27 @@ class MoEMLP(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         # HF's F.linear on the [n_experts, d_model] weight (a copy of E x d_model, small):
         # on the same input the logits are HF's bit for bit, so ties break as HF's do.
-        logits = self.hook_router_logits(F.linear(x, self.W_gate.T.contiguous()))
-        probs = logits.float().softmax(-1).flatten(0, 1)  # [batch * pos, n_experts]
-        probs = self.hook_expert_weights(probs)
-        weights, indices = probs.topk(self.top_k, dim=-1)  # [batch * pos, top_k], fp32
+        moe = self.moe
+        w = self.W_gate.T.contiguous()  # [n_experts, d_model]
+        if moe.router_in_fp32:  # GLM-4.5: F.linear of the fp32 input and fp32 weight
+            x_router, w = x.float(), w.float()
+        else:
+            x_router = x
+        logits = self.hook_router_logits(F.linear(x_router, w, self.b_gate))
+        if self.softmax_after_topk:  # gpt-oss: top-k of the logits, softmax over those k
+            picks = self.hook_expert_weights(logits.flatten(0, 1))  # [batch * pos, n_experts]
+            top, indices = picks.topk(self.top_k, dim=-1)
+            weights = top.softmax(-1, dtype=top.dtype)  # in the logits' dtype, as HF's
+        else:
+            scores = logits.float().flatten(0, 1)  # [batch * pos, n_experts]
+            scores = scores.sigmoid() if moe.router == "sigmoid" else scores.softmax(-1)
+            scores = self.hook_expert_weights(scores)
+            indices = self.choose(scores)  # [batch * pos, top_k]
+            weights = scores.gather(-1, indices)  # fp32: the scores, without the correction bias
         if self.norm_topk_prob:
+            # GLM-4.5's `+ 1e-20` is below an fp32 ulp of any sum of k sigmoid scores > 1e-12
             weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights * moe.routed_scaling_factor
         if not self.weights_in_fp32:
             weights = weights.to(x.dtype)
         indices = self.hook_expert_indices(indices)
@@ -102,5 +177,27 @@ class MoEMLP(nn.Module):
             slot, token = torch.where(
                 indices.transpose(0, 1) == e
             )  # TL's and HF's order: slot, then token
-            out[token, slot] = self.experts[e](flat[token]) * weights[token, slot, None]
-        return out.sum(1).to(x.dtype).view(x.shape)
+            w = weights[token, slot, None]
+            if moe.score_scales_input:  # Llama 4: the expert runs on x * w
+                out[token, slot] = self.experts[e](flat[token] * w)
+            else:
+                out[token, slot] = self.experts[e](flat[token]) * w
+        out = out.sum(1).to(x.dtype)  # [batch * pos, d_model]
+        if moe.d_shared_expert is not None:  # HF: routed + shared, in the compute dtype
+            out = out + self.shared_expert(flat)
+        return out.view(x.shape)
+
+    def choose(self, scores: Float[Tensor, "tokens n_experts"]) -> Tensor:
+        """The top_k experts of each token [tokens, top_k], best first: by `scores` plus the
+        correction bias, within the `topk_group` best of `n_group` groups (each group scored
+        by the sum of its 2 best), as DeepSeek-V3's and GLM-4.5's routers choose."""
+        moe = self.moe
+        if moe.score_correction_bias:
+            scores = scores + self.e_score_correction_bias.float()
+        if moe.n_group > 1:
+            groups = scores.view(scores.shape[0], moe.n_group, -1)  # [tokens, group, expert]
+            group_scores = groups.topk(2, dim=-1).values.sum(-1)  # [tokens, n_group]
+            best = group_scores.topk(moe.topk_group, dim=-1).indices  # [tokens, topk_group]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            scores = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        return scores.topk(self.top_k, dim=-1).indices

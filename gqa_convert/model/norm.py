@@ -82,14 +82,32 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d"], rows: bool = False) -> Float[Tensor, "... d"]:
         """`rows`: the hook points see [-1, d] (see `normalize`)."""
-        x32 = x.float()
-        var_eps = x32.pow(2).mean(-1, keepdim=True) + self.eps
-        x32 = normalize(x32, var_eps, self.hook_scale, self.hook_normalized, rows)
+        x32 = self.normalized(x, rows)
         if self.offset:
             return (x32 * (self.offset + self.w.float())).to(x.dtype)
         if self.weight_in_fp32:
             return (self.w * x32).to(x.dtype)
         return self.w * x32.to(x.dtype)
+
+    def normalized(self, x: Float[Tensor, "... d"], rows: bool = False) -> Float[Tensor, "... d"]:
+        """x / sqrt(mean(x^2) + eps) in fp32, through the hook points."""
+        x32 = x.float()
+        var_eps = x32.pow(2).mean(-1, keepdim=True) + self.eps
+        return normalize(x32, var_eps, self.hook_scale, self.hook_normalized, rows)
+
+
+class WeightlessRMSNorm(RMSNorm):
+    """An RMSNorm with no weight (Llama 4's q / k norm): normalise in fp32, cast back, as
+    HF's Llama4TextL2Norm; the hook points are RMSNorm's."""
+
+    def __init__(self, d: int, eps: float):
+        nn.Module.__init__(self)
+        self.d, self.eps = d, eps
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "... d"], rows: bool = False) -> Float[Tensor, "... d"]:
+        return self.normalized(x, rows).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -153,14 +171,23 @@ def make_norm(
 
 def qk_norm(cfg: AttentionConfig, heads: int) -> RMSNorm | LayerNorm | None:
     """The q (or k) norm: over d_head, shared by the heads ("head", Qwen3, TL's
-    `use_qk_norm`), over d_head with weights per head ("heads", Cohere's [heads, d_head]),
-    or over all heads' projection together ("proj", OLMo2, [heads * d_head] weights); of
-    the model's norm type (Cohere's are LayerNorms); None: no norm."""
+    `use_qk_norm`; "weightless": no weight, Llama 4's), over d_head with weights per head
+    ("heads", Cohere's [heads, d_head]), or over all heads' projection together ("proj",
+    OLMo2, [heads * d_head] weights); of the model's norm type (Cohere's are LayerNorms);
+    None: no norm."""
     if cfg.qk_norm is None:
         return None
+    if cfg.qk_norm == "weightless":
+        return WeightlessRMSNorm(cfg.d_head, cfg.eps)
     size = {"head": cfg.d_head, "heads": (heads, cfg.d_head)}.get(cfg.qk_norm, heads * cfg.d_head)
     norm = make_norm(size, cfg.eps, cfg.norm_type, cfg.norm_weight_in_fp32, cfg.norm_offset)
     return norm if cfg.dtype is None else norm.to(cfg.dtype)
+
+
+def rms_normalize(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... d"]:
+    """A weightless RMSNorm (Gemma 4's of v): x / sqrt(mean(x^2) + eps) in fp32, cast back."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def apply_qk_norm(
@@ -171,6 +198,7 @@ def apply_qk_norm(
     d_head])."""
     if norm is None:
         return x
-    if norm.w.shape[-1] == x.shape[-1]:
+    width = norm.d if isinstance(norm, WeightlessRMSNorm) else norm.w.shape[-1]
+    if width == x.shape[-1]:
         return norm(x, rows=True)
     return norm(x.flatten(2)).view(x.shape)  # [b, p, n * h] -> [b, p, n, h]

@@ -14,6 +14,8 @@ order), the cos / sin tables, and the rotation itself.
                                                                 yes: past the original
     llama3    NTK-by-parts smoothing of default                 no
     ntk_alpha default at theta * alpha^(dim/(dim-2)) (Hunyuan)  no
+    proportional  the first partial * dim/2 of default, then 0s, / factor (Gemma 4)
+                                                                no
 
 yarn and longrope also multiply cos and sin by `attention_factor`.
 
@@ -65,6 +67,10 @@ def rotary_inv_freq(
         return 1.0 / (ext * base**exponent)
     if rope.type == "yarn":
         return _yarn(rope, dim)
+    if rope.type == "proportional":  # the whole head rotates, its last angles at 0
+        angles = int(rope.partial_rotary_factor * dim // 2)
+        rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / dim))
+        return torch.cat((rotated, torch.zeros(dim // 2 - angles))) / rope.factor
     inv_freq = 1.0 / (base**exponent)
     if rope.type == "linear":
         return inv_freq / rope.factor

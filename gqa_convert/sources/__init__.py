@@ -9,7 +9,7 @@ by tensor, so a conversion holds one dense tensor (and its temporaries) at a tim
   fp8            fine-grained FP8: blocks, one scale per tensor or per row (fp8.py)
   fbgemm_fp8     FP8 with a scale per row (fp8.py; refused: transformers cannot check it on CPU)
   compressed-tensors  float8 and int pack-quantized of llm-compressor (compressed.py)
-  mxfp4          gpt-oss's FP4 experts (mxfp4.py; refused until the gpt-oss family lands)
+  mxfp4          gpt-oss's FP4 experts (mxfp4.py)
   gguf           llama.cpp's files (gguf.py)
 
 `open_source` picks the reader from the folder's contents: a `.gguf` file (or `gguf_file`),

@@ -5,10 +5,11 @@ byte, the low nibble first; `{name}_scales` uint8 [E, rows, cols / 32]: one E8M0
 block, 2^(scale - 127). The dense tensor is transformers' in-memory one: [E, cols, rows]
 (`convert_moe_packed_tensors` transposes the last two axes), float32.
 
-transformers dequantises MXFP4 only inside gpt-oss's experts (`Mxfp4Config`), and the
-gpt-oss family is not supported by gqa-convert yet: a whole MXFP4 checkpoint is read (so
-`inspect` describes it) but refused for conversion. The dequantiser itself is tested
-bit-exact against an independent numpy one and against transformers' own function.
+transformers dequantises MXFP4 only inside gpt-oss's experts (`Mxfp4Config`, on CPU with
+`dequantize`): an MXFP4 gpt-oss checkpoint converts, its experts dequantised as they stream,
+and the gate's reference is transformers' own dequantised model; MXFP4 in a family without
+`mxfp4_experts` (configs/*.toml) is refused. The dequantiser itself is
+tested bit-exact against an independent numpy one and against transformers' own function.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from gqa_convert import checkpoint
+from gqa_convert.architectures import family_for
 from gqa_convert.checkpoint import TensorInfo, read_weights
 from gqa_convert.errors import BadInputError, UnsupportedModelError, listing
 from gqa_convert.sources import Source, SourceTensor
@@ -52,7 +54,7 @@ def _read(blocks: TensorInfo, scales: TensorInfo) -> np.ndarray:
 
 
 def open_mxfp4(folder: Path, hf_config: dict[str, Any], check_sizes: bool = True) -> Source:
-    """An MXFP4 checkpoint: read, refused for conversion (see the module docstring)."""
+    """An MXFP4 checkpoint: the `_blocks` / `_scales` pairs read as dense float32 tensors."""
     stored = read_weights(folder, check_sizes)
     tensors: dict[str, SourceTensor] = {}
     readers = {}
@@ -84,8 +86,11 @@ def open_mxfp4(folder: Path, hf_config: dict[str, Any], check_sizes: bool = True
         "format": "e2m1 blocks of 32, e8m0 scales",
         "modules_to_not_convert": config.get("modules_to_not_convert"),
     }
-    refusal = UnsupportedModelError(
-        f"{folder}: quant_method mxfp4: transformers dequantises MXFP4 only in gpt-oss's "
-        "experts, and gqa-convert does not support the gpt-oss family yet (pending)"
-    )
+    family = family_for(hf_config.get("architectures"), hf_config.get("model_type"))
+    refusal = None
+    if not family.fixed.get("mxfp4_experts"):
+        refusal = UnsupportedModelError(
+            f"{folder}: quant_method mxfp4: transformers dequantises MXFP4 only in gpt-oss's "
+            f"experts, and this is a {family.architectures[0]}"
+        )
     return quantized_source(folder, hf_config, stored, tensors, readers, quantization, refusal)

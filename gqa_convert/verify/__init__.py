@@ -2,10 +2,12 @@
 
 One loop, whatever the model size (`_compare_models`): the HF reference (reference.py) and
 our model (ours.py) advance together one decoder layer at a time over the hidden states of
-all inputs. At each layer HF's layer runs on HF's stream, ours runs on our stream (the
-free-running figures: residual stream errors and, at the end, the logits) and, until a
-divergence is found, on HF's stream too, where its components are compared with HF's
-(teacher forcing, compare.py). A part is materialised when the stream reaches it:
+all inputs. At each layer HF's layer runs on HF's stream and ours on our stream (the
+free-running figures: residual stream errors and, at the end, the logits): every figure
+the verdict reads, at the cost of one forward of each model. Only when the verdict fails
+does a second pass (`_localise`) find where: each block from the first on HF's stream,
+its components compared with HF's (teacher forcing, compare.py), up to the first block
+with one over tolerance. A part is materialised when the stream reaches it:
 
   whole     every part is read once and kept (or a model in memory is used as is)
   streamed  a part is released when the stream has passed it: peak memory is about one
@@ -31,7 +33,15 @@ from torch import Tensor, nn
 
 from gqa_convert.config import from_hf
 from gqa_convert.errors import BadInputError, UsageError
-from gqa_convert.memory import Estimate, choose_mode, estimate, peak_rss, return_freed_memory
+from gqa_convert.memory import (
+    SUB_LAYER,
+    Estimate,
+    choose_mode,
+    estimate,
+    part_elements,
+    peak_rss,
+    return_freed_memory,
+)
 from gqa_convert.sources import Source, open_source
 from gqa_convert.verify.compare import (
     COMPONENTS,
@@ -114,7 +124,7 @@ def verify(
     tolerances: Tolerances | dict[str, float] | None = None,
     model: GQATransformer | None = None,
     reference: nn.Module | None = None,
-    streaming: bool | None = None,
+    streaming: bool | str | None = None,
     max_memory: int | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
@@ -139,12 +149,13 @@ def verify(
     `prompts` are extra texts (they need a tokenizer in `src`); `seq_len` defaults to
     `default_seq_len`. `tolerances` overrides some or all of TOLERANCES[dtype].
 
-    `streaming`: True / False force the mode, None picks whole-model when its estimate fits
-    `max_memory` bytes (default: what is available), else streamed; a streamed need over the
-    budget raises InsufficientMemoryError before anything is loaded. A preloaded `model` or
-    `reference` means whole-model. `device`: cpu, cuda, cuda:N or auto; with several GPUs a
-    whole-model reference is spread over them by accelerate's device map. `progress(done,
-    total)` is called after each layer.
+    `streaming`: True / False / "sub-layer" force the mode, None picks whole-model when its
+    estimate fits `max_memory` bytes (default: what is available), else layer-streamed when
+    that fits, else sub-layer (verify/sublayer.py: a layer's modules run in parts); a
+    streamed need over the budget raises InsufficientMemoryError before anything is loaded.
+    A preloaded `model` or `reference` means whole-model. `device`: cpu, cuda, cuda:N or
+    auto; with several GPUs a whole-model reference is spread over them by accelerate's
+    device map. `progress(done, total)` is called after each layer.
     """
     from gqa_convert.hub import resolve_source
 
@@ -172,12 +183,19 @@ def verify(
     else:
         need = _estimate(opened, converted, source_cfg, dtype, seq_len, 1 + len(prompts or ()))
         mode, budget, _ = choose_mode(need, max_memory, streaming)
-    streamed = mode == "streamed"
+    streamed = mode != "whole"
     if streamed:
         return_freed_memory()
     inputs, kind = make_inputs(src, source_cfg, prompts, seq_len)
+    part = part_elements(source_cfg) if mode == SUB_LAYER else 0
 
-    ref = Reference(opened, dtype, model=reference, streaming=streamed)
+    ref = Reference(
+        opened,
+        dtype,
+        model=reference,
+        streaming=streamed,
+        sub_layer=(source_cfg, part) if part else None,
+    )
     place = placement(target, ref.model, streamed, dtype)
     ref.place(place)
     if model is None and converted is None and plan is None:
@@ -193,6 +211,7 @@ def verify(
         streaming=streamed,
         allow_nonfinite=allow_nonfinite,
         device_of=place,
+        part_elements=part,
     )
     _check_shape(ours.cfg, source_cfg, converted, src)
     result = _compare_models(ref, ours, inputs, limits.activation_rtol, progress)
@@ -203,17 +222,24 @@ def verify(
             f"not a conversion of {src}"
         )
     routing = {i: agree / total for i, (agree, total) in result.routing.items() if total}
-    failures, first, components = judge(
-        result.stats,
-        limits,
-        result.embed_err,
-        result.layer_errs,
-        result.final_err,
-        result.localised,
-        result.nonfinite,
-        result.unembed_err,
-        routing,
-    )
+
+    def verdict() -> tuple[list[str], dict[str, Any] | None, dict[str, float] | None]:
+        return judge(
+            result.stats,
+            limits,
+            result.embed_err,
+            result.layer_errs,
+            result.final_err,
+            result.localised,
+            result.nonfinite,
+            result.unembed_err,
+            routing,
+        )
+
+    failures, first, components = verdict()
+    if failures and first is not None and first["layer"] >= 0:  # where does it start?
+        _localise(ref, ours, result, limits.activation_rtol)
+        failures, first, components = verdict()
     found, missed = regimes(source_cfg, max(t.shape[1] for t in inputs))
     for line in missed:
         log.warning("%s", line)
@@ -395,6 +421,13 @@ class _Comparison:
     nonfinite: dict[str, dict[str, Any]] = field(default_factory=dict)
     # MoE layer -> [tokens whose expert set is HF's, tokens], both models free-running.
     routing: dict[int, list[int]] = field(default_factory=dict)
+    # For `_localise`: HF's stream entering block 0 and each layer's arguments, per input,
+    # and our final norm's error on HF's final stream (teacher-forced).
+    entry: list[Tensor] = field(default_factory=list)
+    calls: list[list[Any]] = field(default_factory=list)
+    # What our blocks take beside the stream, per input (Gemma 4: Ours.block_inputs).
+    extras: list[dict[str, Any]] = field(default_factory=list)
+    forced_final_err: float = 0.0
 
 
 def _compare_models(
@@ -404,7 +437,8 @@ def _compare_models(
     rtol: float,
     progress: Progress | None = None,
 ) -> _Comparison:
-    """Both models over `inputs`, layer by layer (see the module docstring)."""
+    """Both models free-running over `inputs`, layer by layer (see the module docstring):
+    every figure the verdict reads; where a failure starts is `_localise`'s."""
     result = _Comparison(_LogitStats())
     views = ours.views  # ours are views of HF's held tensors
     with torch.no_grad():
@@ -413,14 +447,18 @@ def _compare_models(
             if views:
                 with ours.holding("embed"):
                     our_h = [ours.embed(tokens) for tokens in inputs]
+                    extras = [ours.block_inputs(t, h) for t, h in zip(inputs, our_h, strict=True)]
+            # What the family's forward does before the first layer (Granite's multiplier)
+            # is in the stream both sides compare; HF's from its own forward, on the tokens
+            # (Gemma 4's per-layer inputs are computed from them, by the embedding part).
+            entries = [ref.layer_calls(h, t) for h, t in zip(hf_h, inputs, strict=True)]
         if not views:
             with ours.holding("embed"):
                 our_h = [ours.embed(tokens) for tokens in inputs]
-        # What the family's forward does before the first layer (Granite's multiplier) is
-        # in the stream both sides compare; HF's from its own forward.
-        entries = [ref.layer_calls(h) for h in hf_h]
+                extras = [ours.block_inputs(t, h) for t, h in zip(inputs, our_h, strict=True)]
         hf_h = [entry for entry, _ in entries]
         calls = [layer_calls for _, layer_calls in entries]
+        result.entry, result.calls, result.extras = list(hf_h), calls, extras
         result.embed_err = max(rel_err(o, h) for o, h in zip(our_h, hf_h, strict=True))
         for s, tokens in enumerate(inputs):
             note_nonfinite(result.nonfinite, "embed", s, tokens, our_h[s], hf_h[s])
@@ -428,21 +466,16 @@ def _compare_models(
         result.layer_errs = [0.0] * ours.n_layers
         for i in range(n):
             with ref.holding(i) as layer, ours.holding(i) as block:
-                err, parts = _step(ref, ours, i, layer, block, hf_h, our_h, calls, result)
+                err = _step(ref, ours, i, layer, block, hf_h, our_h, calls, result, extras)
             if i < ours.n_layers:
                 result.layer_errs[i] = err
                 if i < ref.n_layers:
                     for s, tokens in enumerate(inputs):
                         name = f"resid_post.{i}"
                         note_nonfinite(result.nonfinite, name, s, tokens, our_h[s], hf_h[s])
-            if parts:
-                result.worst_component = max(result.worst_component, *parts.values())
-                bad = next((c for c in parts if not parts[c] <= rtol), None)
-                if bad is not None:
-                    result.localised = ({"layer": i, "component": bad}, parts)
             if progress is not None:
                 progress(i + 1, n)
-        _final(ref, ours, inputs, hf_h, our_h, views, rtol, result)
+        _final(ref, ours, inputs, hf_h, our_h, views, result)
     return result
 
 
@@ -456,30 +489,26 @@ def _step(
     our_h: list[Tensor],
     calls: list[list[Any]],
     result: _Comparison,
-) -> tuple[float, dict[str, float] | None]:
-    """Layer `i` on every input: advance both streams (in place), and while nothing has
-    diverged compare our block's components with HF's on HF's input. Returns the residual
-    error after the layer and the components' errors (None once localised)."""
-    localising = result.localised is None
-    order = block_order(ours.cfg)
-    worst, parts = 0.0, {} if localising else None
+    extras: list[dict[str, Any]],
+) -> float:
+    """Layer `i` on every input: advance both streams (in place), each side on its own.
+    Returns the residual error after the layer."""
+    worst = 0.0
     for s in range(len(hf_h)):
         with recording_routes(layer, block) as routes:
-            new_hf, new_ours, parts = _step_one(
-                ref, ours, i, layer, block, hf_h, our_h, calls, s, localising, parts
+            new_hf, new_ours = _step_one(
+                ref, ours, i, layer, block, hf_h, our_h, calls, s, extras[s]
             )
-        if routes["hf"] and routes["ours"]:  # the last call of ours is the free-running one
+        if routes["hf"] and routes["ours"]:
             agree, total = same_expert_sets(routes["ours"][-1], routes["hf"][-1])
             counts = result.routing.setdefault(i, [0, 0])
             counts[0], counts[1] = counts[0] + agree, counts[1] + total
-        if localising and parts is None:  # a layer one side lacks, or another d_model
-            parts = dict.fromkeys(order, math.inf)
         if layer is None or block is None:
             worst = math.inf
         else:
             worst = max(worst, rel_err(new_ours, new_hf))
         hf_h[s], our_h[s] = new_hf, new_ours
-    return worst, parts
+    return worst
 
 
 def _step_one(
@@ -492,33 +521,77 @@ def _step_one(
     our_h: list[Tensor],
     calls: list[list[Any]],
     s: int,
-    localising: bool,
-    parts: dict[str, float] | None,
-) -> tuple[Tensor, Tensor, dict[str, float] | None]:
-    """Layer `i` on input `s`: HF's output, ours (free-running), and the components' errors
-    folded into `parts` (None when this input could not be compared component-wise)."""
-    acts, forced = None, None
+    extra: dict[str, Any],
+) -> tuple[Tensor, Tensor]:
+    """Layer `i` on input `s`: HF's output on HF's stream, ours on ours (free-running)."""
+    new_hf, new_ours = hf_h[s], our_h[s]
     if layer is not None:
         where = ref.device(i)
-        hidden = hf_h[s].to(where)
-        new_hf, acts = run_hf_layer(layer, hidden, _to(calls[s][i], where), localising)
-    else:
-        new_hf = hf_h[s]
+        new_hf, _ = run_hf_layer(layer, hf_h[s].to(where), _to(calls[s][i], where), False)
     if block is not None:
         where = ours.device(i)
-        cos, sin = ours.rotary(hf_h[s].shape[1], i)
-        if localising and acts is not None and hf_h[s].shape[-1] == ours.cfg.d_model:
-            forced, errors = run_our_block(block, hf_h[s].to(where), cos, sin, acts)
-            parts = {c: max(parts.get(c, 0.0), errors[c]) for c in errors}
-        if forced is not None and torch.equal(our_h[s], hf_h[s]):
-            new_ours = forced  # same input: the free-running output is the same
-        else:
-            new_ours = block(our_h[s].to(where), cos, sin)
-    else:
-        new_ours = our_h[s]
-    if localising and forced is None:
-        parts = None
-    return new_hf, new_ours, parts
+        cos, sin = ours.rotary(our_h[s].shape[1], i)
+        kwargs = ours.block_kwargs(extra, i, where)  # Gemma 4's per-layer input, shared K/V
+        new_ours = block(our_h[s].to(where), cos, sin, **kwargs)
+    return new_hf, new_ours
+
+
+def _localise(ref: Reference, ours: Ours, result: _Comparison, rtol: float) -> None:
+    """Where a failure starts: each block on HF's stream (teacher forcing), its components
+    compared with HF's (compare.py), from block 0 to the first with one over `rtol`, else
+    the final norm on HF's final stream. Run only when the free-running figures failed:
+    a block's own error need not show in the stream at that block (a small error can grow
+    over the layers after it), so every block from the first is checked, in order. With
+    `rtol` inf every block is compared (measure_parity.py: `worst_component`)."""
+    order = block_order(ours.cfg)
+    hf_h = list(result.entry)
+    # Gemma 4's shared K/V: written afresh by this pass's blocks (on HF's stream)
+    extras = [{**e, "shared_kv": {}} if "shared_kv" in e else e for e in result.extras]
+    with torch.no_grad():
+        for i in range(max(ref.n_layers, ours.n_layers)):
+            parts: dict[str, float] = {}
+            with ref.holding(i) as layer, ours.holding(i) as block:
+                for s in range(len(hf_h)):
+                    new_hf, errors = _forced_one(
+                        ref, ours, i, layer, block, hf_h[s], result, s, extras[s]
+                    )
+                    if errors is None:  # a layer one side lacks, or another d_model
+                        errors = dict.fromkeys(order, math.inf)
+                    parts = {c: max(parts.get(c, 0.0), errors[c]) for c in errors}
+                    hf_h[s] = new_hf
+            result.worst_component = max(result.worst_component, *parts.values())
+            bad = next((c for c in parts if not parts[c] <= rtol), None)
+            if bad is not None:
+                result.localised = ({"layer": i, "component": bad}, parts)
+                return
+    if not result.forced_final_err <= rtol:
+        result.localised = ({"layer": len(result.layer_errs), "component": "ln_final"}, None)
+
+
+def _forced_one(
+    ref: Reference,
+    ours: Ours,
+    i: int,
+    layer: nn.Module | None,
+    block: nn.Module | None,
+    hidden: Tensor,
+    result: _Comparison,
+    s: int,
+    extra: dict[str, Any],
+) -> tuple[Tensor, dict[str, float] | None]:
+    """Layer `i` on input `s`'s HF stream `hidden`: HF's output, and our block's components'
+    errors on the same input (None when they cannot be compared)."""
+    if layer is None:
+        return hidden, None
+    where = ref.device(i)
+    new_hf, acts = run_hf_layer(layer, hidden.to(where), _to(result.calls[s][i], where), True)
+    if block is None or hidden.shape[-1] != ours.cfg.d_model:
+        return new_hf, None
+    where = ours.device(i)
+    cos, sin = ours.rotary(hidden.shape[1], i)
+    kwargs = ours.block_kwargs(extra, i, where)  # Gemma 4's per-layer input, shared K/V
+    _, errors = run_our_block(block, hidden.to(where), cos, sin, acts, **kwargs)
+    return new_hf, errors
 
 
 def _final(
@@ -528,21 +601,18 @@ def _final(
     hf_h: list[Tensor],
     our_h: list[Tensor],
     views: bool,
-    rtol: float,
     result: _Comparison,
 ) -> None:
     """Final norm and logits on each side (the unembedding of one side held at a time,
-    unless ours are views of HF's), the logit statistics, and the final norm on HF's
-    stream when no block diverged."""
+    unless ours are views of HF's), the logit statistics, and our final norm on HF's
+    stream (for `_localise`)."""
     theirs: list[tuple[Tensor, Tensor, Tensor] | None] = []
-    mine: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
+    mine: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
     def run_ours() -> None:
         for s, hidden in enumerate(our_h):
             normed, logits, raw = ours.final(hidden)
-            forced = None
-            if result.localised is None:
-                forced = ours.model.ln_final(hf_h[s].to(normed.device))
+            forced = ours.model.ln_final(hf_h[s].to(normed.device))
             mine.append((normed, logits, raw, forced))
 
     with ref.holding("final"):
@@ -562,11 +632,9 @@ def _final(
         final_errs.append(rel_err(normed, hf_normed))
         unembed_errs.append(rel_err(raw, hf_raw))
         note_nonfinite(result.nonfinite, "ln_final", s, tokens, normed, hf_normed)
-        if forced is not None:
-            forced_errs.append(rel_err(forced, hf_normed))
+        forced_errs.append(rel_err(forced, hf_normed))
         result.stats.add(s, tokens, logits, hf_logits)
         theirs[s] = mine[s] = None  # type: ignore[call-overload]
     result.final_err = max(final_errs)
     result.unembed_err = max(unembed_errs)
-    if result.localised is None and forced_errs and not max(forced_errs) <= rtol:
-        result.localised = ({"layer": len(result.layer_errs), "component": "ln_final"}, None)
+    result.forced_final_err = max(forced_errs)

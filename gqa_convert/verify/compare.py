@@ -65,6 +65,8 @@ SANDWICH_COMPONENTS = (
 )
 ORDERS = {"pre": COMPONENTS, "post": POST_NORM_COMPONENTS, "sandwich": SANDWICH_COMPONENTS}
 NORMS_AFTER_ROTARY = ("rot_q", "rot_k", "q_norm", "k_norm")  # Hunyuan's order
+# HF's rotary functions, by the modelling module's name for them: heads first or not.
+ROTARY_FUNCTIONS = {"apply_rotary_pos_emb": True, "apply_rotary_emb": False}
 
 
 def component_order(
@@ -93,24 +95,32 @@ def block_order(cfg: Any, norm_placement: str | None = None) -> tuple[str, ...]:
 @cache
 def _hf_layout(architecture: str | None, model_type: str | None) -> dict[str, Any]:
     """How the family's HF layer is laid out: its placement, whether the block is
-    parallel and the q / k norms follow rotary (the family's table), and the HF module of
+    parallel and the q / k norms follow rotary (the family's table), its MLP module (`mlp`,
+    Llama 4's `feed_forward`: the module of the `mlp.W_out` row) and the HF module of
     each of our norms (ln1, ln2, ln1_post, ln2_post, q_norm, k_norm), read off the weight
     map: the row `blocks.{l}.ln1.w` <- `model.layers.{l}.input_layernorm.weight` gives
     ln1 -> input_layernorm."""
     from gqa_convert.architectures import family_for
 
     family = family_for([architecture] if architecture else None, model_type)
-    modules = {}
+    modules, mlp = {}, "mlp"
     for row in family.rows_for():
         target, source = row.target or "", row.source
         if target.startswith("blocks.{l}.") and target.endswith(".w"):
             ours = target.removeprefix("blocks.{l}.").removesuffix(".w").rsplit(".", 1)[-1]
             modules[ours] = source.removeprefix("model.layers.{l}.").removesuffix(".weight")
+        if target == "blocks.{l}.mlp.W_out":  # the MLP module (Llama 4's feed_forward)
+            mlp = source.removeprefix("model.layers.{l}.").split(".", 1)[0]
     return {
+        "mlp": mlp,
         "placement": family.fixed.get("norm_placement", "pre"),
         "parallel": family.fixed.get("parallel_attn_mlp", False),
         "qk_norm_after_rotary": family.fixed.get("qk_norm_after_rotary", False),
-        "modules": modules,
+        # a weightless q / k norm has no weight row: its module is named in the table
+        "modules": {
+            **dict.fromkeys(("q_norm", "k_norm"), family.fixed.get("qk_norm_module")),
+            **modules,
+        },
     }
 
 
@@ -130,8 +140,9 @@ def hf_layout(layer: nn.Module) -> dict[str, Any]:
 
 
 def rel_err(ours: Tensor, ref: Tensor) -> float:
-    """max over (batch, pos) of ||ours - ref|| / ||ref||, norms over the remaining axes."""
-    if ours.shape != ref.shape:
+    """max over (batch, pos) of ||ours - ref|| / ||ref||, norms over the remaining axes
+    (flattened: [batch, pos, 1, d_head] and [batch, pos, d_head] are the same numbers)."""
+    if ours.shape[:2] != ref.shape[:2] or ours.numel() != ref.numel():
         return math.inf
     b, p = ref.shape[:2]
     ours = ours.float().reshape(b, p, -1).to(ref.device)
@@ -173,11 +184,40 @@ def _first(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _output(module: nn.Module, output: Any) -> Tensor:
+    """A module's output as a component: a router's logits, else the first of a tuple."""
+    is_router = hasattr(module, "top_k") and not hasattr(module, "experts")  # not the MoE
+    if is_router and isinstance(output, tuple):
+        return router_picks(output, module.top_k)[0]
+    return _first(output)
+
+
+def router_picks(output: tuple[Tensor, ...], top_k: int) -> tuple[Tensor, Tensor]:
+    """An HF router's (logits, chosen experts) from its output: (logits, weights, indices),
+    or Llama 4's (scores, logits), whose experts are torch.topk of the logits as its own."""
+    if len(output) == 2:
+        return output[1], output[1].topk(top_k, dim=-1).indices
+    return output[0], output[2]
+
+
+# Points a KV-head group of attention gives part of (sub-layer streaming runs attention one
+# group at a time): their outputs are joined along the heads, HF's q / k / v along their
+# last axis (heads * d_head), the rest along axis 2 ([batch, pos, head, d_head]).
+PER_HEAD = ("q", "k", "v", "qkv", "q_norm", "k_norm", "rot_q", "rot_k")
+
+
+def _keep(acts: dict[str, Tensor], name: str, out: Tensor, dim: int) -> None:
+    """acts[name] = out, or joined to what an earlier group gave (a PER_HEAD point)."""
+    if name in acts and name in PER_HEAD:
+        out = torch.cat([acts[name], out], dim=dim)
+    acts[name] = out
+
+
 @contextmanager
 def _hooks(pairs: Iterable[tuple[nn.Module, Callable[[Tensor], None]]]):
     """Forward hooks that read (never replace) each module's output, removed on exit."""
     handles = [
-        module.register_forward_hook(lambda _m, _i, out, fn=fn: fn(_first(out)))
+        module.register_forward_hook(lambda m, _i, out, fn=fn: fn(_output(m, out)))
         for module, fn in pairs
     ]
     try:
@@ -198,15 +238,15 @@ def _hf_points(layer: nn.Module) -> dict[str, nn.Module]:
     layout = hf_layout(layer)
     norms = {name: _submodule(layer, path) for name, path in layout["modules"].items()}
     placement = layout["placement"]
-    parts = {"ln1": norms["ln1"], "attn_out": attn, "mlp_out": layer.mlp}
+    parts = {"ln1": norms["ln1"], "attn_out": attn, "mlp_out": layer.get_submodule(layout["mlp"])}
     if placement == "post":
         parts.update(attn_out=norms["ln1"], ln2=norms["ln2"], mlp_out=norms["ln2"])
     elif not layout["parallel"]:
         parts["ln2"] = norms["ln2"]
     if placement == "sandwich":
         parts.update(ln1_post=norms["ln1_post"], ln2_post=norms["ln2_post"])
-    for name in ("q", "k", "v", "qkv"):
-        if hasattr(attn, f"{name}_proj"):
+    for name in ("q", "k", "v", "qkv"):  # Gemma 4: none for shared K/V, no v under k = v
+        if getattr(attn, f"{name}_proj", None) is not None:
             parts[name] = getattr(attn, f"{name}_proj")
     if hf_router(layer) is not None:
         parts["router"] = hf_router(layer)
@@ -214,9 +254,11 @@ def _hf_points(layer: nn.Module) -> dict[str, nn.Module]:
 
 
 def hf_router(layer: nn.Module) -> nn.Module | None:
-    """An HF MoE layer's router (`mlp.gate`, returning logits, weights, expert indices)."""
-    router = getattr(getattr(layer, "mlp", None), "gate", None)
-    return router if hasattr(router, "top_k") else None
+    """An HF MoE layer's router (`mlp.gate`, gpt-oss's `mlp.router`, Llama 4's
+    `feed_forward.router`; its output read by `router_picks`)."""
+    mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)  # Llama 4's
+    routers = (getattr(mlp, "gate", None), getattr(mlp, "router", None))
+    return next((router for router in routers if hasattr(router, "top_k")), None)
 
 
 def our_router(block: nn.Module) -> nn.Module | None:
@@ -231,7 +273,11 @@ def recording_routes(layer: nn.Module | None, block: nn.Module | None):
     routes: dict[str, list[Tensor]] = {"hf": [], "ours": []}
     hooks = []
     for side, module, pick in (
-        ("hf", layer is not None and hf_router(layer), lambda out: out[2]),
+        (
+            "hf",
+            layer is not None and hf_router(layer),
+            lambda out: router_picks(out, hf_router(layer).top_k)[1],
+        ),
         ("ours", block is not None and our_router(block), lambda out: out),
     ):
         if module:
@@ -273,6 +319,9 @@ def _our_points(block: nn.Module) -> dict[str, nn.Module]:
         "mlp_out": block.mlp if sandwich else block.hook_mlp_out,
         "ln2_post": getattr(block, "ln2_post", None),
     }
+    if getattr(block.attn.cfg, "kv_source", None) is not None:  # Gemma 4: another layer's
+        for name in ("k", "v", "k_norm", "rot_k"):
+            parts.pop(name)
     return {name: m for name, m in parts.items() if m is not None}
 
 
@@ -281,21 +330,32 @@ def _recording_rotary(attn: nn.Module, acts: dict[str, Tensor]):
     """While HF's layer runs, its family's `apply_rotary_pos_emb` records the rotated q / k
     it returns (as [batch, pos, head, d_head]) into `acts`."""
     module = sys.modules[type(attn).__module__]
-    original = getattr(module, "apply_rotary_pos_emb", None)
-    if original is None:
+    # the function's name -> whether it takes q / k heads first (Llama 4's apply_rotary_emb
+    # takes [batch, pos, head, d_head])
+    name = next((n for n in ROTARY_FUNCTIONS if hasattr(module, n)), None)
+    if name is None:
         yield
         return
+    original, heads_first = getattr(module, name), ROTARY_FUNCTIONS[name]
 
-    def recording(q: Tensor, k: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        q, k = original(q, k, *args, **kwargs)
-        acts["rot_q"], acts["rot_k"] = q.transpose(1, 2), k.transpose(1, 2)
-        return q, k
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        """q and k rotated together (a pair back), or one per call (Gemma 4's: q, then k)."""
+        out = original(*args, **kwargs)
+        if isinstance(out, tuple):
+            q, k = out
+            if heads_first:
+                q, k = q.transpose(1, 2), k.transpose(1, 2)
+            _keep(acts, "rot_q", q, 2)
+            _keep(acts, "rot_k", k, 2)
+        else:  # [batch, pos, head, d_head] already
+            acts["rot_k" if "rot_q" in acts else "rot_q"] = out
+        return out
 
-    module.apply_rotary_pos_emb = recording
+    setattr(module, name, recording)
     try:
         yield
     finally:
-        module.apply_rotary_pos_emb = original
+        setattr(module, name, original)
 
 
 def _hf_rotated(layer: nn.Module, acts: dict[str, Tensor]) -> None:
@@ -311,7 +371,11 @@ def _hf_rotated(layer: nn.Module, acts: dict[str, Tensor]) -> None:
         qkv = acts.pop("qkv")
         sizes = [qkv.shape[-1] - 2 * n_kv, n_kv, n_kv]
         acts["q"], acts["k"], acts["v"] = qkv.split(sizes, dim=-1)
+    if "v" not in acts and "k" in acts and getattr(attn, "v_proj", 0) is None:
+        acts["v"] = acts["k"]  # Gemma 4's k = v layers: v is k's projection
     for name in ("q", "k"):
+        if name not in acts:  # Gemma 4's shared K/V: no k of the layer's own
+            continue
         norm = _submodule(layer, layout["modules"].get(f"{name}_norm"))
         if norm is None:  # none in the family, or off in this model (Cohere's use_qk_norm)
             continue
@@ -323,8 +387,9 @@ def _hf_rotated(layer: nn.Module, acts: dict[str, Tensor]) -> None:
         heads = flat.view(*flat.shape[:2], -1, attn.head_dim)
         acts[f"{name}_norm"] = norm(flat if norm.weight.shape[-1] == flat.shape[-1] else heads)
     for name in ("q", "k", "v"):
-        b, p, _ = acts[name].shape
-        acts[name] = acts[name].view(b, p, -1, attn.head_dim)
+        if name in acts:
+            b, p, _ = acts[name].shape
+            acts[name] = acts[name].view(b, p, -1, attn.head_dim)
 
 
 def run_hf_layer(
@@ -338,35 +403,40 @@ def run_hf_layer(
         return _first(layer(hidden, *args, **kwargs)), acts
     points = _hf_points(layer).items()
     with (
-        _hooks((m, lambda out, n=n: acts.__setitem__(n, out)) for n, m in points),
+        _hooks((m, lambda out, n=n: _keep(acts, n, out, -1)) for n, m in points),
         _recording_rotary(layer.self_attn, acts),
     ):
         out = _first(layer(hidden, *args, **kwargs))
     _hf_rotated(layer, acts)
-    if "router" in acts:  # [batch * pos, n_experts] -> [batch, pos, n_experts]
-        acts["router"] = acts["router"].view(*hidden.shape[:2], -1)
+    # [batch * pos, ...] -> [batch, pos, ...]: routers' logits, Llama 4's MoE output
+    for name in ("router", "mlp_out"):
+        if name in acts and acts[name].ndim == 2:
+            acts[name] = acts[name].view(*hidden.shape[:2], -1)
     acts["resid_post"] = out
     return out, acts
 
 
 def run_our_block(
-    block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, hf_acts: dict[str, Tensor] | None
+    block: nn.Module,
+    hidden: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    hf_acts: dict[str, Tensor] | None,
+    **kwargs: Any,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Our block on `hidden`; with `hf_acts` (HF's components on the same input), the
-    relative error of each of ours, in forward order."""
+    """Our block on `hidden` (`kwargs`: Gemma 4's per-layer input and shared K/V); with
+    `hf_acts` (HF's components on the same input), the relative error of each of ours, in
+    forward order."""
     errors: dict[str, float] = {}
     if hf_acts is None:
-        return block(hidden, cos, sin), errors
+        return block(hidden, cos, sin, **kwargs), errors
 
-    def measure(name: str) -> Callable[[Tensor], None]:
-        # A component HF's layer lacks counts as diverged.
-        return lambda out: errors.__setitem__(
-            name, rel_err(out, hf_acts[name]) if name in hf_acts else math.inf
-        )
-
+    outs: dict[str, Tensor] = {}
     points = _our_points(block)
-    with _hooks((m, measure(n)) for n, m in points.items()):
-        out = block(hidden, cos, sin)
+    with _hooks((m, lambda out, n=n: _keep(outs, n, out, 2)) for n, m in points.items()):
+        out = block(hidden, cos, sin, **kwargs)
+    for name, got in outs.items():  # a component HF's layer lacks counts as diverged
+        errors[name] = rel_err(got, hf_acts[name]) if name in hf_acts else math.inf
     errors["resid_post"] = rel_err(out, hf_acts["resid_post"])
     # A norm HF's layer has and ours lacks (Gemma 2's ln1_post dropped) counts as diverged.
     placement = "sandwich" if "ln1_post" in hf_acts else block.cfg.norm_placement

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from gqa_convert.config import ModelConfig
 from gqa_convert.errors import BadInputError, listing
 from gqa_convert.verify.reference import Part, PartHolder, Reference
 from gqa_convert.verify.report import COMPUTE_DTYPES
+from gqa_convert.verify.sublayer import Split, ours_splits, read_slice
 
 if TYPE_CHECKING:
     from gqa_convert.mapping import ConversionPlan, TensorTask
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 def part_of(name: str) -> Part:
     """Which part a parameter of ours belongs to: "embed", a block index, or "final"."""
-    if name.startswith("embed."):
+    if name.startswith(("embed.", "embed_per_layer.")):
         return "embed"
     if name.startswith("blocks."):
         return int(name.split(".")[1])
@@ -79,10 +80,12 @@ class Ours(PartHolder):
         streaming: bool = False,
         allow_nonfinite: bool = False,
         device_of: Callable[[Part], torch.device] = lambda part: torch.device("cpu"),
+        part_elements: int = 0,
     ):
         from gqa_convert.model.decoder import GQATransformer
 
         self.dtype, self.streaming, self.device_of = dtype, streaming, device_of
+        self.part_elements, self._splits = part_elements, {}  # sub-layer streaming
         self.allow_nonfinite = allow_nonfinite
         self.preloaded = model is not None
         self.plan, self.reference = plan, reference
@@ -128,7 +131,8 @@ class Ours(PartHolder):
 
     def modules(self, part: Part) -> dict[str, nn.Module]:
         if part == "embed":
-            return {"embed": self.model.embed}
+            extra = getattr(self.model, "embed_per_layer", None)  # Gemma 4's per-layer inputs
+            return {"embed": self.model.embed} | ({"embed_per_layer": extra} if extra else {})
         if part == "final":
             return {"ln_final": self.model.ln_final, "unembed": self.model.unembed}
         return {f"blocks.{part}": self.model.blocks[part]}
@@ -140,10 +144,13 @@ class Ours(PartHolder):
         from gqa_convert.model.decoder import _zero_by_config
 
         device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
+        split = self._split(part)  # held by sub-layer Splits, a slice at a time
         for prefix, module in self.modules(part).items():
             state = {}
             for name, param in module.state_dict(keep_vars=True).items():
                 full = f"{prefix}.{name}"
+                if full in split:
+                    continue
                 if _zero_by_config(self.cfg, full) and full not in (self.files or self.tasks):
                     tensor = torch.zeros(param.shape, dtype=dtype)
                 else:
@@ -157,7 +164,33 @@ class Ours(PartHolder):
                 # taken are cast (a cast commutes with indexing), not the whole table.
                 keep = part == "embed" and self.files
                 state[name] = tensor.to(device=device, dtype=None if keep else dtype)
-            module.load_state_dict(state, assign=True, strict=True)
+            missing = module.load_state_dict(state, assign=True, strict=not split).missing_keys
+            if {f"{prefix}.{name}" for name in missing} - split:
+                raise BadInputError(f"{self.where}: {missing} not loaded")  # not reached
+
+    def _make_splits(self, part: Part) -> list[Split]:
+        """sublayer.ours_splits of the part: slices of the export's tensors read from its
+        files; of SRC mapped in memory, the mapped tensor (read whole) sliced."""
+        from gqa_convert.model.decoder import _zero_by_config
+
+        device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
+        shapes = {f"{p}.{n}": t.shape for p, m in self.modules(part).items()
+                  for n, t in m.state_dict(keep_vars=True).items()}  # fmt: skip
+
+        def read(full: str, dim: int | None, index: Any) -> Tensor:
+            where = (slice(None),) * (dim or 0) + (index,)
+            if _zero_by_config(self.cfg, full) and full not in (self.files or self.tasks):
+                tensor = torch.zeros(shapes[full], dtype=dtype)
+                tensor = tensor if index is None else tensor[where]
+            elif self.files and index is not None:
+                tensor = read_slice(self.files[full], dim, index)
+            else:
+                tensor = self._tensor(part, full)
+                tensor = tensor if index is None else tensor[where].clone()
+            keep = part == "embed" and self.files  # as `_materialise`: indexed, then cast
+            return tensor.to(device=device, dtype=None if keep else dtype)
+
+        return ours_splits(self.cfg, part, self.modules(part), read, self.part_elements)
 
     def _tensor(self, part: Part, name: str) -> Tensor:
         from gqa_convert.checkpoint import to_torch
@@ -206,6 +239,25 @@ class Ours(PartHolder):
 
         out = self.model.embed(tokens.to(self.device("embed")))
         return self.model.hook_embed(scale_embeddings(self.cfg, out.to(COMPUTE_DTYPES[self.dtype])))
+
+    def block_inputs(self, tokens: Tensor, embeds: Tensor) -> dict[str, Any]:
+        """What the blocks take beside the stream, for one input (the embedding part held):
+        Gemma 4's per-layer inputs [batch, pos, n_layers, p] and the store its layers share
+        K/V through (filled as the blocks run); empty for other families."""
+        if not self.cfg.d_per_layer_input and not self.cfg.kv_shared_layers:
+            return {}
+        extra: dict[str, Any] = {"shared_kv": {}}
+        if self.cfg.d_per_layer_input:
+            tokens = tokens.to(self.device("embed"))
+            extra["per_layer"] = self.model.embed_per_layer(tokens, embeds)
+        return extra
+
+    def block_kwargs(self, extra: dict[str, Any], layer: int, device: torch.device) -> dict:
+        """`block_inputs`' share of block `layer`, as its keyword arguments."""
+        kwargs = {k: v for k, v in extra.items() if k == "shared_kv"}
+        if "per_layer" in extra:
+            kwargs["per_layer_input"] = extra["per_layer"][:, :, layer].to(device)
+        return kwargs
 
     def rotary(self, n_pos: int, part: Part) -> tuple[Tensor, Tensor]:
         """cos / sin for a sequence of `n_pos` at layer `part` (Gemma 3: local layers have

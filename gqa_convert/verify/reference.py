@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gqa_convert.errors import BadInputError, listing
+from gqa_convert.errors import BadInputError, UsageError, listing
 from gqa_convert.sources import Source, open_source
 from gqa_convert.verify.report import COMPUTE_DTYPES
+from gqa_convert.verify.sublayer import Split, hf_splits, read_slice
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,13 @@ class _Stub(nn.Module):
         self.hidden = hidden
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # The MoE output type: MoE ForCausalLM forwards also read `router_logits` (None).
+        # The MoE output type: MoE ForCausalLM forwards also read `router_logits` (None);
+        # Gemma 4's also `shared_kv_states` (None).
         from transformers.modeling_outputs import MoeModelOutputWithPast
 
-        return MoeModelOutputWithPast(last_hidden_state=self.hidden)
+        out = MoeModelOutputWithPast(last_hidden_state=self.hidden)
+        out.shared_kv_states = None
+        return out
 
 
 def _fresh_rotary(body: nn.Module) -> None:
@@ -202,9 +206,30 @@ class PartHolder:
             yield self.layer(part) if isinstance(part, int) else None
         finally:
             if self.streaming and part in self._held:
+                for split in self._splits.pop(part, []):
+                    split.remove()
                 for module in self.modules(part).values():
                     module.to("meta")
                 self._held.discard(part)
+
+    # Sub-layer streaming (sublayer.py): the part's Splits while it is held, and how many
+    # weights one of their parts holds (0: off, every part held whole).
+    _splits: dict[Part, list[Split]]
+    part_elements: int = 0
+
+    def _split(self, part: Part) -> set[str]:
+        """Install the part's Splits (sub-layer streaming); the names of the parameters they
+        hold themselves, a slice at a time."""
+        if not self.part_elements:
+            return set()
+        splits = self._make_splits(part)
+        for split in splits:
+            split.install()
+        self._splits[part] = splits
+        return {name for split in splits for name in split.names()}
+
+    def _make_splits(self, part: Part) -> list[Split]:
+        raise NotImplementedError
 
 
 class Reference(PartHolder):
@@ -225,11 +250,20 @@ class Reference(PartHolder):
         model: nn.Module | None = None,
         streaming: bool = False,
         device_of: Callable[[Part], torch.device] = lambda part: torch.device("cpu"),
+        sub_layer: tuple[Any, int] | None = None,
     ):
         if not isinstance(source, Source):  # a checkpoint folder, or a .gguf file
             source = open_source(source)
         self.source, self.src = source, source.path
         self.dtype, self.streaming, self.device_of = dtype, streaming, device_of
+        self._splits = {}
+        if sub_layer is not None:  # (our config of the source, weights per part)
+            if source.quantized or source.hf_quantization is not None:
+                raise UsageError(
+                    f"{source.path}: sub-layer verification reads slices of dense tensors; "
+                    "a quantised source is verified whole or layer-streamed"
+                )
+            self.cfg, self.part_elements = sub_layer
         self.preloaded = model is not None
         self.quantizer = None
         if model is None:
@@ -263,15 +297,30 @@ class Reference(PartHolder):
     def modules(self, part: Part) -> dict[str, nn.Module]:
         """The HF modules of a part, by their name in the model."""
         if part == "embed":
-            return {"model.embed_tokens": self.model.get_input_embeddings()}
+            embed = self.model.get_input_embeddings()
+            # and the body's other modules before its layers (Gemma 4's per-layer inputs)
+            extra = {
+                f"model.{name}": child
+                for name, child in self.body.named_children()
+                if child is not embed
+                and name not in ("layers", "norm")
+                and next(child.parameters(), None) is not None
+            }
+            return {"model.embed_tokens": embed, **extra}
         if part == "final":
             return {"model.norm": self.body.norm, "lm_head": self.model.get_output_embeddings()}
         return {f"model.layers.{part}": self.body.layers[part]}
 
     def _parameters(self, part: Part) -> Iterator[tuple[str, nn.Module, str]]:
+        """Parameters, and the buffers the checkpoint holds (Gemma 4's layer_scalar, GLM-4.5's
+        e_score_correction_bias: the skeleton holds them as built)."""
         for prefix, module in self.modules(part).items():
             for name, _ in module.named_parameters(remove_duplicate=False):
                 yield f"{prefix}.{name}", module, name
+            stored = module.state_dict(keep_vars=True)
+            for name, _ in module.named_buffers(remove_duplicate=False):
+                if name in stored:
+                    yield f"{prefix}.{name}", module, name
 
     def _route_sources(self) -> dict[str, list[str]]:
         """Each HF parameter -> the source tensors transformers' loader builds it from, by the
@@ -324,8 +373,11 @@ class Reference(PartHolder):
         from transformers.modeling_utils import LoadStateDictConfig
 
         device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
+        split = self._split(part)  # held by sub-layer Splits, a slice at a time
         state: dict[str, Any] = {}
         for full, _, _ in self._parameters(part):
+            if full in split:
+                continue
             own = full in self.routes  # else tied: read the tie's source under our name
             for source in self._sources_of(full):
                 state[source if own else full] = self.sources[source]
@@ -348,7 +400,7 @@ class Reference(PartHolder):
         problems += [
             f"{full}: not loaded from {self._sources_of(full)}"
             for full, module, name in self._parameters(part)
-            if module.get_parameter(name).device.type == "meta"
+            if _tensor(module, name).device.type == "meta" and full not in split
         ]
         if problems:
             raise BadInputError(listing(f"{self.src}: the tensors do not fit the model", problems))
@@ -361,7 +413,7 @@ class Reference(PartHolder):
         hands MoE experts over in the scales' dtype (bfloat16) whatever the model's dtype
         (its values are kept; widening is exact), dense layers in the model's."""
         for _, module, name in self._parameters(part):
-            param = module.get_parameter(name)
+            param = _tensor(module, name)
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
 
@@ -369,14 +421,35 @@ class Reference(PartHolder):
         """The held HF tensor that was read from the source tensor `source` (a tied
         `lm_head.weight` is read from the embedding's)."""
         for full, module, name in self._parameters(part):
-            if source in (full, self.tied.get(full)):
-                return module.get_parameter(name).detach()
+            held = _tensor(module, name).device.type != "meta"  # not a sub-layer Split's
+            if source in (full, self.tied.get(full)) and held:
+                return _tensor(module, name).detach()
         if source in self.sources and not self.preloaded:
-            # A source the loader fused into a bigger tensor (an expert of gate_up_proj):
-            # read again from its file, cast as the loader casts.
+            # A source the loader fused into a bigger tensor (an expert of gate_up_proj), or
+            # one a Split holds in slices: read again from its file, cast as the loader casts.
             tensor = self.sources[source][...]
             return tensor.to(device=self.device_of(part), dtype=COMPUTE_DTYPES[self.dtype])
         raise BadInputError(f"{self.src}: no tensor {source!r} in the {part} part of the model")
+
+    def _make_splits(self, part: Part) -> list[Split]:
+        """sublayer.hf_splits of the part, over the parameters the loader reads as stored
+        (one source tensor, renamed at most: a tied lm_head reads the embedding's)."""
+
+        def sliceable(full: str) -> bool:
+            sources = self._sources_of(full)
+            return len(sources) == 1 and sources[0] in (full, self.tied.get(full))
+
+        def read(full: str, dim: int | None, index: Any) -> Tensor:
+            stored = self.sources[self._sources_of(full)[0]]
+            info = getattr(stored, "info", None)
+            if index is None or info is None:
+                tensor = stored[...]
+                tensor = tensor if index is None else tensor[(slice(None),) * dim + (index,)]
+            else:
+                tensor = read_slice(info, dim, index)
+            return tensor.to(device=self.device_of(part), dtype=COMPUTE_DTYPES[self.dtype])
+
+        return hf_splits(self.cfg, part, self.modules(part), read, self.part_elements, sliceable)
 
     def device(self, part: Part) -> torch.device:
         if self.preloaded:
@@ -392,18 +465,23 @@ class Reference(PartHolder):
         return module(tokens.to(self.device("embed")))
 
     def layer_calls(
-        self, embeds: Tensor
+        self, embeds: Tensor, tokens: Tensor | None = None
     ) -> tuple[Tensor, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
         """The hidden state the family's forward gives the first decoder layer for these
         embeddings, and the arguments it passes each layer (mask of the layer's type,
-        rotary cos / sin, position ids), from its own code."""
+        rotary cos / sin, position ids; Gemma 4's per-layer inputs and the store its
+        layers share K/V through), from its own code. With `tokens` (the embedding part
+        held), the forward embeds them itself, as from_pretrained's model does."""
         recorders = nn.ModuleList(_Recorder(layer) for layer in self.body.layers)
         layers, norm = self.body.layers, self.body.norm
         self.body.layers, self.body.norm = recorders, nn.Identity()
         _fresh_rotary(self.body)
         try:
             with torch.no_grad():
-                out = self.body(inputs_embeds=embeds, use_cache=False)
+                if tokens is not None:
+                    out = self.body(input_ids=tokens.to(embeds.device), use_cache=False)
+                else:
+                    out = self.body(inputs_embeds=embeds, use_cache=False)
         finally:
             self.body.layers, self.body.norm = layers, norm
         # Recorders return their input: the output is what entered the first layer.
@@ -419,7 +497,9 @@ class Reference(PartHolder):
         hook = self.model.get_output_embeddings().register_forward_hook(
             lambda _m, _i, out: raw.append(out)
         )
-        prefix = self.model.base_model_prefix
+        # the attribute holding the base model (Llama 4's `model`, whose class names
+        # `language_model` as its base_model_prefix)
+        prefix = next(name for name, m in self.model.named_children() if m is self.body)
         stub = _Stub(normed)
         setattr(self.model, prefix, stub)
         try:
@@ -435,3 +515,11 @@ class Reference(PartHolder):
             "transformers_class": type(self.model).__name__,
             "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
         }
+
+
+def _tensor(module: nn.Module, name: str) -> Tensor:
+    """A parameter or buffer of `module` by its dotted name."""
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return module.get_buffer(name)
