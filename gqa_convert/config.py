@@ -80,7 +80,9 @@ class MoEConfig:
 
     The DeepSeek-V3 style router (GLM-4.5), each option off by default:
     `router`: "softmax" (over every expert) or "sigmoid" (each expert's own score);
-    `router_in_fp32`: the router's logits from the input and weight cast to fp32 (GLM-4.5);
+    `router_in_fp32`: the router's weight and correction bias kept in fp32 when the model is
+    cast to a half dtype, and its logits from the input cast to fp32 (GLM-4.5 and ERNIE 4.5
+    MoE: HF's `_keep_in_fp32_modules_strict`; Hunyuan MoE: its fp32 nn.Linear);
     `score_correction_bias`: a learned bias `e_score_correction_bias` [n_experts] added to
     the scores to choose the experts, not to weigh them; `n_group` / `topk_group`: the experts
     in `n_group` equal groups, each group scored by the sum of its 2 best scores, the

@@ -299,6 +299,21 @@ def parallel_block_as_serial() -> Mutation:
     return mutate
 
 
+def router_rounded(dtype: torch.dtype = torch.bfloat16) -> Mutation:
+    """Every MoE router's weight and correction bias rounded to `dtype` (kept in their
+    dtype): a model cast whole to `dtype` held them so, where HF keeps them in fp32."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        for layer in range(cfg.n_layers):
+            for leaf in ("W_gate", "e_score_correction_bias"):
+                name = f"blocks.{layer}.mlp.{leaf}"
+                if cfg.is_moe_layer(layer) and name in state:
+                    state[name] = state[name].to(dtype).to(state[name].dtype)
+        return cfg, state
+
+    return mutate
+
+
 def shared_expert_dropped() -> Mutation:
     """The shared expert left out (a converter that maps GLM-4.5 onto a routed-only MoE):
     each MoE layer's output is the routed experts' sum alone."""
