@@ -205,6 +205,8 @@ class ModelConfig:
     # shared; empty: `rope` / `rope_local` by layer type.
     rope_thetas: tuple[float, ...] = ()
     attn_sinks: bool = False  # Granite SWA: a learned logit per head joins each softmax
+    # gpt-oss: that softmax in the compute dtype, its max subtracted first (GptOss's eager)
+    sinks_softmax_in_dtype: bool = False
     # Ministral 3 (llama_4_scaling_beta): after rotary, q times
     # 1 + beta * log(1 + floor(position / query_scale_length)).
     query_scale_beta: float | None = None
@@ -864,6 +866,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         logit_scale=option("logit_scale", float, 1.0),
         rope_thetas=rope_thetas,
         attn_sinks=fixed.get("attn_sinks", False),
+        sinks_softmax_in_dtype=fixed.get("sinks_softmax_in_dtype", False),
         query_scale_beta=beta,
         query_scale_length=scale_length,
         temperature_tuning=tuning is not None,
