@@ -441,14 +441,12 @@ def test_bfloat16_router_is_hfs_on_the_same_input(tmp_path, family):
 def test_bfloat16_routing_agreement_with_an_fp32_router(tmp_path, family):
     """The bf16 gate on 256 positions (more tokens, more near-ties than the default prompt):
     every token of every MoE layer chooses HF's experts. Before the router stayed in fp32,
-    ours rounded it to bf16 with the model: GLM-4.5 then agreed on 0.990 and failed the gate
-    (a logit 1.1 off), Hunyuan MoE on 0.9987 (the planted rounding below, measured alike);
-    ERNIE 4.5 MoE's agreed at 1.0 here (its flips show on the same input, above)."""
+    ours rounded it to bf16 with the model: under ATEN_CPU_CAPABILITY avx512, GLM-4.5 then
+    agreed on 0.990 and failed the gate (a logit 1.1 off), Hunyuan MoE on 0.9987, ERNIE 4.5
+    MoE on 1.0. Whether a rounded router flips a whole model's choice depends on near-ties
+    that another CPU's kernels move (GLM-4.5's agreed on 1.0 under `default`), so the planted
+    rounding is asserted on the same input (test_bfloat16_router_is_hfs_on_the_same_input)."""
     src = make_hf_checkpoint(tmp_path / "src", family)
     report = verify(src, dtype="bfloat16", seq_len=256)
     assert report.passed, report.failures
     assert report.routing_agreement == 1.0
-    if family != "ernie4_5_moe":
-        planted = M.mutated_model(src, M.router_rounded())
-        bug = verify(src, dtype="bfloat16", seq_len=256, model=planted)
-        assert bug.routing_agreement < 1.0
