@@ -382,6 +382,21 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and self.moe.layers[layer]
 
+    def keeps_fp32(self, name: str) -> bool:
+        """Whether tensor `name` (ours) stays fp32 in a half-precision model or export: an MoE
+        router's weight and correction bias with `moe.router_in_fp32` (HF keeps them so)."""
+        parts = name.split(".")  # blocks.{l}.mlp.{W_gate, e_score_correction_bias}
+        return (
+            self.moe is not None
+            and self.moe.router_in_fp32
+            and len(parts) == 4
+            and parts[0] == "blocks"
+            and parts[2] == "mlp"
+            and parts[3] in ("W_gate", "e_score_correction_bias")
+            and parts[1].isdigit()
+            and self.is_moe_layer(int(parts[1]))
+        )
+
     @property
     def n_experts(self) -> int:
         return self.moe.n_experts if self.moe else 0
