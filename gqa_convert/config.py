@@ -80,7 +80,9 @@ class MoEConfig:
 
     The DeepSeek-V3 style router (GLM-4.5), each option off by default:
     `router`: "softmax" (over every expert) or "sigmoid" (each expert's own score);
-    `router_in_fp32`: the router's logits from the input and weight cast to fp32 (GLM-4.5);
+    `router_in_fp32`: the router's weight and correction bias kept in fp32 when the model is
+    cast to a half dtype, and its logits from the input cast to fp32 (GLM-4.5 and ERNIE 4.5
+    MoE: HF's `_keep_in_fp32_modules_strict`; Hunyuan MoE: its fp32 nn.Linear);
     `score_correction_bias`: a learned bias `e_score_correction_bias` [n_experts] added to
     the scores to choose the experts, not to weigh them; `n_group` / `topk_group`: the experts
     in `n_group` equal groups, each group scored by the sum of its 2 best scores, the
@@ -203,6 +205,8 @@ class ModelConfig:
     # shared; empty: `rope` / `rope_local` by layer type.
     rope_thetas: tuple[float, ...] = ()
     attn_sinks: bool = False  # Granite SWA: a learned logit per head joins each softmax
+    # gpt-oss: that softmax in the compute dtype, its max subtracted first (GptOss's eager)
+    sinks_softmax_in_dtype: bool = False
     # Ministral 3 (llama_4_scaling_beta): after rotary, q times
     # 1 + beta * log(1 + floor(position / query_scale_length)).
     query_scale_beta: float | None = None
@@ -377,6 +381,21 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and self.moe.layers[layer]
+
+    def keeps_fp32(self, name: str) -> bool:
+        """Whether tensor `name` (ours) stays fp32 in a half-precision model or export: an MoE
+        router's weight and correction bias with `moe.router_in_fp32` (HF keeps them so)."""
+        parts = name.split(".")  # blocks.{l}.mlp.{W_gate, e_score_correction_bias}
+        return (
+            self.moe is not None
+            and self.moe.router_in_fp32
+            and len(parts) == 4
+            and parts[0] == "blocks"
+            and parts[2] == "mlp"
+            and parts[3] in ("W_gate", "e_score_correction_bias")
+            and parts[1].isdigit()
+            and self.is_moe_layer(int(parts[1]))
+        )
 
     @property
     def n_experts(self) -> int:
@@ -862,6 +881,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         logit_scale=option("logit_scale", float, 1.0),
         rope_thetas=rope_thetas,
         attn_sinks=fixed.get("attn_sinks", False),
+        sinks_softmax_in_dtype=fixed.get("sinks_softmax_in_dtype", False),
         query_scale_beta=beta,
         query_scale_length=scale_length,
         temperature_tuning=tuning is not None,

@@ -17,7 +17,8 @@ from gqa_convert.config import from_hf
 from gqa_convert.errors import UnsupportedModelError
 from gqa_convert.verify import verify
 from tests import mutations as M
-from tests.hf_models import make_hf_checkpoint
+from tests.hf_models import make_hf_checkpoint, random_tokens
+from tests.numerics import assert_follows_hf_rounding, assert_misplaced_cast, rounding_ratios
 from tests.test_families import (
     assert_gate_and_round_trip,
     assert_hooked_transformer_refuses,
@@ -226,3 +227,31 @@ def test_a_gemma4_bug_fails_the_gate_where_it_is(tmp_path, name):
     report = verify(src, model=model, seq_len=n_pos)
     assert not report.passed
     assert report.first_divergence == {"layer": where[0], "component": where[1]}
+
+
+def v_normalised_in_dtype(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The planted weightless RMSNorm of v in the compute dtype (HF's: in fp32, cast back)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("case", ["gemma4-per-layer-shared-kv", "gemma4-k-eq-v"])
+def test_bfloat16_follows_hf_rounding(tmp_path, case, monkeypatch):
+    """In bf16 our casts are HF's (tests/numerics.py's rounding ratio, both attention paths;
+    measured 0 here): sqrt(d_model) rounded to bf16, the per-layer inputs (sqrt(p) rounded,
+    the projection scaled, normed and summed in the dtype), the per-layer gate op by op, v
+    of the k = v layers normalised in fp32, K/V shared across layers. Planted, each above
+    ROUNDING_RATIO on both paths (measured): the embedding scale as a Python float (as for
+    Gemma 1-3); the per-layer gate's activation and product in fp32, rounded once (0.42);
+    v's norm in bf16 (0.49-0.80)."""
+    family, overrides, n_pos = CASES[case]
+    src = make_hf_checkpoint(tmp_path / "src", family, **overrides)
+    assert_follows_hf_rounding(src, n_pos, M.config_field("embedding_multiplier_in_dtype", False))
+    tokens = random_tokens(n_pos, batch=1)
+    if overrides.get("hidden_size_per_layer_input"):
+        gate = M.per_layer_gate_in_fp32(convert_in_memory(src))
+        assert_misplaced_cast(rounding_ratios(src, tokens, torch.bfloat16, gate))
+    from gqa_convert.model import attention
+
+    monkeypatch.setattr(attention, "rms_normalize", v_normalised_in_dtype)
+    assert_misplaced_cast(rounding_ratios(src, tokens, torch.bfloat16))

@@ -14,8 +14,14 @@ import torch
 from gqa_convert import convert_in_memory
 from gqa_convert.config import load_hf_config
 from tests import mutations as M
-from tests.hf_models import load_hf, make_hf_checkpoint
-from tests.numerics import ROUTING_MARGIN, routing_gap
+from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
+from tests.numerics import (
+    ROUTING_MARGIN,
+    assert_follows_hf_rounding,
+    assert_misplaced_cast,
+    rounding_ratios,
+    routing_gap,
+)
 from tests.test_families import (
     assert_gate_and_round_trip,
     assert_localised,
@@ -208,3 +214,21 @@ def test_inspect_names_the_quirks(tmp_path):
     assert expected | {"rotary_adjacent_pairs", "no_rope_layers", "moe"} <= set(quirks), quirks
     assert "no weight" in quirks["qk_norm"] and "[0, 1, 2]" in quirks["chunked_attention"]
     assert "shared expert" in quirks["moe"] and "MoE layers [1, 3]" in quirks["moe"]
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("case", ["no-rope-layers-listed", "moe-every-layer-top-2"])
+def test_bfloat16_follows_hf_rounding(tmp_path, case):
+    """In bf16 our casts are HF's (tests/numerics.py's rounding ratio, both attention paths;
+    measured 0 here): the temperature-tuning scale kept in fp32 and the product with q
+    rounded once (Llama4TextAttention's; the scale rounded to bf16 first was 0.11-0.86 of
+    HF's own error), the router's bf16 logits, the expert input scaled by its weight.
+    Planted: the norm weight in fp32; and on the case with two NoPE layers, where the
+    temperature scale acts on half the layers, the scale rounded to bf16 first (0.61-0.62
+    on both paths, measured; one NoPE layer in four moves the logits less: 0.11-0.17)."""
+    src = source(tmp_path, case)
+    assert_follows_hf_rounding(src, N_POS, M.config_field("norm_weight_in_fp32", True))
+    if case == "no-rope-layers-listed":
+        rounded = M.temperature_scale_rounded(convert_in_memory(src))
+        tokens = random_tokens(N_POS, batch=1)
+        assert_misplaced_cast(rounding_ratios(src, tokens, torch.bfloat16, rounded))

@@ -367,11 +367,11 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError("rotary given, but cfg.positional_embedding_type is not 'rotary'")
         tuning = self.cfg.temperature_tuning  # Llama 4's: after the cache, by its length
         if self.cfg.query_scale_beta is not None and not tuning:  # Ministral 3, after rotary
-            q = q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)
+            q = (q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)).to(q.dtype)
         if entry is not None and not cached_before_rotary:
             k, v = entry.append(k, v)
         if self.cfg.query_scale_beta is not None and tuning:  # k: every key so far
-            q = q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)
+            q = (q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)).to(q.dtype)
         if rotates:
             k = self.hook_rot_k(k)  # every key the queries attend
         if self.cfg.qk_norm_after_rotary:  # Hunyuan: the cache holds k before this norm
@@ -451,12 +451,18 @@ class GroupedQueryAttention(nn.Module):
     def _softmax(self, scores: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head q k"]:
         """Softmax over keys in fp32; with sinks, each head's sink logit (through
         `hook_sinks`) is one more column, dropped after the softmax: the pattern then sums
-        to less than 1, the rest being the sink's share."""
+        to less than 1, the rest being the sink's share. `sinks_softmax_in_dtype` (gpt-oss):
+        the row's max subtracted and the softmax taken in the scores' dtype, as GptOss's
+        eager attention (in bf16 each rounds there, as HF's)."""
         if self.sinks is None:
             return F.softmax(scores, dim=-1, dtype=torch.float32)
         sinks = self.hook_sinks(self.sinks)  # [head_index]
         sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
-        return F.softmax(torch.cat((scores, sink), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        scores = torch.cat((scores, sink), dim=-1)  # [batch, head, q, k + 1]
+        if not self.cfg.sinks_softmax_in_dtype:
+            return F.softmax(scores, dim=-1, dtype=torch.float32)[..., :-1]
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        return F.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1]
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Rotary on x's first rotary_dim features (pairs by `rotary_adjacent_pairs`); in
@@ -478,8 +484,10 @@ class GroupedQueryAttention(nn.Module):
         (Llama 4's temperature tuning: floor((token index + 1) / length), the index counting
         padding and the cache as Llama4TextAttention's),
         computed in fp32 as Ministral3Attention does, cast to q's dtype, shaped to broadcast
-        over [batch, pos, head, d_head]. `positions` [pos] or [batch, pos] (our decoder's);
-        None: those `rotary` would use (the mask's cumsum - 1, or the last q_len of k_len)."""
+        over [batch, pos, head, d_head]. Llama 4's stays fp32 (log1p(steps) * beta + 1, as
+        Llama4TextAttention's): q times it is then rounded once, to q's dtype, as HF's.
+        `positions` [pos] or [batch, pos] (our decoder's); None: those `rotary` would use
+        (the mask's cumsum - 1, or the last q_len of k_len)."""
         if self.cfg.temperature_tuning:  # Llama 4: indices of all keys held (no window), + 1
             positions = torch.arange(k_len - q_len + 1, k_len + 1, device=q.device)
         elif positions is None:
@@ -488,6 +496,8 @@ class GroupedQueryAttention(nn.Module):
             else:
                 positions = torch.arange(k_len - q_len, k_len, device=q.device)
         steps = torch.floor(positions / self.cfg.query_scale_length)
+        if self.cfg.temperature_tuning:
+            return (torch.log1p(steps) * self.cfg.query_scale_beta + 1)[..., None, None]
         scale = 1 + self.cfg.query_scale_beta * torch.log(1 + steps)
         return scale[..., None, None].to(q.dtype)
 

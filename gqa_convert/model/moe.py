@@ -41,6 +41,9 @@ picks from (zero a column to keep every token away from that expert), new
 new `hook_topk_weights` rescale the chosen experts (zero: ablate).
 
 Named options (config.MoEConfig), for the DeepSeek-V3 style router of GLM-4.5:
+- `router_in_fp32` (GLM-4.5, ERNIE 4.5 MoE, Hunyuan MoE): `W_gate` and
+  `e_score_correction_bias` stay fp32 when the model is cast (`fp32_params`, `_apply`), and
+  the logits are F.linear of the input cast to fp32, as HF's routers that keep them in fp32.
 - `router = "sigmoid"`: `hook_expert_weights` holds each expert's sigmoid score (fp32)
   instead of the softmax; the chosen experts' weights are gathered from it.
 - `score_correction_bias`: `e_score_correction_bias` [n_experts] (fp32 in HF) is added to
@@ -69,6 +72,16 @@ from torch import Tensor, nn
 
 from gqa_convert.config import ModelConfig
 from gqa_convert.model.hooks import HookPoint
+
+
+def param_dtype(root: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype `root`'s tensor `name` takes in a model cast to `dtype`: `dtype`, or fp32 (or
+    wider) for a router tensor its MoE keeps in fp32 (`MoEMLP.fp32_params`), for loaders that
+    cast tensor by tensor as `.to(dtype)` would."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf in getattr(root.get_submodule(owner), "fp32_params", ()):
+        return torch.promote_types(dtype, torch.float32)
+    return dtype
 
 
 class Expert(nn.Module):
@@ -125,6 +138,13 @@ class MoEMLP(nn.Module):
         self.W_gate = nn.Parameter(torch.empty(cfg.d_model, moe.n_experts))
         if moe.score_correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.empty(moe.n_experts))
+        # HF's `_keep_in_fp32_modules_strict` (GLM-4.5, ERNIE 4.5 MoE) or fp32 nn.Linear
+        # (Hunyuan MoE): the router's tensors stay fp32 when the model is cast (`_apply`)
+        self.fp32_params: tuple[str, ...] = ()
+        if moe.router_in_fp32:
+            self.fp32_params = ("W_gate", "e_score_correction_bias")[
+                : 1 + moe.score_correction_bias
+            ]
         # gpt-oss: the router's bias [n_experts]
         self.b_gate = nn.Parameter(torch.zeros(moe.n_experts)) if moe.router_bias else None
         clamp = (moe.swiglu_alpha, moe.swiglu_limit) if moe.clamped_swiglu else None
@@ -139,12 +159,25 @@ class MoEMLP(nn.Module):
         self.hook_expert_indices = HookPoint(has_batch_dim=False)
         self.hook_topk_weights = HookPoint(has_batch_dim=False)
 
+    def _apply(self, fn, recurse=True):
+        """`nn.Module._apply` (`.to`, `.half`, ...), the `fp32_params` kept at fp32 or wider:
+        moved as `fn` moves them, not narrowed (a cast to bf16 and back would lose the
+        router's low bits, which HF's keeps)."""
+        kept = {name: getattr(self, name).data for name in self.fp32_params}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            param = getattr(self, name)
+            if param.dtype != old.dtype:
+                wide = torch.promote_types(param.dtype, torch.float32)
+                param.data = old.to(device=param.device, dtype=wide)
+        return self
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         # HF's F.linear on the [n_experts, d_model] weight (a copy of E x d_model, small):
         # on the same input the logits are HF's bit for bit, so ties break as HF's do.
         moe = self.moe
         w = self.W_gate.T.contiguous()  # [n_experts, d_model]
-        if moe.router_in_fp32:  # GLM-4.5: F.linear of the fp32 input and fp32 weight
+        if moe.router_in_fp32:  # F.linear of the fp32 input and fp32 weight
             x_router, w = x.float(), w.float()
         else:
             x_router = x
