@@ -1126,6 +1126,8 @@ def _moe_from_hf(hf: dict, family: Family, n_layers: int) -> MoEConfig | None:
             if not isinstance(value, int) or isinstance(value, bool) or value < -1:
                 raise BadInputError(f"config.json: field {key!r} = {value!r} is not a count >= 0")
             values[name] = value
+        elif name == "top_k" and isinstance(hf.get(key), list):
+            values[name] = _uniform_per_layer(hf, key, n_layers)
         else:
             kind = MOE_KINDS.get(name, int)
             values[name] = _get(hf, key, kind, family.defaults.get(key, ...))
@@ -1149,6 +1151,20 @@ def _moe_from_hf(hf: dict, family: Family, n_layers: int) -> MoEConfig | None:
     if listed is not None:
         layers = tuple(i in listed for i in range(n_layers))
     return MoEConfig(**values, layers=layers)
+
+
+def _uniform_per_layer(hf: dict, key: str, n_layers: int) -> int:
+    """A per-layer list of top-k (Hunyuan-A13B's `moe_topk`: [8] * 32; transformers reads
+    entry `layer_idx`) whose entries all agree: that number. Entries that differ are refused
+    (one top-k per model here)."""
+    value = hf[key]
+    firsts = {_get({key: v}, key, int) for v in value} if value else set()
+    if len(value) != n_layers or len(firsts) != 1:
+        raise UnsupportedModelError(
+            f"config.json: {key} = {value!r}: a per-layer top-k is supported only as "
+            f"{n_layers} equal entries (one top-k for every layer)"
+        )
+    return firsts.pop()
 
 
 # The kind of each `[moe]` field read from config.json (int if not named here).

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gqa_convert import convert_in_memory
+from gqa_convert import convert, convert_in_memory
 from gqa_convert.config import from_hf
 from gqa_convert.errors import UnsupportedModelError
 from gqa_convert.verify import verify
@@ -99,6 +99,23 @@ def test_convert_with_the_gate_then_load_and_round_trip(tmp_path, case):
 @pytest.mark.parametrize("case", CASES)
 def test_streamed_equals_whole(tmp_path, case):
     assert_streamed_equals_whole(tmp_path, *source(tmp_path, case))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sub_layer_equals_whole(tmp_path, case):
+    """Sub-layer mode (verify/sublayer.py) on SRC's mapping and on an export's files: the
+    per-layer input table looked up a token's rows at a time; the global (other head size,
+    k = v), K/V-shared and K/V-source layers' attention and the double-wide MLPs held whole
+    (they crashed, or would read wrong slices, when split like the others)."""
+    from tests.test_verify_streaming import assert_same_report
+
+    src, n_pos = source(tmp_path, case)
+    out = convert(src, tmp_path / "out")
+    for converted in (None, out):
+        whole = verify(src, converted, seq_len=n_pos, streaming=False)
+        parts = verify(src, converted, seq_len=n_pos, streaming="sub-layer")
+        assert whole.passed, whole.summary()
+        assert_same_report(parts, whole, "sub-layer")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -449,9 +449,11 @@ class GQATransformer(TransformerLensAPI):
 
     def new_cache(self, capacity: int = 0) -> KVCache:
         """An empty generation cache: every layer at n_kv heads, sliding-window layers
-        holding their last window - 1 tokens; `capacity`: the most tokens the caller will
-        feed (buffers grow in blocks up to it, model/kv_cache.py)."""
-        return KVCache([block.attn.window for block in self.blocks], capacity)
+        holding their last window - 1 tokens, Llama 4's chunked layers their last
+        chunk - 1 (HF's cache: the current chunk's keys are among them); `capacity`: the
+        most tokens the caller will feed (buffers grow in blocks up to it, kv_cache.py)."""
+        windows = [block.attn.window or block.attn.cfg.chunk_size for block in self.blocks]
+        return KVCache(windows, capacity)
 
     generate = generate  # model/generate.py
 
