@@ -308,3 +308,9 @@ def shared_expert_dropped() -> Mutation:
         return replace(cfg, moe=replace(cfg.moe, d_shared_expert=None)), state
 
     return mutate
+
+
+def tensor_to_ones(name: str) -> Mutation:
+    """One learned scale replaced by ones: a scale the converter did not read (Gemma 4's
+    router scale, its per-expert scales)."""
+    return norm_to_ones(name)
