@@ -44,6 +44,9 @@ def layer_params(cfg: ModelConfig) -> int:
     if cfg.moe is not None and any(cfg.moe.layers):
         moe = cfg.d_model * cfg.moe.n_experts * (1 + 3 * cfg.moe.d_expert)
         moe += 3 * cfg.d_model * cfg.d_shared_expert + cfg.moe.n_experts  # shared, bias
+        if cfg.moe.dense_mlp:  # Gemma 4: the (widest) dense MLP beside, 3 norms, 2 scales
+            widest = max(cfg.layer_d_mlp(i) for i in range(cfg.n_layers))
+            moe += 3 * cfg.d_model * widest + 4 * cfg.d_model + cfg.moe.n_experts
         mlp = max(moe, mlp if not all(cfg.moe.layers) else 0)
     return 2 * cfg.d_model + attn + mlp
 

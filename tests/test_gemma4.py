@@ -8,6 +8,7 @@ routed as HF routes it; streamed = whole; the round trip; greedy generation
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -218,6 +219,31 @@ def test_moe_gate_routes_every_token_as_hf(tmp_path, case):
     _, errors = component_errors(src, n_pos)
     assert all(f"router.{i}" in errors for i in range(n_layers))
     assert max(errors.values()) < 1e-5, errors
+
+
+def test_inspect_and_the_card_show_the_moe(tmp_path):
+    """inspect: every stored tensor counted; active = total less the (n_experts - top_k)
+    experts a token skips in each layer (the dense MLP beside them always runs); the MoE
+    options in words. The model card lists the dense MLP beside the experts."""
+    from safetensors import safe_open
+
+    from gqa_convert import convert
+    from gqa_convert.inspection import inspect_checkpoint
+
+    src, _ = source(tmp_path, "gemma4-moe-plain")
+    info = inspect_checkpoint(src)
+    with safe_open(src / "model.safetensors", "pt") as f:
+        total = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+        per_layer = f.get_slice("model.layers.0.experts.gate_up_proj").get_shape()
+    skipped = 3 * (8 - 2) * 3 * 48 * 32  # layers * unused experts * 3 matrices of 48 x 32
+    assert per_layer == [8, 64, 48] and info["parameters"] == total
+    assert info["active_parameters_per_token"] == total - skipped
+    moe = info["quirks"]["moe"]
+    assert "8 experts of width 32, top 2 per token, weights renormalised" in moe
+    assert "per-expert scales" in moe and "dense MLP beside the experts" in moe
+    card = (convert(src, tmp_path / "out") / "README.md").read_text()
+    assert "`blocks.{l}.mlp.dense.W_gate`, `.W_in` / `.W_out` (beside the experts)" in card
+    assert "| routing agreement (MoE) | 1 |" in card
 
 
 ROUTING_HOOKS = (
