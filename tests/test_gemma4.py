@@ -233,7 +233,7 @@ def test_inspect_and_the_card_show_the_moe(tmp_path):
     src, _ = source(tmp_path, "gemma4-moe-plain")
     info = inspect_checkpoint(src)
     with safe_open(src / "model.safetensors", "pt") as f:
-        total = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+        total = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
         per_layer = f.get_slice("model.layers.0.experts.gate_up_proj").get_shape()
     skipped = 3 * (8 - 2) * 3 * 48 * 32  # layers * unused experts * 3 matrices of 48 x 32
     assert per_layer == [8, 64, 48] and info["parameters"] == total
@@ -307,7 +307,7 @@ def test_moe_hooks_are_the_moe_hook_points(tmp_path):
     assert cache[mlp + "hook_expert_weights"].shape == (rows, 8)
     assert cache[mlp + "hook_expert_indices"].shape == cache[mlp + "hook_topk_weights"].shape
     routed = int((cache[mlp + "hook_expert_indices"] == 3).sum())
-    assert 0 < routed and cache[f"{mlp}experts.3.hook_post"].shape == (routed, 32)
+    assert routed > 0 and cache[f"{mlp}experts.3.hook_post"].shape == (routed, 32)
     assert cache[f"{mlp}dense.hook_post"].shape == (2, n_pos, 96)
     block = model.blocks[0]
     seen = {}

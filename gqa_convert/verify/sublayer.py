@@ -211,7 +211,9 @@ def ours_splits(
         attn = pieces(f"{prefix}.attn.", block.attn, heads + kv)
         splits.append(Split(block.attn, attn, parts["attention"], add))
     # the dense MLP: the block's, or (Gemma 4's MoE layers) the one beside the experts
-    dense, name = (block.mlp.dense, "mlp.dense") if hasattr(block.mlp, "dense") else (block.mlp, "mlp")
+    dense, name = (
+        (block.mlp.dense, "mlp.dense") if hasattr(block.mlp, "dense") else (block.mlp, "mlp")
+    )
     if hasattr(dense, "W_in") and not hasattr(dense, "experts"):
         rows = [("W_gate", "mlp", 1), ("W_in", "mlp", 1), ("W_out", "mlp", 0)]
         rows += [("b_gate", "mlp", 0), ("b_in", "mlp", 0), ("b_out", "mlp", None)]
