@@ -86,10 +86,10 @@ from gqa_convert.model.norm import make_norm, rms_normalize
 
 class Expert(nn.Module):
     """One expert: W_out(act(x W_gate) * (x W_in)), act SiLU unless given (Gemma 4's tanh
-    GELU); with `bias`, each projection adds its
-    bias (b_gate, b_in, b_out; gpt-oss); with `clamp` (alpha, limit), gpt-oss's clamped
-    SwiGLU: g = min(gate, limit), u = clamp(pre, -limit, limit), post = (u + 1) * g *
-    sigmoid(alpha g), in transformers' order of operations."""
+    GELU); with `bias`, each projection adds its bias (b_gate, b_in, b_out; gpt-oss); with
+    `clamp` (alpha, limit), gpt-oss's clamped SwiGLU: g = min(gate, limit), u = clamp(pre,
+    -limit, limit), post = (u + 1) * g * sigmoid(alpha g), in transformers' order of
+    operations."""
 
     def __init__(
         self,
