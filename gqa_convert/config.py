@@ -96,7 +96,15 @@ class MoEConfig:
     (top-k on the router logits, then a softmax over the k in their dtype), `expert_bias`
     (each expert has b_gate, b_in, b_out), `clamped_swiglu` (gate <= limit, up in
     [-limit, limit], out = (up + 1) * gate * sigmoid(alpha * gate); `swiglu_alpha`,
-    `swiglu_limit`)."""
+    `swiglu_limit`).
+
+    Gemma 4's (26B-A4B, `enable_moe_block`): `dense_mlp`, a dense gated MLP (`dense`) beside
+    the experts on every MoE layer, reading ln2's output, its output through a norm of its
+    own; the router and the experts read the residual stream instead, the experts through a
+    norm of their own and their sum through another; the two outputs added (then ln2_post).
+    `router_input_norm`: the router's input is the weightless RMSNorm of that stream, times
+    `router_scale` [d_model], times d_model^-0.5. `per_expert_scale`: each chosen weight
+    times the expert's own learned scale, after `norm_topk_prob`."""
 
     n_experts: int
     top_k: int
@@ -119,6 +127,9 @@ class MoEConfig:
     clamped_swiglu: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    dense_mlp: bool = False
+    router_input_norm: bool = False
+    per_expert_scale: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(bool(x) for x in self.layers))
@@ -915,10 +926,6 @@ def _gemma4_layers(
     if "global_head_dim" not in family.defaults:
         return {}
     n_layers = len(attn_types)
-    if _get(hf, "enable_moe_block", bool, False):
-        raise UnsupportedModelError(
-            "config.json: enable_moe_block = true (Gemma 4's MoE variant) is not supported yet"
-        )
     k_eq_v = _get(hf, "attention_k_eq_v", bool, False)
     n_kv = _get(hf, "num_key_value_heads", int)
     per_layer = hf.get("per_layer_config")
@@ -1109,11 +1116,17 @@ def _moe_from_hf(hf: dict, family: Family, n_layers: int) -> MoEConfig | None:
     first_k_dense_replace), `last_moe` (the last MoE layer, -1: the last layer; ERNIE 4.5's
     moe_layer_end_index), `shared_experts` (how many experts of width d_expert the shared
     expert is made of: d_shared_expert = shared_experts * d_expert; 0 with
-    `shared_experts_zero_means_none`: none, as ERNIE 4.5 builds none)."""
+    `shared_experts_zero_means_none`: none, as ERNIE 4.5 builds none), `enabled` (a bool
+    field, false: no MoE at all; Gemma 4's enable_moe_block)."""
     if not family.moe:
+        return None
+    enabled = family.moe.get("enabled")
+    if enabled is not None and not _get(hf, enabled, bool, family.defaults.get(enabled, False)):
         return None
     values: dict[str, Any] = {}
     for name, spec in family.moe.items():
+        if name == "enabled":
+            continue
         if not isinstance(spec, str | list) or name == "router":
             values[name] = spec
             continue

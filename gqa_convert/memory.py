@@ -49,8 +49,11 @@ def _layer_params(cfg: ModelConfig, layer: int) -> int:
     attn = cfg.d_model * (2 * q + 2 * kv) + q + 2 * kv + cfg.d_model
     mlp = 3 * cfg.d_model * cfg.layer_d_mlp(layer)
     if cfg.is_moe_layer(layer):
-        mlp = cfg.d_model * cfg.moe.n_experts * (1 + 3 * cfg.moe.d_expert)
-        mlp += 3 * cfg.d_model * cfg.d_shared_expert + cfg.moe.n_experts  # shared, bias
+        moe = cfg.d_model * cfg.moe.n_experts * (1 + 3 * cfg.moe.d_expert)
+        moe += 3 * cfg.d_model * cfg.d_shared_expert + cfg.moe.n_experts  # shared, bias
+        if cfg.moe.dense_mlp:  # Gemma 4: the dense MLP beside, 3 norms, 2 scales
+            moe += mlp + 4 * cfg.d_model + cfg.moe.n_experts
+        mlp = moe
     per_layer = (2 * cfg.d_per_layer_input + 1) * cfg.d_model if cfg.d_per_layer_input else 0
     return 2 * cfg.d_model + attn + mlp + per_layer + 1  # + Gemma 4's layer_scalar
 

@@ -325,6 +325,12 @@ def shared_expert_dropped() -> Mutation:
     return mutate
 
 
+def tensor_to_ones(name: str) -> Mutation:
+    """One learned scale replaced by ones: a scale the converter did not read (Gemma 4's
+    router scale, its per-expert scales)."""
+    return norm_to_ones(name)
+
+
 # Casts in another place, in model behaviour (the rounding checks of tests/numerics.py):
 # each takes our model and patches it in place.
 

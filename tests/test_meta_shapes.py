@@ -1323,3 +1323,55 @@ def test_gemma4_e_models_map_on_meta(hf_config, effective, tolerance):
     total = sum(v.numel() for k, v in hub.items() if k not in dropped)
     assert total == sum(state[t.target].numel() for t in tasks if t.target != "unembed.W_U")
     assert abs(total - state["embed_per_layer.W_E"].numel() - effective) < tolerance
+
+
+# google/gemma-4-26B-A4B (text): 30 layers of 2816, 16 query heads, 8 KV heads of 256 on the
+# sliding layers (window 1024), a dense MLP of 2112 beside 128 experts of 704 (top 8) on every
+# layer, global layers (every sixth, the last included) of head size 512 with 2 KV heads of
+# their own and k = v, no per-layer inputs, vocabulary 262144, soft-cap 30, tied (the
+# text_config of a 26B-A4B-derived checkpoint's config.json quoted in a public test, found by
+# the code search; one other quotes intermediate_size 9216 and 4 global KV heads, which give
+# 27.1B, not the card's total). Model card: 25.2B total, 3.8B active; checked below.
+GEMMA4_26B_A4B = {
+    **GEMMA4_31B,
+    "hidden_size": 2816,
+    "intermediate_size": 2112,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "num_global_key_value_heads": 2,
+    "enable_moe_block": True,
+    "num_experts": 128,
+    "top_k_experts": 8,
+    "moe_intermediate_size": 704,
+}
+
+
+def test_gemma4_26b_a4b_maps_on_meta():
+    """Every tensor of transformers' Gemma4ForCausalLM at 26B-A4B's shapes is mapped (the
+    router's scales, the stacked experts sliced per expert, the dense MLP beside them, the
+    five norms of the MLP block), to our shapes; total and active counts are the card's."""
+    from gqa_convert.inspection import active_parameters
+
+    config = AutoConfig.for_model(**GEMMA4_26B_A4B)
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(config)
+    hub = revert_weight_conversion(hf_model, hf_model.state_dict())
+    hf_shapes = {k: tuple(v.shape) for k, v in hub.items()}
+    assert hf_shapes["model.layers.0.experts.gate_up_proj"] == (128, 2 * 704, 2816)
+    cfg, tasks, dropped = plan_tasks(GEMMA4_26B_A4B, hf_shapes)
+    assert dropped == ["lm_head.weight"]
+    assert {t.source for t in tasks} == set(hf_shapes) - set(dropped)
+    meta = {t.source: torch.empty(t.source_shape, device="meta") for t in tasks}
+    state = {t.target: apply_layout(t, meta[t.source], cfg) for t in tasks}
+    model = GQATransformer.from_state_dict(cfg, state, device="meta")
+    ours = dict(model.named_parameters())
+    assert all(ours[target].shape == tensor.shape for target, tensor in state.items())
+    mlp = model.blocks[29].mlp
+    assert mlp.W_gate.shape == (2816, 128) and mlp.per_expert_scale.shape == (128,)
+    assert mlp.experts[127].W_in.shape == (2816, 704) and mlp.dense.W_in.shape == (2816, 2112)
+    assert model.blocks[29].attn._W_V is None and model.blocks[29].attn._W_K.shape[0] == 2
+    total = sum(v.numel() for k, v in hub.items() if k not in dropped)
+    assert total == sum(state[t.target].numel() for t in tasks if t.target != "unembed.W_U")
+    assert abs(total - 25.2e9) < 0.05e9
+    assert abs(active_parameters(cfg, total) - 3.8e9) < 0.05e9

@@ -210,11 +210,15 @@ def ours_splits(
         kv = [(name, "kv", 0) for name in ("_W_K", "_b_K", "_W_V", "_b_V")]
         attn = pieces(f"{prefix}.attn.", block.attn, heads + kv)
         splits.append(Split(block.attn, attn, parts["attention"], add))
-    if splits_mlp(cfg, part) and hasattr(block.mlp, "W_in"):
+    # the dense MLP: the block's, or (Gemma 4's MoE layers) the one beside the experts
+    dense, name = (
+        (block.mlp.dense, "mlp.dense") if hasattr(block.mlp, "dense") else (block.mlp, "mlp")
+    )
+    if splits_mlp(cfg, part) and hasattr(dense, "W_in") and not hasattr(dense, "experts"):
         rows = [("W_gate", "mlp", 1), ("W_in", "mlp", 1), ("W_out", "mlp", 0)]
         rows += [("b_gate", "mlp", 0), ("b_in", "mlp", 0), ("b_out", "mlp", None)]
-        mlp = pieces(f"{prefix}.mlp.", block.mlp, rows)
-        splits.append(Split(block.mlp, mlp, parts["mlp"], add))
+        mlp = pieces(f"{prefix}.{name}.", dense, rows)
+        splits.append(Split(dense, mlp, parts["mlp"], add))
     return splits
 
 
