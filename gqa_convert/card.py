@@ -102,6 +102,11 @@ def _mlp_rows(cfg: ModelConfig) -> str:
         f"| `blocks.{{l}}.mlp.experts.{{e}}.W_gate`, `.W_in` / `.W_out` | `{[m, i]}` / `{[i, m]}` "
         f"(top {cfg.moe.top_k} of {e} experts per token) |",
     ]
+    if cfg.moe.dense_mlp:  # Gemma 4: a dense MLP beside the experts on every MoE layer
+        rows.append(
+            "| MoE layers: `blocks.{l}.mlp.dense.W_gate`, `.W_in` / `.W_out` (beside the "
+            f"experts) | `[d_model, d_mlp]` / `[d_mlp, d_model]`: `{[m, cfg.d_mlp]}` |"
+        )
     dense_layers = [n for n, moe in enumerate(cfg.moe.layers) if not moe]
     if dense_layers:
         rows.insert(0, dense.replace("| `blocks", f"| dense layers {dense_layers}: `blocks", 1))

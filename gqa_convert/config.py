@@ -80,7 +80,9 @@ class MoEConfig:
 
     The DeepSeek-V3 style router (GLM-4.5), each option off by default:
     `router`: "softmax" (over every expert) or "sigmoid" (each expert's own score);
-    `router_in_fp32`: the router's logits from the input and weight cast to fp32 (GLM-4.5);
+    `router_in_fp32`: the router's weight and correction bias kept in fp32 when the model is
+    cast to a half dtype, and its logits from the input cast to fp32 (GLM-4.5 and ERNIE 4.5
+    MoE: HF's `_keep_in_fp32_modules_strict`; Hunyuan MoE: its fp32 nn.Linear);
     `score_correction_bias`: a learned bias `e_score_correction_bias` [n_experts] added to
     the scores to choose the experts, not to weigh them; `n_group` / `topk_group`: the experts
     in `n_group` equal groups, each group scored by the sum of its 2 best scores, the
@@ -94,7 +96,15 @@ class MoEConfig:
     (top-k on the router logits, then a softmax over the k in their dtype), `expert_bias`
     (each expert has b_gate, b_in, b_out), `clamped_swiglu` (gate <= limit, up in
     [-limit, limit], out = (up + 1) * gate * sigmoid(alpha * gate); `swiglu_alpha`,
-    `swiglu_limit`)."""
+    `swiglu_limit`).
+
+    Gemma 4's (26B-A4B, `enable_moe_block`): `dense_mlp`, a dense gated MLP (`dense`) beside
+    the experts on every MoE layer, reading ln2's output, its output through a norm of its
+    own; the router and the experts read the residual stream instead, the experts through a
+    norm of their own and their sum through another; the two outputs added (then ln2_post).
+    `router_input_norm`: the router's input is the weightless RMSNorm of that stream, times
+    `router_scale` [d_model], times d_model^-0.5. `per_expert_scale`: each chosen weight
+    times the expert's own learned scale, after `norm_topk_prob`."""
 
     n_experts: int
     top_k: int
@@ -117,6 +127,9 @@ class MoEConfig:
     clamped_swiglu: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    dense_mlp: bool = False
+    router_input_norm: bool = False
+    per_expert_scale: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(bool(x) for x in self.layers))
@@ -203,6 +216,8 @@ class ModelConfig:
     # shared; empty: `rope` / `rope_local` by layer type.
     rope_thetas: tuple[float, ...] = ()
     attn_sinks: bool = False  # Granite SWA: a learned logit per head joins each softmax
+    # gpt-oss: that softmax in the compute dtype, its max subtracted first (GptOss's eager)
+    sinks_softmax_in_dtype: bool = False
     # Ministral 3 (llama_4_scaling_beta): after rotary, q times
     # 1 + beta * log(1 + floor(position / query_scale_length)).
     query_scale_beta: float | None = None
@@ -377,6 +392,21 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and self.moe.layers[layer]
+
+    def keeps_fp32(self, name: str) -> bool:
+        """Whether tensor `name` (ours) stays fp32 in a half-precision model or export: an MoE
+        router's weight and correction bias with `moe.router_in_fp32` (HF keeps them so)."""
+        parts = name.split(".")  # blocks.{l}.mlp.{W_gate, e_score_correction_bias}
+        return (
+            self.moe is not None
+            and self.moe.router_in_fp32
+            and len(parts) == 4
+            and parts[0] == "blocks"
+            and parts[2] == "mlp"
+            and parts[3] in ("W_gate", "e_score_correction_bias")
+            and parts[1].isdigit()
+            and self.is_moe_layer(int(parts[1]))
+        )
 
     @property
     def n_experts(self) -> int:
@@ -862,6 +892,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         logit_scale=option("logit_scale", float, 1.0),
         rope_thetas=rope_thetas,
         attn_sinks=fixed.get("attn_sinks", False),
+        sinks_softmax_in_dtype=fixed.get("sinks_softmax_in_dtype", False),
         query_scale_beta=beta,
         query_scale_length=scale_length,
         temperature_tuning=tuning is not None,
@@ -895,10 +926,6 @@ def _gemma4_layers(
     if "global_head_dim" not in family.defaults:
         return {}
     n_layers = len(attn_types)
-    if _get(hf, "enable_moe_block", bool, False):
-        raise UnsupportedModelError(
-            "config.json: enable_moe_block = true (Gemma 4's MoE variant) is not supported yet"
-        )
     k_eq_v = _get(hf, "attention_k_eq_v", bool, False)
     n_kv = _get(hf, "num_key_value_heads", int)
     per_layer = hf.get("per_layer_config")
@@ -1089,11 +1116,17 @@ def _moe_from_hf(hf: dict, family: Family, n_layers: int) -> MoEConfig | None:
     first_k_dense_replace), `last_moe` (the last MoE layer, -1: the last layer; ERNIE 4.5's
     moe_layer_end_index), `shared_experts` (how many experts of width d_expert the shared
     expert is made of: d_shared_expert = shared_experts * d_expert; 0 with
-    `shared_experts_zero_means_none`: none, as ERNIE 4.5 builds none)."""
+    `shared_experts_zero_means_none`: none, as ERNIE 4.5 builds none), `enabled` (a bool
+    field, false: no MoE at all; Gemma 4's enable_moe_block)."""
     if not family.moe:
+        return None
+    enabled = family.moe.get("enabled")
+    if enabled is not None and not _get(hf, enabled, bool, family.defaults.get(enabled, False)):
         return None
     values: dict[str, Any] = {}
     for name, spec in family.moe.items():
+        if name == "enabled":
+            continue
         if not isinstance(spec, str | list) or name == "router":
             values[name] = spec
             continue
@@ -1106,6 +1139,8 @@ def _moe_from_hf(hf: dict, family: Family, n_layers: int) -> MoEConfig | None:
             if not isinstance(value, int) or isinstance(value, bool) or value < -1:
                 raise BadInputError(f"config.json: field {key!r} = {value!r} is not a count >= 0")
             values[name] = value
+        elif name == "top_k" and isinstance(hf.get(key), list):
+            values[name] = _uniform_per_layer(hf, key, n_layers)
         else:
             kind = MOE_KINDS.get(name, int)
             values[name] = _get(hf, key, kind, family.defaults.get(key, ...))
@@ -1129,6 +1164,20 @@ def _moe_from_hf(hf: dict, family: Family, n_layers: int) -> MoEConfig | None:
     if listed is not None:
         layers = tuple(i in listed for i in range(n_layers))
     return MoEConfig(**values, layers=layers)
+
+
+def _uniform_per_layer(hf: dict, key: str, n_layers: int) -> int:
+    """A per-layer list of top-k (Hunyuan-A13B's `moe_topk`: [8] * 32; transformers reads
+    entry `layer_idx`) whose entries all agree: that number. Entries that differ are refused
+    (one top-k per model here)."""
+    value = hf[key]
+    firsts = {_get({key: v}, key, int) for v in value} if value else set()
+    if len(value) != n_layers or len(firsts) != 1:
+        raise UnsupportedModelError(
+            f"config.json: {key} = {value!r}: a per-layer top-k is supported only as "
+            f"{n_layers} equal entries (one top-k for every layer)"
+        )
+    return firsts.pop()
 
 
 # The kind of each `[moe]` field read from config.json (int if not named here).

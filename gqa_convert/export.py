@@ -370,9 +370,16 @@ def write_files(
     dtype = plan.output_dtype(dtype)
     out_code = CODES[dtype] if dtype else None
     codes = {t.target: plan.sources[t.source].dtype for t in plan.tasks}
-    specs = [TensorSpec(t.target, out_code or codes[t.target], t.target_shape) for t in plan.tasks]
+    # an MoE router HF keeps in fp32 stays F32 where the source has it so (cfg.keeps_fp32)
+    out = {
+        name: code
+        if out_code is None or (code == "F32" and plan.config.keeps_fp32(name))
+        else out_code
+        for name, code in codes.items()
+    }
+    specs = [TensorSpec(t.target, out[t.target], t.target_shape) for t in plan.tasks]
     arrays = (
-        (task.target, cast(array, codes[task.target], out_code or codes[task.target]))
+        (task.target, cast(array, codes[task.target], out[task.target]))
         for task, array in iter_arrays(plan, allow_nonfinite=allow_nonfinite)
     )
     hashes = write_sharded(folder, specs, arrays, shard_bytes, progress)

@@ -230,6 +230,9 @@ def quirks(plan: ConversionPlan) -> dict[str, Any]:
             f"top {moe.topk_group} of {moe.n_group} groups": moe.n_group > 1,
             f"weights x {moe.routed_scaling_factor}": moe.routed_scaling_factor != 1,
             f"shared expert of width {moe.d_shared_expert}": moe.d_shared_expert is not None,
+            "router input RMS-normed and scaled": moe.router_input_norm,
+            "weights x per-expert scales": moe.per_expert_scale,
+            "a dense MLP beside the experts, each with its norms": moe.dense_mlp,
         }
         routing += [text for text, on in options.items() if on]
         found["moe"] = (

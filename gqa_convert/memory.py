@@ -6,7 +6,8 @@ alone; the parts are named so the README and `inspect` can say what dominates:
   whole-model  the HF model in the compute dtype, plus ours (views of HF's tensors when SRC
                is converted in memory, a second copy when an export's files are read)
   streamed     the largest of three phases, each holding one part on each side:
-               embedding (HF's table cast + the bytes read), one decoder layer on
+               embedding (HF's tables cast + the bytes read; Gemma 4's per-layer input
+               table and projection are part of it), one decoder layer on
                each side, final norm + unembedding (one side's at a time) + the logits
   sub-layer    a layer's small tensors (norms; what is not split: MoE experts, an
                attention with a q/k norm over the whole projection) on each side, and one
@@ -37,20 +38,44 @@ STATS_CHUNK_ELEMENTS = 1 << 22
 
 def layer_params(cfg: ModelConfig) -> int:
     """Parameters of the largest decoder layer (norms, attention with biases, gated MLP or,
-    on an MoE layer, the router and every expert)."""
-    q, kv = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
+    on an MoE layer, the router and every expert; Gemma 4: a global layer's own head size
+    and KV heads, a K/V-shared layer's double-wide MLP, the gate of the per-layer input)."""
+    return max(_layer_params(cfg, i) for i in range(cfg.n_layers))
+
+
+def _layer_params(cfg: ModelConfig, layer: int) -> int:
+    d_head = cfg.layer_d_head(layer)
+    q, kv = cfg.n_heads * d_head, cfg.layer_n_kv(layer) * d_head
     attn = cfg.d_model * (2 * q + 2 * kv) + q + 2 * kv + cfg.d_model
-    mlp = 3 * cfg.d_model * cfg.d_mlp
-    if cfg.moe is not None and any(cfg.moe.layers):
+    mlp = 3 * cfg.d_model * cfg.layer_d_mlp(layer)
+    if cfg.is_moe_layer(layer):
         moe = cfg.d_model * cfg.moe.n_experts * (1 + 3 * cfg.moe.d_expert)
         moe += 3 * cfg.d_model * cfg.d_shared_expert + cfg.moe.n_experts  # shared, bias
-        mlp = max(moe, mlp if not all(cfg.moe.layers) else 0)
-    return 2 * cfg.d_model + attn + mlp
+        if cfg.moe.dense_mlp:  # Gemma 4: the dense MLP beside, 3 norms, 2 scales
+            moe += mlp + 4 * cfg.d_model + cfg.moe.n_experts
+        mlp = moe
+    per_layer = (2 * cfg.d_per_layer_input + 1) * cfg.d_model if cfg.d_per_layer_input else 0
+    return 2 * cfg.d_model + attn + mlp + per_layer + 1  # + Gemma 4's layer_scalar
+
+
+def per_layer_table(cfg: ModelConfig) -> int:
+    """Elements of Gemma 4's per-layer input embedding (d_vocab_per_layer x n_layers x
+    d_per_layer_input: E2B's 2.35B outweighs the rest of the model); 0 without one."""
+    return cfg.d_vocab_per_layer * cfg.n_layers * cfg.d_per_layer_input
+
+
+def per_layer_projection(cfg: ModelConfig) -> int:
+    """Elements of Gemma 4's projection of the embeddings into the per-layer inputs (and
+    its norm), held whole with the embedding part; 0 without per-layer inputs."""
+    p = cfg.d_per_layer_input
+    return cfg.d_model * cfg.n_layers * p + p if p else 0
 
 
 def largest_layer_tensor(cfg: ModelConfig) -> int:
     """Elements of the largest tensor of one layer (read whole before the cast)."""
-    return max(cfg.d_model * cfg.d_mlp, cfg.d_model * cfg.n_heads * cfg.d_head)
+    d_mlp = max(cfg.layer_d_mlp(i) for i in range(cfg.n_layers))
+    d_head = max(cfg.d_head, cfg.d_head_global)
+    return max(cfg.d_model * d_mlp, cfg.d_model * cfg.n_heads * d_head)
 
 
 def expert_stack(cfg: ModelConfig) -> int:
@@ -67,13 +92,35 @@ def part_elements(cfg: ModelConfig) -> int:
     return cfg.d_model * cfg.d_head * (2 * group + 2)
 
 
-def split_params(cfg: ModelConfig) -> int:
-    """Parameters of the largest layer that sub-layer streaming holds in parts (attention
-    unless its q/k norm spans the projection; a dense MLP), the rest being held whole."""
+def splits_attention(cfg: ModelConfig, layer: int) -> bool:
+    """Whether sub-layer streaming runs layer `layer`'s attention by KV-head groups: its
+    q / k norms (if any) act per head, and it has the model's head size and KV heads and a
+    k and v of its own that no later layer reads (Gemma 4's global, k = v, K/V-shared layers
+    and the layers they share K/V with: held whole)."""
+    sources = {cfg.kv_source(i) for i in range(cfg.n_layers - cfg.kv_shared_layers, cfg.n_layers)}
+    return (
+        cfg.qk_norm in (None, "head")
+        and (cfg.layer_d_head(layer), cfg.layer_n_kv(layer)) == (cfg.d_head, cfg.n_key_value_heads)
+        and cfg.has_w_v(layer)
+        and layer not in sources
+    )
+
+
+def splits_mlp(cfg: ModelConfig, layer: int) -> bool:
+    """Whether sub-layer streaming runs layer `layer`'s MLP in d_mlp chunks: a dense MLP of
+    width d_mlp (not MoE experts; Gemma 4's double-wide MLPs: held whole)."""
+    return not cfg.is_moe_layer(layer) and cfg.layer_d_mlp(layer) == cfg.d_mlp
+
+
+def held_whole(cfg: ModelConfig) -> int:
+    """Parameters of a layer that sub-layer streaming holds whole (all but the split
+    attention's and MLP's weights), the largest over the layers."""
     q, kv = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
-    attn = cfg.d_model * (2 * q + 2 * kv) if cfg.qk_norm in (None, "head") else 0
-    dense = cfg.moe is None or not all(cfg.moe.layers)
-    return attn + (3 * cfg.d_model * cfg.d_mlp if dense else 0)
+    attn, mlp = cfg.d_model * (2 * q + 2 * kv), 3 * cfg.d_model * cfg.d_mlp
+    return max(
+        _layer_params(cfg, i) - splits_attention(cfg, i) * attn - splits_mlp(cfg, i) * mlp
+        for i in range(cfg.n_layers)
+    )
 
 
 @dataclass(frozen=True)
@@ -104,29 +151,35 @@ def estimate(
     """
     c, s = DTYPE_BYTES[dtype], storage_bytes
     table = cfg.d_vocab * cfg.d_model
+    # The embedding part: the embedding, and Gemma 4's per-layer input table and projection.
+    pl_table, pl_proj = per_layer_table(cfg), per_layer_projection(cfg)
+    embedding = table + pl_table + pl_proj
     layer = layer_params(cfg)
     ours = 2 if second_copy else 1
     t, n = tokens, sequences
     # Activations: three streams of every input, one layer's intermediates for one input
     # (MLP, q/k/v and their captures, an attention mask or scores), every input's logits
-    # on one side and one on the other, the float64 statistics over STATS_CHUNK_ELEMENTS.
-    streams = 3 * n * t * cfg.d_model * c
+    # on one side and one on the other, the float64 statistics over STATS_CHUNK_ELEMENTS;
+    # Gemma 4's per-layer inputs of every input, on each side, kept for the whole run.
+    streams = 3 * n * t * cfg.d_model * c + 2 * n * t * cfg.n_layers * cfg.d_per_layer_input * c
     inner = 4 * t * cfg.d_mlp * c + 12 * t * cfg.d_model * c + 2 * cfg.n_heads * t * t * 4
     logits = (n + 1) * t * cfg.d_vocab * c + 8 * min(t * cfg.d_vocab, STATS_CHUNK_ELEMENTS) * 8
     acts = streams + inner + logits
     read = largest_layer_tensor(cfg) * s + expert_stack(cfg) * c
-    whole = BASE_BYTES + acts + ours * (2 * table + cfg.n_layers * layer) * c + table * s
+    whole = BASE_BYTES + acts + ours * (embedding + table + cfg.n_layers * layer) * c
+    whole += max(table, pl_table) * s  # the largest tensor's bytes, read before its cast
     phases = (
-        table * (c + s),  # HF's embedding cast from the bytes read; ours indexes the bytes
+        embedding * (c + s),  # HF's cast from the bytes read; ours index the bytes
         ours * layer * c + read,
         table * (c + s),  # one unembedding at a time (ours are views, or read after HF's)
     )
     part = part_elements(cfg)
-    # Ours mapped in memory (views) read the whole source tensor, or table, to slice it.
+    # Ours mapped in memory (views) read the whole source tensor, or table, to slice it;
+    # the tables are looked up a token's rows at a time, Gemma 4's projection held whole.
     mapped = 0 if second_copy else 1
     sub_phases = (
-        mapped * table * (c + s),
-        2 * (layer - split_params(cfg)) * c + part * (c + s) + mapped * read * (1 + c // s),
+        mapped * (table + pl_table) * (c + s) + 2 * pl_proj * c + pl_proj * s,
+        2 * held_whole(cfg) * c + part * (c + s) + mapped * read * (1 + c // s),
         mapped * table * (c + s) + part * (c + s),
     )
     return Estimate(

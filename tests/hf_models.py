@@ -221,8 +221,11 @@ def make_hf_model(family: str = "llama", seed: int = 0, **overrides: Any):
     ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            # Gemma 4 MoE's norms beside the experts end in _1 / _2
+            if name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight")):
                 p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif name.endswith(("router.scale", "router.per_expert_scale")):  # Gemma 4's: ones
+                p.copy_(0.5 + torch.rand_like(p))
             elif name.endswith((".bias", "_proj_bias", ".sinks", ".alpha_p", ".alpha_n")):
                 # biases (gpt-oss's experts' too), sinks, xIELU's parameters
                 p.copy_(p + 0.5 * torch.randn_like(p))

@@ -299,6 +299,21 @@ def parallel_block_as_serial() -> Mutation:
     return mutate
 
 
+def router_rounded(dtype: torch.dtype = torch.bfloat16) -> Mutation:
+    """Every MoE router's weight and correction bias rounded to `dtype` (kept in their
+    dtype): a model cast whole to `dtype` held them so, where HF keeps them in fp32."""
+
+    def mutate(cfg: ModelConfig, state: State) -> tuple[ModelConfig, State]:
+        for layer in range(cfg.n_layers):
+            for leaf in ("W_gate", "e_score_correction_bias"):
+                name = f"blocks.{layer}.mlp.{leaf}"
+                if cfg.is_moe_layer(layer) and name in state:
+                    state[name] = state[name].to(dtype).to(state[name].dtype)
+        return cfg, state
+
+    return mutate
+
+
 def shared_expert_dropped() -> Mutation:
     """The shared expert left out (a converter that maps GLM-4.5 onto a routed-only MoE):
     each MoE layer's output is the routed experts' sum alone."""
@@ -308,3 +323,57 @@ def shared_expert_dropped() -> Mutation:
         return replace(cfg, moe=replace(cfg.moe, d_shared_expert=None)), state
 
     return mutate
+
+
+def tensor_to_ones(name: str) -> Mutation:
+    """One learned scale replaced by ones: a scale the converter did not read (Gemma 4's
+    router scale, its per-expert scales)."""
+    return norm_to_ones(name)
+
+
+# Casts in another place, in model behaviour (the rounding checks of tests/numerics.py):
+# each takes our model and patches it in place.
+
+
+def swiglu_in_fp32(model: GQATransformer) -> GQATransformer:
+    """gpt-oss's clamped SwiGLU computed in fp32 and rounded once, where HF's rounds each
+    operation in the compute dtype (hooks inside the experts are skipped)."""
+    from gqa_convert.model.moe import Expert
+
+    for expert in model.modules():
+        if isinstance(expert, Expert) and expert.clamp is not None:
+
+            def forward(x: Tensor, m: Expert = expert) -> Tensor:
+                alpha, limit = m.clamp
+                gate = (x @ m.W_gate + m.b_gate).float().clamp(max=limit)
+                pre = (x @ m.W_in + m.b_in).float().clamp(min=-limit, max=limit)
+                post = ((pre + 1) * (gate * torch.sigmoid(gate * alpha))).to(x.dtype)
+                return post @ m.W_out + m.b_out
+
+            expert.forward = forward
+    return model
+
+
+def temperature_scale_rounded(model: GQATransformer) -> GQATransformer:
+    """Llama 4's temperature-tuning scale rounded to q's dtype before the product (Ministral
+    3's way), where HF multiplies by the fp32 scale and rounds the product once."""
+    for block in model.blocks:
+        attn = block.attn
+        scale = attn._query_scale
+        attn._query_scale = lambda *a, f=scale: f(*a).to(a[-1].dtype)
+    return model
+
+
+def per_layer_gate_in_fp32(model: GQATransformer) -> GQATransformer:
+    """Gemma 4's per-layer gate, act(x W_gate) * per_layer_input, computed in fp32 and rounded
+    once, where HF rounds the projection, the activation and the product each in the dtype
+    (the input hooks inside are skipped)."""
+    for block in model.blocks:
+        gate = block.per_layer
+
+        def forward(x: Tensor, per_layer: Tensor, m=gate) -> Tensor:
+            inner = m.act((x @ m.W_gate).float()) * per_layer.float()
+            return m.ln_post(inner.to(x.dtype) @ m.W_out)
+
+        gate.forward = forward
+    return model

@@ -4,7 +4,7 @@ shorter than the 40-token prompts, so the chunk mask cuts and the temperature re
 1 + attn_scale * log1p(4) at position 39), converted with the parity gate on, against
 transformers at 1e-4 on both attention paths; the round trip; streamed = whole; a mutation
 per mechanism, localised by the gate; greedy generation with a KV cache past a chunk
-boundary."""
+boundary, the chunked layers' caches holding at most a chunk."""
 
 from __future__ import annotations
 
@@ -14,8 +14,14 @@ import torch
 from gqa_convert import convert_in_memory
 from gqa_convert.config import load_hf_config
 from tests import mutations as M
-from tests.hf_models import load_hf, make_hf_checkpoint
-from tests.numerics import ROUTING_MARGIN, routing_gap
+from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
+from tests.numerics import (
+    ROUTING_MARGIN,
+    assert_follows_hf_rounding,
+    assert_misplaced_cast,
+    rounding_ratios,
+    routing_gap,
+)
 from tests.test_families import (
     assert_gate_and_round_trip,
     assert_localised,
@@ -52,6 +58,12 @@ CASES = {
             "full_attention",
             "full_attention",
         ],
+    },
+    # a NoPE layer chunked (layer 0): temperature tuning counts the keys its cache dropped
+    "nope-layer-chunked": {
+        "moe_layers": [],
+        "no_rope_layers": [0, 1, 1, 1],
+        "layer_types": ["chunked_attention"] * 3 + ["full_attention"],
     },
 }
 
@@ -153,14 +165,14 @@ def test_the_gate_reports_full_routing_agreement(tmp_path):
     assert len(per_layer) == 4 and set(per_layer.values()) == {1.0}, per_layer
 
 
-@pytest.mark.parametrize("case", ["moe-interleaved", "dense"])
+@pytest.mark.parametrize("case", ["moe-interleaved", "dense", "nope-layer-chunked"])
 def test_greedy_generate_equals_hf(tmp_path, case):
     """fp32, 64 new tokens after three left-padded prompts (40, 33, 20 tokens): token for
     token with transformers' generate, whose chunked layers keep a sliding-window cache of
-    the chunk size while ours keep every key (the chunk mask does the cutting); the steps
-    cross chunk boundaries (16 tokens) and temperature steps (8) many times. Only prompts
-    on which HF's every greedy step and every routing has a clear margin are used (as
-    tests/test_generate.py does)."""
+    the chunk size, as ours do (the chunk mask counts the dropped keys' positions); the
+    steps cross chunk boundaries (16 tokens) and temperature steps (8) many times. Only
+    prompts on which HF's every greedy step and every routing has a clear margin are used
+    (as tests/test_generate.py does)."""
     from tests.test_generate import NEW, clear_prompts
 
     src = source(tmp_path, case)
@@ -182,6 +194,31 @@ def test_greedy_generate_equals_hf(tmp_path, case):
     mine = ours.generate(tokens, max_new_tokens=NEW, attention_mask=mask, eos_token_id=[])
     assert torch.equal(mine, theirs)
     assert len(set(mine[:, N_POS:].flatten().tolist())) >= 4  # not one token repeated
+
+
+@pytest.mark.parametrize("case", ["dense", "nope-layer-chunked"])
+def test_a_chunked_layers_cache_holds_at_most_a_chunk(tmp_path, case):
+    """Unpadded prompts (no attention mask: the chunks counted from the cache's own count of
+    the tokens it dropped), 64 new tokens token for token with HF's; after it a chunked
+    layer's cache holds its last chunk - 1 tokens (HF's: a sliding window of the chunk
+    size; a query's chunk is among them and itself), the full-attention layer every token
+    fed: 3 x 15 + 103 tokens, not 4 x 103."""
+    from tests.test_generate import NEW, clear_prompts
+
+    src = source(tmp_path, case)
+    hf, model = load_hf(src), convert_in_memory(src)
+    tokens, mask, theirs = clear_prompts(hf, [N_POS, N_POS])
+    assert bool(mask.all())
+    cache = model.new_cache()
+    mine = model.generate(tokens, NEW, eos_token_id=[], cache=cache)
+    assert torch.equal(mine, theirs)
+    cfg, fed = model.cfg, N_POS + NEW - 1  # the last token is never fed
+    size = cfg.attention_chunk_size
+    assert cfg.chunked_layers == (True, True, True, False) and fed > 6 * size
+    held = [min(fed, size - 1) if chunked else fed for chunked in cfg.chunked_layers]
+    per_token = 2 * cfg.n_key_value_heads * cfg.d_head * 4  # keys and values, fp32
+    assert [layer.length for layer in cache.layers] == held == [15, 15, 15, 103]
+    assert cache.nbytes == 2 * sum(held) * per_token and cache.length == fed
 
 
 @pytest.mark.parametrize("case", ["dense", "moe-interleaved"])
@@ -208,3 +245,21 @@ def test_inspect_names_the_quirks(tmp_path):
     assert expected | {"rotary_adjacent_pairs", "no_rope_layers", "moe"} <= set(quirks), quirks
     assert "no weight" in quirks["qk_norm"] and "[0, 1, 2]" in quirks["chunked_attention"]
     assert "shared expert" in quirks["moe"] and "MoE layers [1, 3]" in quirks["moe"]
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("case", ["no-rope-layers-listed", "moe-every-layer-top-2"])
+def test_bfloat16_follows_hf_rounding(tmp_path, case):
+    """In bf16 our casts are HF's (tests/numerics.py's rounding ratio, both attention paths;
+    measured 0 here): the temperature-tuning scale kept in fp32 and the product with q
+    rounded once (Llama4TextAttention's; the scale rounded to bf16 first was 0.11-0.86 of
+    HF's own error), the router's bf16 logits, the expert input scaled by its weight.
+    Planted: the norm weight in fp32; and on the case with two NoPE layers, where the
+    temperature scale acts on half the layers, the scale rounded to bf16 first (0.61-0.62
+    on both paths, measured; one NoPE layer in four moves the logits less: 0.11-0.17)."""
+    src = source(tmp_path, case)
+    assert_follows_hf_rounding(src, N_POS, M.config_field("norm_weight_in_fp32", True))
+    if case == "no-rope-layers-listed":
+        rounded = M.temperature_scale_rounded(convert_in_memory(src))
+        tokens = random_tokens(N_POS, batch=1)
+        assert_misplaced_cast(rounding_ratios(src, tokens, torch.bfloat16, rounded))

@@ -1,7 +1,7 @@
 """The weight map at real sizes (Llama-3-8B/70B, Mistral-7B, Qwen3-8B, Phi-3-mini, Phi-4-mini,
 OLMo2-7B, Granite-3-8B, SmolLM3-3B, Gemma-2-2B/9B, Gemma-3-1B/4B, Mixtral-8x7B, Qwen3-30B-A3B,
-OLMoE-1B-7B, GLM-4.5, GLM-4.5-Air, and the dense families of 2026: Seed-OSS-36B,
-InternLM3-8B, Helium-2B, ERNIE-4.5-0.3B, OLMo-3-32B, EXAONE 4, Ministral-8B, Ministral 3,
+OLMoE-1B-7B, GLM-4.5, GLM-4.5-Air, ERNIE-4.5-21B-A3B, Hunyuan-A13B, and the dense families of
+2026: Seed-OSS-36B, InternLM3-8B, Helium-2B, ERNIE-4.5-0.3B, OLMo-3-32B, EXAONE 4, Ministral-8B, Ministral 3,
 GLM-4-9B, StarCoder2-3B, Apertus-8B, Command R / R+, Command R7B, Hunyuan-7B, Granite SWA 2B;
 gpt-oss-20b / 120b; Llama-4-Scout / Maverick text; each dict says where its numbers come from)
 on the meta device, config.json as shipped on the Hub (Gemma-3-4B: its `text_config`, as a
@@ -759,6 +759,79 @@ GLM45_AIR = {
     "first_k_dense_replace": 1,
     "use_qk_norm": False,
 }
+# baidu/ERNIE-4.5-21B-A3B(-PT): Ernie4_5_MoeConfig's defaults, its docstring's checkpoint (28
+# layers of 2560, 20 / 4 heads of 128, dense MLP 12288 on layer 0, then 64 experts of 1536, 6
+# per token, 2 shared experts (a shared MLP of 3072), vocabulary 103424, tied, theta 5e5),
+# moe_layer_end_index 27 as in copies of its config.json (Ascend MindIE's and
+# llm-memory-calculator's test fixtures); the model card's table: 28 layers, 20 / 4 heads,
+# 64 / 6 text experts, 2 shared, 21B total / 3B active. Measured: 21.83B total (the card's
+# "21B" truncates), 3.35B active with the (tied) embedding, 3.08B without; both round to 3B.
+ERNIE45_21B_A3B = {
+    "architectures": ["Ernie4_5_MoeForCausalLM"],
+    "model_type": "ernie4_5_moe",
+    "hidden_size": 2560,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "moe_num_experts": 64,
+    "moe_num_shared_experts": 2,
+    "moe_k": 6,
+    "moe_layer_start_index": 1,
+    "moe_layer_end_index": 27,
+    "moe_layer_interval": 1,
+    "use_bias": False,
+    "vocab_size": 103424,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+# tencent/Hunyuan-A13B: models/config.json of Tencent-Hunyuan/Hunyuan-A13B on GitHub (as
+# stored in its fork tianyu1412/Hunyuan-A13B; there model_type "hunyuan", the remote code's
+# name, here transformers' hunyuan_v1_moe, the Hub's): 32 layers of 4096, 32 / 8 heads of
+# 128, 64 experts of 3072 (per-layer lists moe_intermediate_size, moe_topk: top 8 on every
+# layer, num_shared_expert: 1 shared MLP of intermediate_size 3072), vocabulary 128167,
+# tied, rope "dynamic" with alpha 1000 (its extra yarn-style keys as shipped; transformers
+# reads alpha). The model card's list: 80B total / 13B active, 32 layers, 32 heads, 1 shared
+# and 64 routed experts, top-8, hidden 4096, expert hidden 3072. Measured: 80.39B total,
+# 12.75B active with the (tied) embedding (12.22B without: Tencent's 13B counts it).
+HUNYUAN_A13B = {
+    "architectures": ["HunYuanMoEV1ForCausalLM"],
+    "model_type": "hunyuan_v1_moe",
+    "attention_bias": False,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 32768,
+    "moe_intermediate_size": [3072] * 32,
+    "moe_topk": [8] * 32,
+    "num_attention_heads": 32,
+    "num_experts": 64,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "num_shared_expert": [1] * 32,
+    "rms_norm_eps": 1e-5,
+    "rope_scaling": {
+        "alpha": 1000.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "type": "dynamic",
+    },
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "use_mixed_mlp_moe": True,
+    "use_qk_norm": True,
+    "vocab_size": 128167,
+    "torch_dtype": "bfloat16",
+}
 ACTIVE = {
     "mixtral-8x7b": 12.9e9,
     "qwen3-30b-a3b": 3.3e9,
@@ -767,12 +840,29 @@ ACTIVE = {
     "gpt-oss-120b": 5.13e9,
     "glm-4.5": 32e9,
     "glm-4.5-air": 12e9,
+    "ernie-4.5-21b-a3b": 3e9,
+    "hunyuan-a13b": 13e9,
 }
-# The model cards' totals, where a test checks them: gpt-oss's to 0.1B, GLM's (whole
-# billions) to 1%.
-TOTAL = {"gpt-oss-20b": 20.91e9, "gpt-oss-120b": 116.83e9, "glm-4.5": 355e9, "glm-4.5-air": 106e9}
+# The model cards' totals, where a test checks them.
+TOTAL = {
+    "gpt-oss-20b": 20.91e9,
+    "gpt-oss-120b": 116.83e9,
+    "glm-4.5": 355e9,
+    "glm-4.5-air": 106e9,
+    "ernie-4.5-21b-a3b": 21e9,
+    "hunyuan-a13b": 80e9,
+}
+# How far our (active, total) counts may be from the cards': 0.1B (cards to 0.01B) unless
+# named here. Cards in whole billions: active within 0.5B (the rounding), totals within 1%
+# (GLM, Hunyuan) or, for ERNIE's "21B" (21.8B counted), the billion it truncates.
+CARD_TOLERANCE = {
+    "glm-4.5": (0.5e9, 0.01 * 355e9),
+    "glm-4.5-air": (0.5e9, 0.01 * 106e9),
+    "ernie-4.5-21b-a3b": (0.5e9, 1e9),
+    "hunyuan-a13b": (0.5e9, 0.01 * 80e9),
+}
 # How many vocabulary matrices a card leaves out of "active": OpenAI's the embedding (a
-# lookup), Z.ai's the embedding and the unembedding.
+# lookup), Z.ai's the embedding and the unembedding; Tencent's and Baidu's (tied) none.
 VOCAB_OUT_OF_ACTIVE = {"gpt-oss-20b": 1, "gpt-oss-120b": 1, "glm-4.5": 2, "glm-4.5-air": 2}
 # Llama 4, the `text_config` of meta-llama/Llama-4-Scout-17B-16E and
 # Llama-4-Maverick-17B-128E (config.json as shipped, read as a Llama4ForCausalLM); their model
@@ -839,6 +929,8 @@ MODELS = {
     "olmoe-1b-7b": OLMOE_1B_7B,
     "glm-4.5": GLM45,
     "glm-4.5-air": GLM45_AIR,
+    "ernie-4.5-21b-a3b": ERNIE45_21B_A3B,
+    "hunyuan-a13b": HUNYUAN_A13B,
     "seed-oss-36b": SEED_OSS_36B,
     "internlm3-8b": INTERNLM3_8B,
     "helium-2b": HELIUM_2B,
@@ -950,11 +1042,11 @@ def test_map_real_shapes_on_meta(name):
         total = sum(p.numel() for p in hf_model.parameters())
         active = active_parameters(cfg, total)
         active -= VOCAB_OUT_OF_ACTIVE.get(name, 0) * cfg.d_vocab * cfg.d_model
-        if name in ACTIVE:  # GLM's cards round to the billion
-            assert abs(active - ACTIVE[name]) < (0.5e9 if name.startswith("glm") else 0.1e9)
+        active_tolerance, total_tolerance = CARD_TOLERANCE.get(name, (0.1e9, 0.1e9))
+        if name in ACTIVE:
+            assert abs(active - ACTIVE[name]) < active_tolerance
         if name in TOTAL:
-            tolerance = 0.01 * TOTAL[name] if name.startswith("glm") else 0.1e9
-            assert abs(total - TOTAL[name]) < tolerance
+            assert abs(total - TOTAL[name]) < total_tolerance
     if name.startswith("gpt-oss"):  # 64 q heads of 64 (4096 wide) on a 2880 stream
         assert (n, k, h, m) == (64, 8, 64, 2880) and cfg.attn_sinks
         assert cfg.attn_types == ("local", "global") * (cfg.n_layers // 2)
@@ -982,6 +1074,17 @@ def test_map_real_shapes_on_meta(name):
         assert state[f"blocks.{dense}.mlp.shared_expert.W_out"].shape == (cfg.d_expert, m)
         assert f"blocks.{dense - 1}.mlp.W_in" in state and cfg.qkv_bias and not cfg.o_bias
         assert (cfg.qk_norm == "head") == (name == "glm-4.5")
+    if name == "ernie-4.5-21b-a3b":  # layer 0 dense; 2 shared experts of 1536: one of 3072
+        assert cfg.moe.layers == (False,) + (True,) * 27 and cfg.tie_word_embeddings
+        assert (cfg.moe.n_experts, cfg.moe.top_k, cfg.moe.d_expert) == (64, 6, 1536)
+        assert cfg.moe.d_shared_expert == 3072 and cfg.moe.router_in_fp32
+        assert state["blocks.1.mlp.e_score_correction_bias"].shape == (64,)
+        assert state["blocks.0.mlp.W_in"].shape == (m, 12288) and (n, k, h) == (20, 4, 128)
+    if name == "hunyuan-a13b":  # moe_topk [8] * 32 read as 8; every layer MoE + shared MLP
+        assert all(cfg.moe.layers) and (cfg.moe.n_experts, cfg.moe.top_k) == (64, 8)
+        assert cfg.moe.d_expert == cfg.moe.d_shared_expert == 3072 and cfg.tie_word_embeddings
+        assert (cfg.rope.type, cfg.rope.alpha) == ("ntk_alpha", 1000.0)
+        assert cfg.qk_norm_after_rotary and (n, k, h, m) == (32, 8, 128, 4096)
     if name == "smollm3-3b":
         assert cfg.tie_word_embeddings  # SmolLM3Config's default
         assert [i for i, r in enumerate(cfg.rope_layers) if not r] == list(range(3, 36, 4))
@@ -1220,3 +1323,55 @@ def test_gemma4_e_models_map_on_meta(hf_config, effective, tolerance):
     total = sum(v.numel() for k, v in hub.items() if k not in dropped)
     assert total == sum(state[t.target].numel() for t in tasks if t.target != "unembed.W_U")
     assert abs(total - state["embed_per_layer.W_E"].numel() - effective) < tolerance
+
+
+# google/gemma-4-26B-A4B (text): 30 layers of 2816, 16 query heads, 8 KV heads of 256 on the
+# sliding layers (window 1024), a dense MLP of 2112 beside 128 experts of 704 (top 8) on every
+# layer, global layers (every sixth, the last included) of head size 512 with 2 KV heads of
+# their own and k = v, no per-layer inputs, vocabulary 262144, soft-cap 30, tied (the
+# text_config of a 26B-A4B-derived checkpoint's config.json quoted in a public test, found by
+# the code search; one other quotes intermediate_size 9216 and 4 global KV heads, which give
+# 27.1B, not the card's total). Model card: 25.2B total, 3.8B active; checked below.
+GEMMA4_26B_A4B = {
+    **GEMMA4_31B,
+    "hidden_size": 2816,
+    "intermediate_size": 2112,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "num_global_key_value_heads": 2,
+    "enable_moe_block": True,
+    "num_experts": 128,
+    "top_k_experts": 8,
+    "moe_intermediate_size": 704,
+}
+
+
+def test_gemma4_26b_a4b_maps_on_meta():
+    """Every tensor of transformers' Gemma4ForCausalLM at 26B-A4B's shapes is mapped (the
+    router's scales, the stacked experts sliced per expert, the dense MLP beside them, the
+    five norms of the MLP block), to our shapes; total and active counts are the card's."""
+    from gqa_convert.inspection import active_parameters
+
+    config = AutoConfig.for_model(**GEMMA4_26B_A4B)
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(config)
+    hub = revert_weight_conversion(hf_model, hf_model.state_dict())
+    hf_shapes = {k: tuple(v.shape) for k, v in hub.items()}
+    assert hf_shapes["model.layers.0.experts.gate_up_proj"] == (128, 2 * 704, 2816)
+    cfg, tasks, dropped = plan_tasks(GEMMA4_26B_A4B, hf_shapes)
+    assert dropped == ["lm_head.weight"]
+    assert {t.source for t in tasks} == set(hf_shapes) - set(dropped)
+    meta = {t.source: torch.empty(t.source_shape, device="meta") for t in tasks}
+    state = {t.target: apply_layout(t, meta[t.source], cfg) for t in tasks}
+    model = GQATransformer.from_state_dict(cfg, state, device="meta")
+    ours = dict(model.named_parameters())
+    assert all(ours[target].shape == tensor.shape for target, tensor in state.items())
+    mlp = model.blocks[29].mlp
+    assert mlp.W_gate.shape == (2816, 128) and mlp.per_expert_scale.shape == (128,)
+    assert mlp.experts[127].W_in.shape == (2816, 704) and mlp.dense.W_in.shape == (2816, 2112)
+    assert model.blocks[29].attn._W_V is None and model.blocks[29].attn._W_K.shape[0] == 2
+    total = sum(v.numel() for k, v in hub.items() if k not in dropped)
+    assert total == sum(state[t.target].numel() for t in tasks if t.target != "unembed.W_U")
+    assert abs(total - 25.2e9) < 0.05e9
+    assert abs(active_parameters(cfg, total) - 3.8e9) < 0.05e9

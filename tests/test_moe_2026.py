@@ -93,6 +93,8 @@ CASES = {
     ),
     # Hunyuan MoE (tests/hf_models.py): 4 experts, top 2, the shared MLP; q/k/v/o biases, MQA
     "hunyuan_v1_moe": ("hunyuan_v1_moe", {"attention_bias": True, "num_key_value_heads": 1}, 40),
+    # moe_topk as a per-layer list, one entry per layer, all equal (Hunyuan-A13B's [8] * 32)
+    "hunyuan_v1_moe-topk-list": ("hunyuan_v1_moe", {"moe_topk": [2, 2, 2]}, 40),
 }
 
 
@@ -141,6 +143,15 @@ def test_convert_with_the_gate_then_load_and_round_trip(tmp_path, case):
 @pytest.mark.parametrize("case", ["glm4_moe", "glm4_moe-2-dense-2-shared", "ernie4_5_moe"])
 def test_streamed_equals_whole(tmp_path, case):
     assert_streamed_equals_whole(tmp_path, *source(tmp_path, case))
+
+
+@pytest.mark.parametrize("topk", [[2, 3, 2], [2, 2]])
+def test_a_per_layer_top_k_that_varies_is_refused(topk):
+    """One top-k per model here: a list whose entries differ (transformers would route layer
+    1 to 3 experts) or that does not name every layer is refused by name, not read as 2."""
+    hf = make_hf_model("hunyuan_v1_moe").config.to_dict()
+    with pytest.raises(UnsupportedModelError, match="moe_topk"):
+        from_hf({**hf, "moe_topk": topk})
 
 
 def test_each_layer_has_the_mlp_hf_has():

@@ -373,6 +373,30 @@ def test_a_405b_layer_fits_16_gb_only_in_parts():
     assert choose_mode(need, 16_000_000_000, None)[0] == "sub-layer"
 
 
+def test_the_estimates_hold_gemma4s_per_layer_input_table():
+    """Gemma 4 E2B's shapes (tests/test_meta_shapes.py): its per-layer input table (262144 x
+    35 x 256, 2.35B) outweighs the rest of the model. Whole-model holds every parameter on
+    each side (bf16 files cast to fp32: 4 bytes each, and ours views of HF's); the streamed
+    embedding part holds the table cast from its bytes; sub-layer mode (ours views of SRC)
+    reads it whole to look rows up. Without the table the estimates were 10.3 / 3.7 / 3.8 GB,
+    each below; with it 28.7 / 17.9 / 18.0 GB."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gqa_convert.config import from_hf
+    from gqa_convert.memory import estimate
+    from tests.test_meta_shapes import GEMMA4_E2B
+
+    cfg = from_hf(GEMMA4_E2B)
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**GEMMA4_E2B))
+    params = sum(p.numel() for p in hf_model.parameters())  # tied: the embedding once
+    table = hf_model.model.embed_tokens_per_layer.weight.numel()
+    assert table == cfg.d_vocab_per_layer * cfg.n_layers * cfg.d_per_layer_input > params / 2
+    need = estimate(cfg, storage_bytes=2)
+    assert need.whole > 4 * params
+    assert need.streamed > (4 + 2) * table and need.sub_layer > (4 + 2) * table
+
+
 def test_sub_layer_mode_refuses_a_quantised_source(tmp_path):
     """Slices of quantised tensors are not transformers' dequantisation: refused in one line
     before anything is read."""

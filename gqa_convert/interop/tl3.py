@@ -256,6 +256,9 @@ def _refuse_what_tl_lacks(cfg: ModelConfig, local: bool) -> None:
             f"routed_scaling_factor = {moe.routed_scaling_factor}": moe.routed_scaling_factor != 1,
             "a shared expert": moe.d_shared_expert is not None,
             "the weight scaling the expert's input": moe.score_scales_input,  # Llama 4
+            "a dense MLP beside the experts": moe.dense_mlp,  # Gemma 4
+            "a normed, scaled router input": moe.router_input_norm,
+            "per-expert scales": moe.per_expert_scale,
         }
         problems += [f"{what} (TL's MoE lacks it)" for what, on in beyond.items() if on]
     if cfg.rope.type == "linear" and local and cfg.rope_local is None:

@@ -59,17 +59,31 @@ def causal_mask(
 
 
 def same_chunk(
-    q_len: int, k_len: int, size: int, attention_mask: Tensor | None, device: torch.device
+    q_len: int,
+    k_len: int,
+    size: int,
+    attention_mask: Tensor | None,
+    device: torch.device,
+    offset: int = 0,
 ) -> Bool[Tensor, "*batch q_len k_len"]:
     """Llama 4's chunked attention: True where key j is in query i's `size`-token chunk,
     chunks counted from each row's first attended token (HF's `chunked_overlay` with its
-    left padding) when `attention_mask` [batch, k_len] is given."""
+    left padding) when `attention_mask` [batch, offset + k_len] is given. The k_len keys are
+    positions offset .. offset + k_len - 1 (a generation cache that dropped the first
+    `offset`, as a window layer does)."""
     if attention_mask is None:
-        pos = torch.arange(k_len, device=device)
-    else:
-        pos = attention_mask.cumsum(dim=-1) - 1  # [batch, k_len]; pads before: < 0, masked
+        pos = torch.arange(offset, offset + k_len, device=device)
+    else:  # [batch, k_len]; pads before: < 0, masked
+        pos = (attention_mask.cumsum(dim=-1) - 1)[:, -k_len:]
     chunk = torch.div(pos, size, rounding_mode="floor")
     return chunk[..., -q_len:, None] == chunk[..., None, :]
+
+
+def dropped(entry: Any, k_len: int) -> int:
+    """Positions before the `k_len` keys an entry returned: those a generation cache no
+    longer holds (`LayerCache` of a window or chunked layer); 0 for TL's entries."""
+    seen = getattr(entry, "seen", None)
+    return 0 if seen is None else seen - k_len
 
 
 class GroupedQueryAttention(nn.Module):
@@ -367,18 +381,20 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError("rotary given, but cfg.positional_embedding_type is not 'rotary'")
         tuning = self.cfg.temperature_tuning  # Llama 4's: after the cache, by its length
         if self.cfg.query_scale_beta is not None and not tuning:  # Ministral 3, after rotary
-            q = q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)
+            q = (q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)).to(q.dtype)
         if entry is not None and not cached_before_rotary:
             k, v = entry.append(k, v)
-        if self.cfg.query_scale_beta is not None and tuning:  # k: every key so far
-            q = q * self._query_scale(positions, attention_mask, k.shape[1], q_len, q)
+        if self.cfg.query_scale_beta is not None and tuning:  # every key so far, dropped too
+            k_len = dropped(entry, k.shape[1]) + k.shape[1]
+            q = (q * self._query_scale(positions, attention_mask, k_len, q_len, q)).to(q.dtype)
         if rotates:
             k = self.hook_rot_k(k)  # every key the queries attend
         if self.cfg.qk_norm_after_rotary:  # Hunyuan: the cache holds k before this norm
             q, k = apply_qk_norm(self.q_norm, q), apply_qk_norm(self.k_norm, k)
         if self.cfg.kv_store and shared_kv is not None:  # Gemma 4: later layers attend these
             shared_kv[self.layer_id] = (k, v)
-        return self._attend(q, k, v, attention_mask, additive_attention_mask, use_fast_path)
+        offset = dropped(entry, k.shape[1])
+        return self._attend(q, k, v, attention_mask, additive_attention_mask, use_fast_path, offset)
 
     def _attend_shared(
         self,
@@ -405,9 +421,16 @@ class GroupedQueryAttention(nn.Module):
         attention_mask: Int[Tensor, "batch offset_pos"] | None,
         additive_attention_mask: Tensor | None,
         use_fast_path: bool | None,
+        offset: int = 0,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """Masked attention of `q` over `k` / `v` (rotated, the cache's included), then W_O."""
+        """Masked attention of `q` over `k` / `v` (rotated, the cache's included), then W_O;
+        `offset`: the positions before the keys held (a cache dropped them)."""
         q_len, k_len = q.shape[1], k.shape[1]
+        chunk = self.cfg.chunk_size  # Llama 4's chunked layers
+        in_chunk = None  # their positions count from the start, dropped keys included
+        spans = (offset + k_len - 1) // chunk != offset // chunk if chunk else False
+        if chunk is not None and (spans or attention_mask is not None):
+            in_chunk = same_chunk(q_len, k_len, chunk, attention_mask, q.device, offset)
         if attention_mask is not None:  # [batch, positions so far]: those of the keys held
             attention_mask = attention_mask[:, -k_len:]
 
@@ -421,16 +444,14 @@ class GroupedQueryAttention(nn.Module):
         # SDPA without a mask: causal when queries and keys are the same positions; none at
         # all for one query (the newest position sees every key held).
         windowed = self.window is not None and k_len > self.window
-        chunk = self.cfg.chunk_size  # Llama 4's chunked layers
-        windowed = windowed or (chunk is not None and k_len > chunk)
+        windowed = windowed or in_chunk is not None  # keys of more than one chunk
         unmasked = attention_mask is None and additive_attention_mask is None and not windowed
         is_causal = use_fast_path and unmasked and q_len == k_len and q_len > 1
         mask = None
         if not (use_fast_path and unmasked and (q_len == 1 or is_causal)):
             mask = causal_mask(q_len, k_len, self.window, q.device)  # [q, k]
-            if chunk is not None:  # [q, k], or [batch, 1, q, k] with a mask
-                in_chunk = same_chunk(q_len, k_len, chunk, attention_mask, q.device)
-                mask = mask & (in_chunk if attention_mask is None else in_chunk[:, None])
+            if in_chunk is not None:  # [q, k], or [batch, 1, q, k] with a mask
+                mask = mask & (in_chunk if in_chunk.dim() == 2 else in_chunk[:, None])
             if attention_mask is not None:
                 mask = mask & attention_mask[:, None, None, :].bool()  # [batch, 1, q, k]
         if use_fast_path:
@@ -451,12 +472,18 @@ class GroupedQueryAttention(nn.Module):
     def _softmax(self, scores: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head q k"]:
         """Softmax over keys in fp32; with sinks, each head's sink logit (through
         `hook_sinks`) is one more column, dropped after the softmax: the pattern then sums
-        to less than 1, the rest being the sink's share."""
+        to less than 1, the rest being the sink's share. `sinks_softmax_in_dtype` (gpt-oss):
+        the row's max subtracted and the softmax taken in the scores' dtype, as GptOss's
+        eager attention (in bf16 each rounds there, as HF's)."""
         if self.sinks is None:
             return F.softmax(scores, dim=-1, dtype=torch.float32)
         sinks = self.hook_sinks(self.sinks)  # [head_index]
         sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
-        return F.softmax(torch.cat((scores, sink), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        scores = torch.cat((scores, sink), dim=-1)  # [batch, head, q, k + 1]
+        if not self.cfg.sinks_softmax_in_dtype:
+            return F.softmax(scores, dim=-1, dtype=torch.float32)[..., :-1]
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        return F.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1]
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Rotary on x's first rotary_dim features (pairs by `rotary_adjacent_pairs`); in
@@ -478,8 +505,10 @@ class GroupedQueryAttention(nn.Module):
         (Llama 4's temperature tuning: floor((token index + 1) / length), the index counting
         padding and the cache as Llama4TextAttention's),
         computed in fp32 as Ministral3Attention does, cast to q's dtype, shaped to broadcast
-        over [batch, pos, head, d_head]. `positions` [pos] or [batch, pos] (our decoder's);
-        None: those `rotary` would use (the mask's cumsum - 1, or the last q_len of k_len)."""
+        over [batch, pos, head, d_head]. Llama 4's stays fp32 (log1p(steps) * beta + 1, as
+        Llama4TextAttention's): q times it is then rounded once, to q's dtype, as HF's.
+        `positions` [pos] or [batch, pos] (our decoder's); None: those `rotary` would use
+        (the mask's cumsum - 1, or the last q_len of k_len)."""
         if self.cfg.temperature_tuning:  # Llama 4: indices of all keys held (no window), + 1
             positions = torch.arange(k_len - q_len + 1, k_len + 1, device=q.device)
         elif positions is None:
@@ -488,6 +517,8 @@ class GroupedQueryAttention(nn.Module):
             else:
                 positions = torch.arange(k_len - q_len, k_len, device=q.device)
         steps = torch.floor(positions / self.cfg.query_scale_length)
+        if self.cfg.temperature_tuning:
+            return (torch.log1p(steps) * self.cfg.query_scale_beta + 1)[..., None, None]
         scale = 1 + self.cfg.query_scale_beta * torch.log(1 + steps)
         return scale[..., None, None].to(q.dtype)
 

@@ -79,6 +79,7 @@ class AttentionConfig:
     qk_norm_after_rotary: bool = False  # Hunyuan: q / k normalised after rotary
     rotary_math_in_fp32: bool = False  # Cohere: rotate in fp32 with cos / sin of the dtype
     attn_sinks: bool = False  # a learned logit per head joins the softmax (Granite SWA)
+    sinks_softmax_in_dtype: bool = False  # gpt-oss: that softmax in the compute dtype
     # Ministral 3: after rotary, q times 1 + beta * log(1 + floor(position / length)).
     query_scale_beta: float | None = None
     query_scale_length: int | None = None
@@ -152,6 +153,7 @@ def attention_config(
             qk_norm_after_rotary=cfg.qk_norm_after_rotary,
             rotary_math_in_fp32=cfg.rotary_math_in_fp32,
             attn_sinks=cfg.attn_sinks,
+            sinks_softmax_in_dtype=cfg.sinks_softmax_in_dtype,
             query_scale_beta=cfg.query_scale_beta if query_scaled else None,
             query_scale_length=cfg.query_scale_length,
             temperature_tuning=cfg.temperature_tuning,

@@ -178,8 +178,9 @@ class TransformerBlock(nn.Module):
             self.ln2 = norm(cfg)
         if cfg.norm_placement == "sandwich":  # Gemma 2/3: TL's names for the norms after
             self.ln1_post, self.ln2_post = norm(cfg), norm(cfg)
-        if cfg.is_moe_layer(layer_id):
-            self.mlp = MoEMLP(cfg)
+        if cfg.is_moe_layer(layer_id):  # Gemma 4's: with its dense MLP beside the experts
+            dense = GatedMLP(cfg, cfg.layer_d_mlp(layer_id)) if cfg.moe.dense_mlp else None
+            self.mlp = MoEMLP(cfg, dense)
         else:
             self.mlp = GatedMLP(cfg, cfg.layer_d_mlp(layer_id)) if cfg.gated_mlp else MLP(cfg)
         if cfg.d_per_layer_input:  # Gemma 4: the block's per-layer input, after the MLP
@@ -259,7 +260,10 @@ class TransformerBlock(nn.Module):
             return self.hook_resid_post(resid + attn_out * m + mlp_out * m)
         resid = self.hook_resid_mid(resid + attn_out * m)
         mlp_in = self.hook_mlp_in(resid.clone()) if self.use_hook_mlp_in else resid
-        mlp_out = self.mlp(self.ln2(mlp_in) if pre else mlp_in)
+        if hasattr(self.mlp, "dense"):
+            mlp_out = self.mlp(self.ln2(mlp_in), mlp_in)  # Gemma 4: the experts read resid
+        else:
+            mlp_out = self.mlp(self.ln2(mlp_in) if pre else mlp_in)
         mlp_out = self.hook_mlp_out(self.norm_after(2, mlp_out))
         resid = resid + mlp_out * m
         if hasattr(self, "per_layer"):
@@ -449,9 +453,11 @@ class GQATransformer(TransformerLensAPI):
 
     def new_cache(self, capacity: int = 0) -> KVCache:
         """An empty generation cache: every layer at n_kv heads, sliding-window layers
-        holding their last window - 1 tokens; `capacity`: the most tokens the caller will
-        feed (buffers grow in blocks up to it, model/kv_cache.py)."""
-        return KVCache([block.attn.window for block in self.blocks], capacity)
+        holding their last window - 1 tokens, Llama 4's chunked layers their last
+        chunk - 1 (HF's cache: the current chunk's keys are among them); `capacity`: the
+        most tokens the caller will feed (buffers grow in blocks up to it, kv_cache.py)."""
+        windows = [block.attn.window or block.attn.cfg.chunk_size for block in self.blocks]
+        return KVCache(windows, capacity)
 
     generate = generate  # model/generate.py
 

@@ -66,7 +66,9 @@ class LayerCache:
     the caller said it would feed, unless it feeds more): `generate(max_new_tokens=10**9)`
     that stops after a few tokens allocates for a few hundred. A sliding-window layer keeps
     only its last `window - 1` tokens (HF's `DynamicSlidingWindowLayer`): a new query sees
-    those and itself, exactly its window.
+    those and itself, exactly its window. Llama 4's chunked layers are window layers of the
+    chunk size, as in HF's cache (their queries' chunks are among those tokens; the chunk
+    mask counts `seen - length` positions dropped before them).
     """
 
     keys_rotated = True  # GroupedQueryAttention appends after rotary

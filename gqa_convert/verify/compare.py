@@ -186,9 +186,9 @@ def _first(output: Any) -> Tensor:
 
 def _output(module: nn.Module, output: Any) -> Tensor:
     """A module's output as a component: a router's logits, else the first of a tuple."""
-    is_router = hasattr(module, "top_k") and not hasattr(module, "experts")  # not the MoE
+    is_router = router_top_k(module) and not hasattr(module, "experts")  # not the MoE
     if is_router and isinstance(output, tuple):
-        return router_picks(output, module.top_k)[0]
+        return router_picks(output, router_top_k(module))[0]
     return _first(output)
 
 
@@ -248,17 +248,27 @@ def _hf_points(layer: nn.Module) -> dict[str, nn.Module]:
     for name in ("q", "k", "v", "qkv"):  # Gemma 4: none for shared K/V, no v under k = v
         if getattr(attn, f"{name}_proj", None) is not None:
             parts[name] = getattr(attn, f"{name}_proj")
-    if hf_router(layer) is not None:
-        parts["router"] = hf_router(layer)
+    if hf_router(layer) is not None:  # Gemma 4's returns probabilities: its logits, proj's
+        parts["router"] = getattr(hf_router(layer), "proj", hf_router(layer))
     return parts
 
 
 def hf_router(layer: nn.Module) -> nn.Module | None:
     """An HF MoE layer's router (`mlp.gate`, gpt-oss's `mlp.router`, Llama 4's
-    `feed_forward.router`; its output read by `router_picks`)."""
+    `feed_forward.router`, Gemma 4's `router` of the layer itself; its output read by
+    `router_picks`)."""
     mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)  # Llama 4's
     routers = (getattr(mlp, "gate", None), getattr(mlp, "router", None))
-    return next((router for router in routers if hasattr(router, "top_k")), None)
+    routers += (getattr(layer, "router", None),)  # Gemma 4's, beside its dense `mlp`
+    return next((router for router in routers if router_top_k(router)), None)
+
+
+def router_top_k(router: nn.Module | None) -> int | None:
+    """How many experts an HF router picks per token: its `top_k`, or Gemma 4's (marked by
+    its per_expert_scale) its config's `top_k_experts`; None for a module that is no router."""
+    if hasattr(router, "per_expert_scale"):
+        return router.config.top_k_experts
+    return getattr(router, "top_k", None)
 
 
 def our_router(block: nn.Module) -> nn.Module | None:
@@ -276,7 +286,7 @@ def recording_routes(layer: nn.Module | None, block: nn.Module | None):
         (
             "hf",
             layer is not None and hf_router(layer),
-            lambda out: router_picks(out, hf_router(layer).top_k)[1],
+            lambda out: router_picks(out, router_top_k(hf_router(layer)))[1],
         ),
         ("ours", block is not None and our_router(block), lambda out: out),
     ):
@@ -316,7 +326,8 @@ def _our_points(block: nn.Module) -> dict[str, nn.Module]:
         "ln1_post": getattr(block, "ln1_post", None),
         "ln2": getattr(block, "ln2", None),
         "router": getattr(block.mlp, "hook_router_logits", None),
-        "mlp_out": block.mlp if sandwich else block.hook_mlp_out,
+        # Gemma 4's MoE layers: HF's `mlp` is the dense MLP beside the experts, ours `dense`
+        "mlp_out": getattr(block.mlp, "dense", block.mlp) if sandwich else block.hook_mlp_out,
         "ln2_post": getattr(block, "ln2_post", None),
     }
     if getattr(block.attn.cfg, "kv_source", None) is not None:  # Gemma 4: another layer's

@@ -142,6 +142,7 @@ class Ours(PartHolder):
 
     def _materialise(self, part: Part) -> None:
         from gqa_convert.model.decoder import _zero_by_config
+        from gqa_convert.model.moe import param_dtype
 
         device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
         split = self._split(part)  # held by sub-layer Splits, a slice at a time
@@ -163,7 +164,8 @@ class Ours(PartHolder):
                 # The embedding is only indexed: it stays in its storage dtype and the rows
                 # taken are cast (a cast commutes with indexing), not the whole table.
                 keep = part == "embed" and self.files
-                state[name] = tensor.to(device=device, dtype=None if keep else dtype)
+                cast = param_dtype(self.model, full, dtype)  # a router kept in fp32
+                state[name] = tensor.to(device=device, dtype=None if keep else cast)
             missing = module.load_state_dict(state, assign=True, strict=not split).missing_keys
             if {f"{prefix}.{name}" for name in missing} - split:
                 raise BadInputError(f"{self.where}: {missing} not loaded")  # not reached
@@ -172,6 +174,7 @@ class Ours(PartHolder):
         """sublayer.ours_splits of the part: slices of the export's tensors read from its
         files; of SRC mapped in memory, the mapped tensor (read whole) sliced."""
         from gqa_convert.model.decoder import _zero_by_config
+        from gqa_convert.model.moe import param_dtype
 
         device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
         shapes = {f"{p}.{n}": t.shape for p, m in self.modules(part).items()
@@ -188,7 +191,8 @@ class Ours(PartHolder):
                 tensor = self._tensor(part, full)
                 tensor = tensor if index is None else tensor[where].clone()
             keep = part == "embed" and self.files  # as `_materialise`: indexed, then cast
-            return tensor.to(device=device, dtype=None if keep else dtype)
+            cast = param_dtype(self.model, full, dtype)
+            return tensor.to(device=device, dtype=None if keep else cast)
 
         return ours_splits(self.cfg, part, self.modules(part), read, self.part_elements)
 

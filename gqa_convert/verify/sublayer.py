@@ -10,13 +10,15 @@ arguments, releases the slices to the meta device, and folds the output into the
                 ours: W_Q / W_O heads, _W_K / _W_V KV heads), o_proj's outputs summed
   MLP           d_mlp in chunks (gate / up rows, down columns), the outputs summed
   unembedding   vocabulary rows in blocks, the logits concatenated
-  embedding     only the rows of the tokens looked up (a copy: the same values)
+  embedding     only the rows of the tokens looked up (a copy: the same values); Gemma 4's
+                per-layer input table too (its projection is held whole)
 
 An output bias (o_proj's, down_proj's, b_O, b_out) is added by the first part only. The HF
 side runs transformers' own module classes on the slices, so the reference is still its
 code; slices are read from the safetensors files by a memory map (only their bytes). A
 module the rule does not fit (a fused qkv_proj, a q/k norm over the whole projection, MoE
-experts) is held whole within the layer, as in layer streaming.
+experts; Gemma 4's layers whose head size, KV heads or MLP width are not the model's, and
+its k = v and K/V-shared attention) is held whole within the layer, as in layer streaming.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from gqa_convert.checkpoint import DTYPES, TensorInfo, read_array, to_torch
+from gqa_convert.memory import splits_attention, splits_mlp
 
 Slices = dict[str, slice]  # a part: unit ("heads", "kv", "mlp", "vocab") -> its range
 
@@ -170,11 +173,6 @@ def parts_of(cfg: Any, part_elements: int) -> dict[str, list[Slices]]:
     }
 
 
-def splits_attention(cfg: Any) -> bool:
-    """Whether attention can run by KV-head groups: its q / k norms (if any) act per head."""
-    return cfg.qk_norm in (None, "head")
-
-
 def ours_splits(
     cfg: Any,
     part: Any,
@@ -195,26 +193,32 @@ def ours_splits(
             if module._parameters.get(name) is not None
         ]
 
-    if part == "embed":
-        ((prefix, module),) = modules.items()
-        return [Gather(module, pieces(f"{prefix}.", module, [("W_E", "vocab", 0)]), [], add)]
+    if part == "embed":  # each table (Gemma 4: also the per-layer inputs'), by token rows
+        return [
+            Gather(module, pieces(f"{prefix}.", module, [("W_E", "vocab", 0)]), [], add)
+            for prefix, module in modules.items()
+        ]
     if part == "final":
         unembed = modules["unembed"]
         rows = [("W_U", "vocab", 1), ("b_U", "vocab", 0)]
         return [Split(unembed, pieces("unembed.", unembed, rows), parts["vocab"], concatenate)]
     ((prefix, block),) = modules.items()
     splits = []
-    if splits_attention(cfg):
+    if splits_attention(cfg, part):
         heads = [("W_Q", "heads", 0), ("b_Q", "heads", 0), ("W_O", "heads", 0)]
         heads += [("sinks", "heads", 0), ("b_O", "heads", None)]
         kv = [(name, "kv", 0) for name in ("_W_K", "_b_K", "_W_V", "_b_V")]
         attn = pieces(f"{prefix}.attn.", block.attn, heads + kv)
         splits.append(Split(block.attn, attn, parts["attention"], add))
-    if hasattr(block.mlp, "W_in") and not hasattr(block.mlp, "experts"):
+    # the dense MLP: the block's, or (Gemma 4's MoE layers) the one beside the experts
+    dense, name = (
+        (block.mlp.dense, "mlp.dense") if hasattr(block.mlp, "dense") else (block.mlp, "mlp")
+    )
+    if splits_mlp(cfg, part) and hasattr(dense, "W_in") and not hasattr(dense, "experts"):
         rows = [("W_gate", "mlp", 1), ("W_in", "mlp", 1), ("W_out", "mlp", 0)]
         rows += [("b_gate", "mlp", 0), ("b_in", "mlp", 0), ("b_out", "mlp", None)]
-        mlp = pieces(f"{prefix}.mlp.", block.mlp, rows)
-        splits.append(Split(block.mlp, mlp, parts["mlp"], add))
+        mlp = pieces(f"{prefix}.{name}.", dense, rows)
+        splits.append(Split(dense, mlp, parts["mlp"], add))
     return splits
 
 
@@ -241,10 +245,10 @@ def hf_splits(
             found.append(Piece(module, name, full, unit, dim, width, _reader(read, full, dim)))
         return found
 
-    if part == "embed":
-        (module,) = modules.values()
-        found = pieces([(module, "weight", "vocab", 0, 1)])
-        return [Gather(module, found, [], add)] if found else []
+    if part == "embed":  # each table (Gemma 4: also the per-layer inputs'), by token rows
+        tables = [m for m in modules.values() if isinstance(m, nn.Embedding)]
+        found = [(m, pieces([(m, "weight", "vocab", 0, 1)])) for m in tables]
+        return [Gather(m, rows, [], add) for m, rows in found if rows]
     if part == "final":
         head = modules["lm_head"]
         found = pieces([(head, "weight", "vocab", 0, 1), (head, "bias", "vocab", 0, 1)])
@@ -253,7 +257,7 @@ def hf_splits(
     splits = []
     attn, d = layer.self_attn, cfg.d_head
     projections = [getattr(attn, f"{n}_proj", None) for n in ("q", "k", "v", "o")]
-    if splits_attention(cfg) and all(isinstance(p, nn.Linear) for p in projections):
+    if splits_attention(cfg, part) and all(isinstance(p, nn.Linear) for p in projections):
         q, k, v, o = projections
         rows = [(q, "weight", "heads", 0, d), (q, "bias", "heads", 0, d)]
         rows += [(m, n, "kv", 0, d) for m in (k, v) for n in ("weight", "bias")]
@@ -264,7 +268,7 @@ def hf_splits(
             splits.append(Split(attn, found, parts["attention"], add))
     mlp = getattr(layer, "mlp", None)
     gate, up, down = (getattr(mlp, f"{n}_proj", None) for n in ("gate", "up", "down"))
-    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
+    if splits_mlp(cfg, part) and isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
         rows = [(m, n, "mlp", 0, 1) for m in (gate, up) for n in ("weight", "bias")]
         rows += [(down, "weight", "mlp", 1, 1), (down, "bias", "mlp", None, 1)]
         found = pieces(rows)
