@@ -210,10 +210,8 @@ def ours_splits(
         kv = [(name, "kv", 0) for name in ("_W_K", "_b_K", "_W_V", "_b_V")]
         attn = pieces(f"{prefix}.attn.", block.attn, heads + kv)
         splits.append(Split(block.attn, attn, parts["attention"], add))
-    # the dense MLP: the block's, or (Gemma 4's MoE layers) the one beside the experts
-    dense, name = (
-        (block.mlp.dense, "mlp.dense") if hasattr(block.mlp, "dense") else (block.mlp, "mlp")
-    )
+    # Gemma 4's MoE layers: the dense MLP beside the experts is held whole (on both sides)
+    dense, name = block.mlp, "mlp"
     if splits_mlp(cfg, part) and hasattr(dense, "W_in") and not hasattr(dense, "experts"):
         rows = [("W_gate", "mlp", 1), ("W_in", "mlp", 1), ("W_out", "mlp", 0)]
         rows += [("b_gate", "mlp", 0), ("b_in", "mlp", 0), ("b_out", "mlp", None)]
@@ -268,7 +266,13 @@ def hf_splits(
             splits.append(Split(attn, found, parts["attention"], add))
     mlp = getattr(layer, "mlp", None)
     gate, up, down = (getattr(mlp, f"{n}_proj", None) for n in ("gate", "up", "down"))
-    if splits_mlp(cfg, part) and isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
+    beside_experts = hasattr(layer, "experts")  # Gemma 4's MoE layers: held whole, as ours
+    if (
+        splits_mlp(cfg, part)
+        and not beside_experts
+        and isinstance(up, nn.Linear)
+        and isinstance(down, nn.Linear)
+    ):
         rows = [(m, n, "mlp", 0, 1) for m in (gate, up) for n in ("weight", "bias")]
         rows += [(down, "weight", "mlp", 1, 1), (down, "bias", "mlp", None, 1)]
         found = pieces(rows)
