@@ -77,6 +77,8 @@ def hf_generate(hf, tokens, mask=None, **kw):
     kw = {"max_new_tokens": NEW, "do_sample": False, "eos_token_id": None, "pad_token_id": 0, **kw}
     greedy = not kw["do_sample"]
     k = getattr(hf.config, "num_experts_per_tok", None)
+    if isinstance(k, list):  # Hunyuan-A13B's per-layer moe_topk (equal entries: we read no other)
+        k = k[0]
     gaps: list[torch.Tensor] = []
     handles = [
         module.register_forward_hook(lambda m, i, out: gaps.append(routing_gap(out, k, m)))
