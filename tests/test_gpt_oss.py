@@ -19,7 +19,12 @@ from gqa_convert.to_hf import export_to_hf
 from gqa_convert.verify import verify
 from tests import mutations as M
 from tests.hf_models import load_hf, make_hf_checkpoint, random_tokens
-from tests.numerics import assert_follows_hf_rounding, assert_misplaced_cast, rounding_ratios
+from tests.numerics import (
+    assert_follows_hf_rounding,
+    assert_misplaced_cast,
+    needs_torch_2_13,
+    rounding_ratios,
+)
 from tests.test_export import hf_tensors
 from tests.test_families import (
     assert_gate_and_round_trip,
@@ -360,6 +365,7 @@ def test_mxfp4_bug_is_caught_by_the_gate(tmp_path):
     assert report.first_divergence == {"layer": 0, "component": "mlp_out"}
 
 
+@needs_torch_2_13
 @pytest.mark.exactness
 @pytest.mark.parametrize("case", CASES)
 def test_bfloat16_follows_hf_rounding(tmp_path, case):

@@ -19,6 +19,7 @@ from tests.numerics import (
     ROUTING_MARGIN,
     assert_follows_hf_rounding,
     assert_misplaced_cast,
+    needs_torch_2_13,
     rounding_ratios,
     routing_gap,
 )
@@ -247,6 +248,7 @@ def test_inspect_names_the_quirks(tmp_path):
     assert "shared expert" in quirks["moe"] and "MoE layers [1, 3]" in quirks["moe"]
 
 
+@needs_torch_2_13
 @pytest.mark.exactness
 @pytest.mark.parametrize("case", ["no-rope-layers-listed", "moe-every-layer-top-2"])
 def test_bfloat16_follows_hf_rounding(tmp_path, case):

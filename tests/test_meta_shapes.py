@@ -1,7 +1,8 @@
 """The weight map at real sizes (Llama-3-8B/70B, Mistral-7B, Qwen3-8B, Phi-3-mini, Phi-4-mini,
 OLMo2-7B, Granite-3-8B, SmolLM3-3B, Gemma-2-2B/9B, Gemma-3-1B/4B, Mixtral-8x7B, Qwen3-30B-A3B,
 OLMoE-1B-7B, GLM-4.5, GLM-4.5-Air, ERNIE-4.5-21B-A3B, Hunyuan-A13B, and the dense families of
-2026: Seed-OSS-36B, InternLM3-8B, Helium-2B, ERNIE-4.5-0.3B, OLMo-3-32B, EXAONE 4, Ministral-8B, Ministral 3,
+2026: Seed-OSS-36B, InternLM3-8B, Helium-2B, ERNIE-4.5-0.3B, OLMo-3-32B, EXAONE 4, Ministral-8B,
+Ministral 3,
 GLM-4-9B, StarCoder2-3B, Apertus-8B, Command R / R+, Command R7B, Hunyuan-7B, Granite SWA 2B;
 gpt-oss-20b / 120b; Llama-4-Scout / Maverick text; each dict says where its numbers come from)
 on the meta device, config.json as shipped on the Hub (Gemma-3-4B: its `text_config`, as a
