@@ -37,7 +37,7 @@ from gqa_convert.model.kv_cache import KVCache
 from gqa_convert.model.lens import RETURN_TYPES, TransformerLensAPI, lm_cross_entropy_loss
 from gqa_convert.model.mlp import ACTIVATIONS, MLP, bias, linear
 from gqa_convert.model.moe import MoEMLP
-from gqa_convert.model.norm import LayerNorm, RMSNorm, make_norm
+from gqa_convert.model.norm import RMSNorm, make_norm, model_norm
 from gqa_convert.model.rotary import length_dependent, rotary_inv_freq, rotary_table
 
 __all__ = ["ACTIVATIONS", "GQATransformer", "RMSNorm", "rotary_inv_freq"]
@@ -116,7 +116,7 @@ class PerLayerInput(nn.Module):
         self.act = ACTIVATIONS[cfg.act_fn]
         self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_per_layer_input))
         self.W_out = nn.Parameter(torch.empty(cfg.d_per_layer_input, cfg.d_model))
-        self.ln_post = norm(cfg)
+        self.ln_post = model_norm(cfg)
 
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], per_layer: Float[Tensor, "batch pos p"]
@@ -133,19 +133,6 @@ class Unembed(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return self.hook_out(self.hook_in(x) @ self.W_U)
-
-
-def norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
-    """A norm of d_model with the family's numerics: RMSNorm (OLMo2's fp32 weight, Gemma's
-    offset) or LayerNorm (Cohere's in fp32, StarCoder2's with a bias)."""
-    return make_norm(
-        cfg.d_model,
-        cfg.eps,
-        cfg.norm_type,
-        cfg.norm_weight_in_fp32,
-        cfg.norm_offset,
-        cfg.norm_bias,
-    )
 
 
 def scale_embeddings(cfg: ModelConfig, x: Tensor) -> Tensor:
@@ -172,12 +159,12 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.cfg = cfg
-        self.ln1 = norm(cfg)
+        self.ln1 = model_norm(cfg)
         self.attn = GroupedQueryAttention(cfg, cfg.attn_types[layer_id], layer_id)
         if not cfg.parallel_attn_mlp:  # Cohere: the MLP reads ln1's output too
-            self.ln2 = norm(cfg)
+            self.ln2 = model_norm(cfg)
         if cfg.norm_placement == "sandwich":  # Gemma 2/3: TL's names for the norms after
-            self.ln1_post, self.ln2_post = norm(cfg), norm(cfg)
+            self.ln1_post, self.ln2_post = model_norm(cfg), model_norm(cfg)
         if cfg.is_moe_layer(layer_id):  # Gemma 4's: with its dense MLP beside the experts
             dense = GatedMLP(cfg, cfg.layer_d_mlp(layer_id)) if cfg.moe.dense_mlp else None
             self.mlp = MoEMLP(cfg, dense)
@@ -314,7 +301,7 @@ class GQATransformer(TransformerLensAPI):
         if cfg.d_per_layer_input:  # Gemma 4's per-layer inputs
             self.embed_per_layer = PerLayerEmbed(cfg)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = norm(cfg)
+        self.ln_final = model_norm(cfg)
         self.unembed = Unembed(cfg)
         self.reset_rotary()
         self._tokenizer: Any = None  # tokenizer_loader's, on first use

@@ -84,7 +84,7 @@ from torch import Tensor, nn
 from gqa_convert.config import ModelConfig
 from gqa_convert.model.hooks import HookPoint
 from gqa_convert.model.mlp import ACTIVATIONS
-from gqa_convert.model.norm import make_norm, rms_normalize
+from gqa_convert.model.norm import model_norm, rms_normalize
 
 
 def param_dtype(root: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
@@ -177,19 +177,12 @@ class MoEMLP(nn.Module):
         if moe.per_expert_scale:  # Gemma 4: [n_experts]
             self.per_expert_scale = nn.Parameter(torch.ones(moe.n_experts))
         if moe.dense_mlp:  # Gemma 4: the dense MLP beside the experts, and three norms
-
-            def norm() -> nn.Module:
-                return make_norm(
-                    cfg.d_model,
-                    cfg.eps,
-                    cfg.norm_type,
-                    cfg.norm_weight_in_fp32,
-                    cfg.norm_offset,
-                    cfg.norm_bias,
-                )
-
             self.dense = dense
-            self.ln_dense_post, self.ln_experts, self.ln_experts_post = norm(), norm(), norm()
+            self.ln_dense_post, self.ln_experts, self.ln_experts_post = (
+                model_norm(cfg),
+                model_norm(cfg),
+                model_norm(cfg),
+            )
         self.hook_router_logits = HookPoint()
         # rows: batch * pos tokens (TL's)
         self.hook_expert_weights = HookPoint(has_batch_dim=False)

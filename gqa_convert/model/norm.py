@@ -169,6 +169,20 @@ def make_norm(
     return RMSNorm(size, eps, weight_in_fp32, offset)
 
 
+def model_norm(cfg: Any) -> RMSNorm | LayerNorm:
+    """A norm of d_model with the family's numerics (a ModelConfig's norm fields): RMSNorm
+    (OLMo2's fp32 weight, Gemma's offset) or LayerNorm (Cohere's in fp32, StarCoder2's with a
+    bias)."""
+    return make_norm(
+        cfg.d_model,
+        cfg.eps,
+        cfg.norm_type,
+        cfg.norm_weight_in_fp32,
+        cfg.norm_offset,
+        cfg.norm_bias,
+    )
+
+
 def qk_norm(cfg: AttentionConfig, heads: int) -> RMSNorm | LayerNorm | None:
     """The q (or k) norm: over d_head, shared by the heads ("head", Qwen3, TL's
     `use_qk_norm`; "weightless": no weight, Llama 4's), over d_head with weights per head
