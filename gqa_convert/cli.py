@@ -170,7 +170,8 @@ SubLayerOpt = Annotated[
     typer.Option(
         "--sub-layer",
         help="Force sub-layer verification: each layer's attention one KV head at a time, "
-        "its MLP and the vocabulary in chunks (default: only when one layer does not fit).",
+        "its MLP and the vocabulary in chunks, MoE experts one at a time (default: only "
+        "when one layer does not fit).",
     ),
 ]
 DeviceOpt = Annotated[
@@ -236,6 +237,8 @@ def _show_report(report: VerifyReport) -> None:
     """The parity report as rich tables on stderr."""
     from rich.table import Table
 
+    from gqa_convert.verify.report import where_words
+
     limits = report.tolerances
     act = max([report.embed_rel_err, *report.layer_rel_err, report.ln_final_rel_err])
     title = (
@@ -278,7 +281,7 @@ def _show_report(report: VerifyReport) -> None:
             for name, e in report.components.items():
                 parts.add_row(name, f"{'[red]' if name == where['component'] else ''}{e:.3g}")
             err.print(parts)
-        err.print(f"first divergence: layer {where['layer']}, {where['component']}")
+        err.print(f"first divergence: {where_words(where)}")
     for line in report.not_exercised:
         err.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
     verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"

@@ -9,11 +9,12 @@ alone; the parts are named so the README and `inspect` can say what dominates:
                embedding (HF's tables cast + the bytes read; Gemma 4's per-layer input
                table and projection are part of it), one decoder layer on
                each side, final norm + unembedding (one side's at a time) + the logits
-  sub-layer    a layer's small tensors (norms; what is not split: MoE experts, an
-               attention with a q/k norm over the whole projection) on each side, and one
-               part of a split module at a time (`part_elements`: one KV head's attention
-               weights; MLP and vocabulary chunks of that size) with the bytes read; ours
-               mapped in memory from SRC read a whole source tensor (or table) to slice it
+  sub-layer    a layer's small tensors (norms; an MoE layer's router and shared expert,
+               Gemma 4's dense MLP beside its experts; an attention with a q/k norm over the whole projection) on each side, and
+               one part of a split module at a time (`part_elements`: one KV head's
+               attention weights; MLP and vocabulary chunks of that size; one routed
+               expert) with the bytes read; ours mapped in memory from SRC read a whole
+               source tensor (or table, or one expert of a stacked one) to slice it
 
 plus the interpreter with torch and transformers, and the activations of all inputs.
 """
@@ -92,6 +93,14 @@ def part_elements(cfg: ModelConfig) -> int:
     return cfg.d_model * cfg.d_head * (2 * group + 2)
 
 
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters of one routed expert (gate, up, down and gpt-oss's biases; 0 without MoE):
+    what sub-layer streaming holds of an MoE layer's experts at a time."""
+    if cfg.moe is None or not any(cfg.moe.layers):
+        return 0
+    return 3 * cfg.d_model * cfg.moe.d_expert + 2 * cfg.moe.d_expert + cfg.d_model
+
+
 def splits_attention(cfg: ModelConfig, layer: int) -> bool:
     """Whether sub-layer streaming runs layer `layer`'s attention by KV-head groups: its
     q / k norms (if any) act per head, and it has the model's head size and KV heads and a
@@ -114,11 +123,17 @@ def splits_mlp(cfg: ModelConfig, layer: int) -> bool:
 
 def held_whole(cfg: ModelConfig) -> int:
     """Parameters of a layer that sub-layer streaming holds whole (all but the split
-    attention's and MLP's weights), the largest over the layers."""
+    attention's and dense MLP's weights and the routed experts, which go in parts: on an MoE
+    layer the router, a shared expert and Gemma 4's dense MLP stay), the largest over the
+    layers."""
     q, kv = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
     attn, mlp = cfg.d_model * (2 * q + 2 * kv), 3 * cfg.d_model * cfg.d_mlp
+    experts = 3 * cfg.d_model * cfg.moe.d_expert * cfg.moe.n_experts if cfg.moe else 0
     return max(
-        _layer_params(cfg, i) - splits_attention(cfg, i) * attn - splits_mlp(cfg, i) * mlp
+        _layer_params(cfg, i)
+        - splits_attention(cfg, i) * attn
+        - splits_mlp(cfg, i) * mlp
+        - cfg.is_moe_layer(i) * experts
         for i in range(cfg.n_layers)
     )
 
@@ -174,12 +189,16 @@ def estimate(
         table * (c + s),  # one unembedding at a time (ours are views, or read after HF's)
     )
     part = part_elements(cfg)
-    # Ours mapped in memory (views) read the whole source tensor, or table, to slice it;
-    # the tables are looked up a token's rows at a time, Gemma 4's projection held whole.
+    # Ours mapped in memory (views) read the whole source tensor, or table, to slice it (of
+    # a stacked experts tensor, one expert's slice); the tables are looked up a token's rows
+    # at a time, Gemma 4's projection held whole. One expert at a time: its bytes read, the
+    # cast, and transformers' loader's stacked copy where it fuses per-expert tensors.
     mapped = 0 if second_copy else 1
+    one = max(part * (c + s), expert_params(cfg) * (2 * c + s))
+    sub_read = largest_layer_tensor(cfg) * s
     sub_phases = (
         mapped * (table + pl_table) * (c + s) + 2 * pl_proj * c + pl_proj * s,
-        2 * held_whole(cfg) * c + part * (c + s) + mapped * read * (1 + c // s),
+        2 * held_whole(cfg) * c + one + mapped * sub_read * (1 + c // s),
         mapped * table * (c + s) + part * (c + s),
     )
     return Estimate(

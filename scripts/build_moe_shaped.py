@@ -13,6 +13,9 @@ largest tensor is the 16 MB embedding (or lm_head). Weights are random bf16 of +
         # child spawned by a tiny launcher as scripts/bench.py does) against the tensor sizes
     python scripts/build_moe_shaped.py FOLDER --family gpt_oss --measure  # gpt-oss-20b's
         # width, 2 layers (GPT_OSS_SHAPE): 5.7 GB, experts stacked in 1.06 GB gate_up_proj
+    python scripts/build_moe_shaped.py FOLDER --family gpt_oss_120b  # gpt-oss-120b's width:
+        # 128 experts, 2 layers, about 15 GB (scripts/measure_moe_sub_layer.py runs the gate
+        # on it under --max-memory 12GB, and an expert swap)
 """
 
 from __future__ import annotations
@@ -140,16 +143,22 @@ def gpt_oss_specs(s: dict = GPT_OSS_SHAPE) -> list[TensorSpec]:
     return out
 
 
+# gpt-oss-120b's width (issue 28): as gpt-oss-20b's, 128 experts: 2 layers, about 15 GB, one
+# layer's experts 3.2B parameters (12.7 GB in fp32): no whole layer fits a 12 GB budget.
+GPT_OSS_120B_SHAPE = {**GPT_OSS_SHAPE, "experts": 128}
+
 FAMILIES = {
     "mixtral": (specs, hf_config, SHAPE),
     "gpt_oss": (gpt_oss_specs, gpt_oss_config, GPT_OSS_SHAPE),
+    "gpt_oss_120b": (gpt_oss_specs, gpt_oss_config, GPT_OSS_120B_SHAPE),
 }
 
 
-def build(folder: Path, shape: dict = SHAPE, seed: int = 13, family: str = "mixtral") -> Path:
-    """Write the checkpoint into `folder` (kept if there already), one tensor in memory."""
+def build(folder: Path, shape: dict | None = None, seed: int = 13, family: str = "mixtral") -> Path:
+    """Write the checkpoint into `folder` (kept if there already), one tensor in memory;
+    `shape` defaults to the family's."""
     make_specs, make_config, default = FAMILIES[family]
-    shape = default if family != "mixtral" else shape
+    shape = shape or default
     return write_checkpoint(folder, make_specs(shape), make_config(shape), SHARD_BYTES, seed)
 
 

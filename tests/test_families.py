@@ -252,12 +252,18 @@ def test_a_family_bug_fails_the_gate_where_it_is(tmp_path, name):
     assert_localised(source(tmp_path, case)[0], mutation, 40, where)
 
 
-def assert_localised(src, mutation: M.Mutation, n_pos: int, where: tuple[int, str]) -> None:
+def divergence(where: tuple) -> dict:
+    """(layer, component) or (layer, component, expert) as a report's first_divergence."""
+    names = ("layer", "component", "expert")
+    return dict(zip(names, where, strict=False))
+
+
+def assert_localised(src, mutation: M.Mutation, n_pos: int, where: tuple) -> None:
     """`src` converted and broken by `mutation` fails the gate, first at `where` (layer,
-    component)."""
+    component, and on an MoE layer the routed expert whose own output is off, if one is)."""
     report = verify(src, model=M.mutated_model(src, mutation), seq_len=n_pos)
     assert not report.passed
-    assert report.first_divergence == {"layer": where[0], "component": where[1]}
+    assert report.first_divergence == divergence(where)
 
 
 def test_phi3_fused_rows_land_where_hf_reads_them(tmp_path):

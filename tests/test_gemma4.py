@@ -138,8 +138,8 @@ def test_streamed_equals_whole(tmp_path, case):
     assert_streamed_equals_whole(tmp_path, *source(tmp_path, case))
 
 
-# The MoE cases are left out: their sub-layer and whole reports differ by up to 1.7e-5 in the
-# max logit difference (both runs within 3e-5 of HF), over this test's 1e-5; not yet argued.
+# The MoE cases are in tests/test_verify_streaming.py's sub-layer MoE test (experts one at a
+# time), with the tolerance argued there.
 @needs_torch_2_13
 @pytest.mark.parametrize("case", [c for c in CASES if "moe" not in c])
 def test_sub_layer_equals_whole(tmp_path, case):

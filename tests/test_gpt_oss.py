@@ -275,11 +275,12 @@ def sinks_dropped() -> M.Mutation:
     return mutate
 
 
-# (mutation, where the gate must say the first divergence is)
+# (mutation, where the gate must say the first divergence is: layer, component, and the
+# first routed expert whose own output is off where every expert's is)
 MUTATIONS = {
     "sinks-dropped": (sinks_dropped(), (0, "attn_out")),
-    "gate-up-de-interleaved": (de_interleaved(layer=0), (0, "mlp_out")),
-    "clamp-removed": (M.moe_field("clamped_swiglu", False), (0, "mlp_out")),
+    "gate-up-de-interleaved": (de_interleaved(layer=0), (0, "mlp_out", 0)),
+    "clamp-removed": (M.moe_field("clamped_swiglu", False), (0, "mlp_out", 0)),
     "router-bias-ignored": (M.tensor_zeroed("blocks.1.mlp.b_gate"), (1, "router")),
     "softmax-before-topk": (M.moe_field("softmax_after_topk", False), (0, "mlp_out")),
 }
@@ -344,7 +345,7 @@ def test_mxfp4_source_converts_with_the_gate(tmp_path):
 
 def test_mxfp4_bug_is_caught_by_the_gate(tmp_path):
     """The nibbles read high first (a swapped-nibble dequantiser) fail the gate at the
-    first layer's experts."""
+    first layer's experts, naming the first routed one (each expert's own output is off)."""
     from gqa_convert.sources import mxfp4
     from tests.quantized import write_mxfp4
 
@@ -362,7 +363,7 @@ def test_mxfp4_bug_is_caught_by_the_gate(tmp_path):
         mxfp4.dequantize_mxfp4 = original
     report = verify(src, model=model, seq_len=n_pos)
     assert not report.passed
-    assert report.first_divergence == {"layer": 0, "component": "mlp_out"}
+    assert report.first_divergence == {"layer": 0, "component": "mlp_out", "expert": 0}
 
 
 @needs_torch_2_13

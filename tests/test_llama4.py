@@ -140,7 +140,7 @@ MUTATIONS = {
     "gate-up-halves-swapped": (
         "moe-interleaved",
         M.expert_gate_and_in_exchanged(layer=3, expert=0),
-        (3, "mlp_out"),
+        (3, "mlp_out", 0),
     ),
 }
 

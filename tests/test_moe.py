@@ -27,7 +27,7 @@ from tests.numerics import (
     routing_gap,
 )
 from tests.test_export import hf_tensors
-from tests.test_families import assert_gate_and_round_trip, component_errors
+from tests.test_families import assert_gate_and_round_trip, component_errors, divergence
 from tests.test_interop import needs_tl
 from tests.test_parity import assert_logits_match, hf_and_ours
 
@@ -223,24 +223,25 @@ def test_hooked_transformer_refuses_dense_layers_among_moe_layers(tmp_path):
 
 # (case, mutation, where the gate must say the first divergence is)
 MUTATIONS = {
-    "two-experts-swapped": ("mixtral-window-8", M.experts_swapped(layer=1), (1, "mlp_out")),
+    "two-experts-swapped": ("mixtral-window-8", M.experts_swapped(layer=1), (1, "mlp_out", 0)),
     "router-transposed": ("olmoe", M.router_transposed(layer=1), (1, "router")),
     "top-k-not-renormalised": ("mixtral-window-8", M.topk_not_renormalised(), (0, "mlp_out")),
     "expert-gate-and-in-exchanged": (
         "qwen3-moe-dense-layer-1",
         M.expert_gate_and_in_exchanged(layer=2, expert=1),
-        (2, "mlp_out"),
+        (2, "mlp_out", 1),
     ),
 }
 
 
 @pytest.mark.parametrize("name", MUTATIONS)
 def test_an_moe_bug_fails_the_gate_where_it_is(tmp_path, name):
-    case, mutation, (layer, component) = MUTATIONS[name]
+    case, mutation, where = MUTATIONS[name]
+    layer = where[0]
     src, n_pos = source(tmp_path, case)
     report = verify(src, model=M.mutated_model(src, mutation), seq_len=n_pos)
     assert not report.passed
-    assert report.first_divergence == {"layer": layer, "component": component}
+    assert report.first_divergence == divergence(where)
     if name == "router-transposed":  # the tokens go to other experts, and the gate says so
         assert report.routing_agreement_per_layer[1] < 1.0
         assert any(f.startswith("routing of MoE layer 1") for f in report.failures)

@@ -47,6 +47,8 @@ from gqa_convert.verify.compare import (
     COMPONENTS,
     POST_NORM_COMPONENTS,
     block_order,
+    expert_errors,
+    hf_experts,
     note_nonfinite,
     recording_routes,
     rel_err,
@@ -551,6 +553,7 @@ def _localise(ref: Reference, ours: Ours, result: _Comparison, rtol: float) -> N
         for i in range(max(ref.n_layers, ours.n_layers)):
             parts: dict[str, float] = {}
             with ref.holding(i) as layer, ours.holding(i) as block:
+                entry = list(hf_h)
                 for s in range(len(hf_h)):
                     new_hf, errors = _forced_one(
                         ref, ours, i, layer, block, hf_h[s], result, s, extras[s]
@@ -559,13 +562,45 @@ def _localise(ref: Reference, ours: Ours, result: _Comparison, rtol: float) -> N
                         errors = dict.fromkeys(order, math.inf)
                     parts = {c: max(parts.get(c, 0.0), errors[c]) for c in errors}
                     hf_h[s] = new_hf
+                bad = next((c for c in parts if not parts[c] <= rtol), None)
+                expert = None
+                if bad == "mlp_out" and layer is not None and block is not None:
+                    expert = _bad_expert(ref, ours, i, layer, block, entry, result, rtol)
             result.worst_component = max(result.worst_component, *parts.values())
-            bad = next((c for c in parts if not parts[c] <= rtol), None)
             if bad is not None:
-                result.localised = ({"layer": i, "component": bad}, parts)
+                where = {"layer": i, "component": bad}
+                result.localised = (where if expert is None else {**where, "expert": expert}, parts)
                 return
     if not result.forced_final_err <= rtol:
         result.localised = ({"layer": len(result.layer_errs), "component": "ln_final"}, None)
+
+
+def _bad_expert(
+    ref: Reference,
+    ours: Ours,
+    i: int,
+    layer: nn.Module,
+    block: nn.Module,
+    entry: list[Tensor],
+    result: _Comparison,
+    rtol: float,
+) -> int | None:
+    """The first routed expert (by index) of MoE layer `i` whose own output is over `rtol`
+    (compare.expert_errors, on HF's MLP input from HF's stream `entry`), None if none is
+    (a router, a shared expert, the weighting) or the layer has no routed experts."""
+    if hf_experts(layer) is None or not hasattr(block.mlp, "experts"):
+        return None
+    worst: dict[int, float] = {}
+    for s, hidden in enumerate(entry):
+        where = ref.device(i)
+        with recording_routes(layer, None) as routes:
+            _, acts = run_hf_layer(layer, hidden.to(where), _to(result.calls[s][i], where), True)
+        if "ln2" not in acts or not routes["hf"]:
+            return None
+        x = acts["ln2"].flatten(0, 1)
+        for e, err in expert_errors(layer, block, x, routes["hf"][-1]).items():
+            worst[e] = max(worst.get(e, 0.0), err)
+    return next((e for e in sorted(worst) if not worst[e] <= rtol), None)
 
 
 def _forced_one(

@@ -271,6 +271,42 @@ def router_top_k(router: nn.Module | None) -> int | None:
     return getattr(router, "top_k", None)
 
 
+def hf_experts(layer: nn.Module) -> nn.Module | None:
+    """An HF MoE layer's routed experts module (`experts`, stacked [n_experts, ...])."""
+    mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)  # Llama 4's
+    return getattr(mlp, "experts", None)
+
+
+def expert_errors(layer: nn.Module, block: nn.Module, x: Tensor, picks: Tensor) -> dict:
+    """Each routed expert's own error, by expert index: HF's experts module and our
+    `experts.{e}` run on the same tokens `x` [tokens, d_model] (HF's MLP input), those HF's
+    router sent to e (`picks` [tokens, top_k]), their outputs before the routing weight.
+    HF's module runs its own forward with every token routed to e at weight 1 (Llama 4's,
+    which runs every expert on every token: e's rows x, the others zero)."""
+    import inspect
+
+    experts = hf_experts(layer)
+    errors = {}
+    for e in picks.unique().tolist():
+        tokens = (picks == e).any(-1).nonzero()[:, 0]
+        rows = x[tokens]
+        if len(inspect.signature(type(experts).forward).parameters) == 2:  # Llama 4's
+            n = experts.gate_up_proj.shape[0]
+            stacked = rows.new_zeros((n, *rows.shape))
+            stacked[e] = rows
+            theirs = experts(stacked.flatten(0, 1)).view(n, *rows.shape)[e]
+        else:
+            index = torch.full((len(rows), 1), e, dtype=picks.dtype, device=rows.device)
+            theirs = experts(rows, index, torch.ones((len(rows), 1), dtype=rows.dtype))
+        mine = block.mlp.experts[e](rows.to(_device(block)))
+        errors[e] = rel_err(mine[None], theirs[None])  # per token: [1, tokens, d_model]
+    return errors
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters() if p.device.type != "meta"), "cpu")
+
+
 def our_router(block: nn.Module) -> nn.Module | None:
     """Our MoE block's hook on the chosen experts."""
     return getattr(block.mlp, "hook_expert_indices", None)

@@ -14,6 +14,7 @@ norm + unembedding) is loaded into it while held, then moved back to meta when s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,6 +207,9 @@ class Ours(PartHolder):
         task = self.tasks[name]
         if self.dequantised:
             source = self._dequantised(task.source)
+        elif task.expert is not None and self.part_elements:  # one expert of a stacked source
+            source = self.reference.tensor_of_source(part, task.source, task.expert)
+            task = dataclasses.replace(task, expert=0)
         else:
             source = self.reference.tensor_of_source(part, task.source)
         bad = 0 if self.allow_nonfinite else count_nonfinite(source)  # before the permute

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from gqa_convert.errors import BadInputError, UsageError, listing
 from gqa_convert.sources import Source, open_source
 from gqa_convert.verify.report import COMPUTE_DTYPES
-from gqa_convert.verify.sublayer import Split, hf_splits, read_slice
+from gqa_convert.verify.sublayer import Split, hf_splits, is_placeholder, read_slice
 
 log = logging.getLogger(__name__)
 
@@ -367,11 +367,6 @@ class Reference(PartHolder):
         """The part's source tensors, read by our reader, through transformers' own loader
         (`convert_and_load_state_dict_in_model`: key renaming, experts stacked and fused,
         the cast to the skeleton's dtype) into the skeleton's parameters."""
-        import inspect
-
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-
         device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
         split = self._split(part)  # held by sub-layer Splits, a slice at a time
         state: dict[str, Any] = {}
@@ -381,16 +376,7 @@ class Reference(PartHolder):
             own = full in self.routes  # else tied: read the tie's source under our name
             for source in self._sources_of(full):
                 state[source if own else full] = self.sources[source]
-        quantizer = {} if self.quantizer is None else {"hf_quantizer": self.quantizer}
-        config = LoadStateDictConfig(
-            device_map={"": device}, dtype=dtype, weight_mapping=self.conversions, **quantizer
-        )
-        extra = {}
-        if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters:
-            extra["tp_plan"] = None  # transformers < 5.10
-        with _quiet_hf(), torch.no_grad():
-            result = convert_and_load_state_dict_in_model(self.model, state, config, **extra)
-        loading = result[0] if isinstance(result, tuple) else result
+        loading = self._load(state, device, dtype)
         names = {full for full, _, _ in self._parameters(part)}
         problems = [
             f"{name} has shape {list(got)}, the {type(self.model).__name__} expects {list(want)}"
@@ -417,17 +403,26 @@ class Reference(PartHolder):
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
 
-    def tensor_of_source(self, part: Part, source: str) -> Tensor:
+    def tensor_of_source(self, part: Part, source: str, expert: int | None = None) -> Tensor:
         """The held HF tensor that was read from the source tensor `source` (a tied
-        `lm_head.weight` is read from the embedding's)."""
+        `lm_head.weight` is read from the embedding's); with `expert`, a stacked source's
+        [1, ...] slice of that expert, read alone where it is not held (sub-layer mode)."""
         for full, module, name in self._parameters(part):
-            held = _tensor(module, name).device.type != "meta"  # not a sub-layer Split's
+            tensor = _tensor(module, name)  # not held by a sub-layer Split
+            held = tensor.device.type != "meta" and not is_placeholder(tensor)
             if source in (full, self.tied.get(full)) and held:
-                return _tensor(module, name).detach()
+                tensor = _tensor(module, name).detach()
+                return tensor if expert is None else tensor[expert : expert + 1]
         if source in self.sources and not self.preloaded:
             # A source the loader fused into a bigger tensor (an expert of gate_up_proj), or
             # one a Split holds in slices: read again from its file, cast as the loader casts.
-            tensor = self.sources[source][...]
+            info = getattr(self.sources[source], "info", None)
+            if expert is not None and info is not None:
+                tensor = read_slice(info, 0, slice(expert, expert + 1))
+            elif expert is not None:
+                tensor = self.sources[source][...][expert : expert + 1]
+            else:
+                tensor = self.sources[source][...]
             return tensor.to(device=self.device_of(part), dtype=COMPUTE_DTYPES[self.dtype])
         raise BadInputError(f"{self.src}: no tensor {source!r} in the {part} part of the model")
 
@@ -449,7 +444,79 @@ class Reference(PartHolder):
                 tensor = read_slice(info, dim, index)
             return tensor.to(device=self.device_of(part), dtype=COMPUTE_DTYPES[self.dtype])
 
-        return hf_splits(self.cfg, part, self.modules(part), read, self.part_elements, sliceable)
+        def experts(prefix: str, module: nn.Module) -> Callable[[int], dict[str, Tensor]] | None:
+            return self._expert_loader(part, prefix, module, sliceable)
+
+        return hf_splits(
+            self.cfg, part, self.modules(part), read, self.part_elements, sliceable, experts
+        )
+
+    def _expert_loader(
+        self, part: Part, prefix: str, module: nn.Module, sliceable: Callable[[str], bool]
+    ) -> Callable[[int], dict[str, Tensor]] | None:
+        """`Experts.load` for the stacked experts module `module` (named `prefix`): expert e's
+        [1, ...] slice of each parameter, read from the source as stored (a memory map of
+        its bytes) or, where the loader stacks per-expert source tensors
+        (`experts.{e}.w1.weight`, ...), by transformers' loader from expert e's tensors
+        only, renumbered expert 0, into [1, ...] parameters. None (held whole) if a
+        parameter is built from neither."""
+        import re
+
+        names = [n for n, p in module._parameters.items() if p is not None]
+        stacked = [n for n in names if not sliceable(f"{prefix}{n}")]
+        numbered = re.compile(r"\.experts\.(\d+)\.")
+        for name in stacked:
+            if not all(numbered.search(s) for s in self._sources_of(f"{prefix}{name}")):
+                return None
+        device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
+
+        def load(e: int) -> dict[str, Tensor]:
+            got: dict[str, Tensor] = {}
+            for name in names:
+                if name in stacked:
+                    continue
+                stored = self.sources[self._sources_of(f"{prefix}{name}")[0]]
+                info = getattr(stored, "info", None)
+                one = read_slice(info, 0, slice(e, e + 1)) if info else stored[...][e : e + 1]
+                got[name] = one.to(device=device, dtype=dtype)
+            if stacked:
+                state = {
+                    numbered.sub(".experts.0.", source): self.sources[source]
+                    for name in stacked
+                    for source in self._sources_of(f"{prefix}{name}")
+                    if numbered.search(source).group(1) == str(e)
+                }
+                shapes = {name: module._parameters[name].shape for name in stacked}
+                for name in stacked:  # the loader checks each tensor against these
+                    module._parameters[name] = nn.Parameter(
+                        torch.empty((1, *shapes[name][1:]), device="meta"), requires_grad=False
+                    )
+                self._load(state, device, dtype)
+                for name in stacked:
+                    got[name] = module._parameters[name].detach()
+                    if got[name].device.type == "meta":
+                        raise BadInputError(f"{self.src}: {prefix}{name} of expert {e} not loaded")
+            return got
+
+        return load
+
+    def _load(self, state: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+        """transformers' `convert_and_load_state_dict_in_model` of `state` into the model."""
+        import inspect
+
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        quantizer = {} if self.quantizer is None else {"hf_quantizer": self.quantizer}
+        config = LoadStateDictConfig(
+            device_map={"": device}, dtype=dtype, weight_mapping=self.conversions, **quantizer
+        )
+        extra = {}
+        if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters:
+            extra["tp_plan"] = None  # transformers < 5.10
+        with _quiet_hf(), torch.no_grad():
+            result = convert_and_load_state_dict_in_model(self.model, state, config, **extra)
+        return result[0] if isinstance(result, tuple) else result
 
     def device(self, part: Part) -> torch.device:
         if self.preloaded:

@@ -112,8 +112,14 @@ class VerifyReport:
         if self.passed:
             return f"parity passed ({self.dtype}, {self.tokens} tokens)"
         where = self.first_divergence
-        at = f"; first divergence: layer {where['layer']}, {where['component']}" if where else ""
+        at = f"; first divergence: {where_words(where)}" if where else ""
         return f"parity failed ({self.dtype}): {'; '.join(self.failures)}{at}"
+
+
+def where_words(where: dict[str, Any]) -> str:
+    """`first_divergence` in words: "layer 1, mlp_out" (", expert 2" when one is named)."""
+    expert = f", expert {where['expert']}" if where.get("expert") is not None else ""
+    return f"layer {where['layer']}, {where['component']}{expert}"
 
 
 def _finite(value: Any) -> Any:

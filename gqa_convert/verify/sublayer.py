@@ -16,9 +16,25 @@ arguments, releases the slices to the meta device, and folds the output into the
 An output bias (o_proj's, down_proj's, b_O, b_out) is added by the first part only. The HF
 side runs transformers' own module classes on the slices, so the reference is still its
 code; slices are read from the safetensors files by a memory map (only their bytes). A
-module the rule does not fit (a fused qkv_proj, a q/k norm over the whole projection, MoE
-experts; Gemma 4's layers whose head size, KV heads or MLP width are not the model's, and
-its k = v and K/V-shared attention) is held whole within the layer, as in layer streaming.
+module the rule does not fit (a fused qkv_proj, a q/k norm over the whole projection;
+Gemma 4's layers whose head size, KV heads or MLP width are not the model's, its k = v and
+K/V-shared attention, and the dense MLP beside its experts) is held whole within the layer,
+as in layer streaming.
+
+MoE layers (`Experts`): the router and a shared expert are held with the layer, and the
+routed experts are materialised, run and released one at a time. Ours: each `experts.{e}`
+module reads its weights when it is called (`MoEMLP` calls only the experts it routes to).
+HF's: the stacked experts module (`experts.gate_up_proj` [n_experts, ...]) has its
+`forward` replaced by a loop over the experts the router chose; for each, the module holds
+expert e's slice [1, ...] (`num_experts` 1) and its own class `forward` runs on the tokens
+routed to e, with index 0 and weight 1 (exact: its output times 1, summed over one slot),
+so the expert's arithmetic (gate / up split or interleave, biases, clamps) is
+transformers'. The weighted outputs are then accumulated as its experts forward does:
+transformers' default (grouped_mm, batched_mm) keeps a [tokens, top_k, d_model] product
+in the weights' dtype and sums it over top_k; the eager loop index_adds each expert's
+product cast to the stream's dtype, expert by expert. Llama 4's experts (a bmm over every
+expert on score-scaled copies of every token) run one expert's [tokens, d_model] rows at a
+time, concatenated: the same [n_experts * tokens, d_model] its MoE sums over the experts.
 """
 
 from __future__ import annotations
@@ -121,9 +137,42 @@ class Split:
             _set(piece.module, piece.name, torch.empty(shape, dtype=dtype, device="meta"))
 
 
+def placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A tensor of `shape` on `device` that holds one element (stride 0): not a weight."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def is_placeholder(tensor: Tensor) -> bool:
+    return tensor.numel() > 1 and all(stride == 0 for stride in tensor.stride())
+
+
 class Gather(Split):
     """An embedding run on the rows of the tokens it looks up only: those rows held, the
     tokens renumbered into them (an embedding is a copy: the same values)."""
+
+    device: torch.device | None = None
+
+    def __init__(self, *args: Any, on_device: bool = False):
+        super().__init__(*args)
+        self.on_device = on_device
+
+    def install(self) -> None:
+        """`on_device` (HF's): between calls the table is a placeholder on its device (one
+        element, expanded to its shape): Llama 4's forward moves the tokens to the table's
+        device first. Its device is that of an empty slice read (no row read)."""
+        if self.on_device:
+            (piece,) = self.pieces
+            self.device = piece.read(slice(0, 0)).device
+        super().install()
+        self._release()
+
+    def _release(self) -> None:
+        if self.device is None:
+            return super()._release()
+        for piece in self.pieces:
+            shape = self.shapes[(id(piece.module), piece.name)]
+            dtype = piece.module.get_parameter(piece.name).dtype
+            _set(piece.module, piece.name, placeholder(shape, dtype, self.device))
 
     def _run(self, tokens: Tensor, *args: Any, **kwargs: Any) -> Any:
         rows, index = torch.unique(tokens, return_inverse=True)
@@ -138,6 +187,70 @@ class Gather(Split):
             if padding is not None:
                 self.module.padding_idx = padding
             self._release()
+
+
+class Experts:
+    """HF's stacked experts module run one expert at a time (see the module docstring).
+    `load(e)` gives expert e's slice of each of the module's parameters ([1, ...], in the
+    compute dtype); `names` are their full names in the model."""
+
+    def __init__(
+        self, module: nn.Module, names: set[str], load: Callable[[int], dict[str, Tensor]]
+    ):
+        self.module, self.full_names, self.load = module, names, load
+        self.shapes = {n: p.shape for n, p in module.named_parameters(recurse=False)}
+        self.dtypes = {n: p.dtype for n, p in module.named_parameters(recurse=False)}
+        self.n_experts = next(iter(self.shapes.values()))[0]
+
+    def names(self) -> set[str]:
+        return self.full_names
+
+    def install(self) -> None:
+        self.module.forward = self._run
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+        self._release()
+
+    def _release(self) -> None:
+        for name, shape in self.shapes.items():
+            _set(self.module, name, torch.empty(shape, dtype=self.dtypes[name], device="meta"))
+
+    def _expert(self, e: int, *args: Any) -> Tensor:
+        """The module's own forward with only expert e held, as expert 0 of 1."""
+        for name, value in self.load(e).items():
+            _set(self.module, name, value)
+        count = getattr(self.module, "num_experts", None)
+        if count is not None:
+            self.module.num_experts = 1
+        try:
+            return type(self.module).forward(self.module, *args)
+        finally:
+            if count is not None:
+                self.module.num_experts = count
+            self._release()
+
+    def _run(self, hidden: Tensor, index: Tensor | None = None, weights: Tensor | None = None):
+        if index is None:  # Llama 4: rows [n_experts * tokens, d_model], expert-major
+            rows = hidden.view(self.n_experts, -1, hidden.shape[-1])
+            return torch.cat([self._expert(e, rows[e]) for e in range(self.n_experts)])
+        eager = getattr(getattr(self.module, "config", None), "_experts_implementation", None)
+        eager = eager in (None, "eager")
+        dtype = torch.result_type(hidden, weights)
+        if eager:  # the module's own loop: each expert's product cast, then index_add_
+            out = torch.zeros_like(hidden)
+        else:  # [tokens, top_k, d_model], summed over top_k at the end
+            out = hidden.new_zeros((*index.shape, hidden.shape[-1]), dtype=dtype)
+        for e in index.unique().tolist():
+            token, slot = torch.where(index == e)
+            first = torch.zeros((len(token), 1), dtype=index.dtype, device=index.device)
+            one = torch.ones((len(token), 1), dtype=weights.dtype, device=weights.device)
+            product = self._expert(e, hidden[token], first, one) * weights[token, slot, None]
+            if eager:
+                out.index_add_(0, token, product.to(out.dtype))
+            else:
+                out[token, slot] = product.to(dtype)
+        return out if eager else out.sum(1).to(hidden.dtype)
 
 
 def add(total: Any, out: Any) -> Any:
@@ -210,6 +323,10 @@ def ours_splits(
         kv = [(name, "kv", 0) for name in ("_W_K", "_b_K", "_W_V", "_b_V")]
         attn = pieces(f"{prefix}.attn.", block.attn, heads + kv)
         splits.append(Split(block.attn, attn, parts["attention"], add))
+    for e, expert in enumerate(getattr(block.mlp, "experts", None) or ()):  # MoE: one at a time
+        rows = [(name, "expert", None) for name in ("W_gate", "W_in", "W_out", "b_gate", "b_in")]
+        held = pieces(f"{prefix}.mlp.experts.{e}.", expert, [*rows, ("b_out", "expert", None)])
+        splits.append(Split(expert, held, [{}], lambda total, out: out))
     # Gemma 4's MoE layers: the dense MLP beside the experts is held whole (on both sides)
     dense, name = block.mlp, "mlp"
     if splits_mlp(cfg, part) and hasattr(dense, "W_in") and not hasattr(dense, "experts"):
@@ -227,9 +344,12 @@ def hf_splits(
     read: Callable[[str, int | None, slice | Tensor | None], Tensor] | None,
     part_elements: int,
     sliceable: Callable[[str], bool],
-) -> list[Split]:
+    experts: Callable[[str, nn.Module], Callable[[int], dict[str, Tensor]] | None] | None = None,
+) -> list[Split | Experts]:
     """The Splits of HF's part (`modules`: HF name -> module), for parameters the loader reads
-    as stored (`sliceable(full name)`): `read(full name, dim, index)` as for ours."""
+    as stored (`sliceable(full name)`): `read(full name, dim, index)` as for ours.
+    `experts(prefix, module)` gives a stacked experts module's `Experts.load` (None: it is
+    held whole)."""
     parts = parts_of(cfg, part_elements)
 
     def pieces(rows: list[tuple[nn.Module | None, str, str, int | None, int]]):
@@ -246,7 +366,7 @@ def hf_splits(
     if part == "embed":  # each table (Gemma 4: also the per-layer inputs'), by token rows
         tables = [m for m in modules.values() if isinstance(m, nn.Embedding)]
         found = [(m, pieces([(m, "weight", "vocab", 0, 1)])) for m in tables]
-        return [Gather(m, rows, [], add) for m, rows in found if rows]
+        return [Gather(m, rows, [], add, on_device=True) for m, rows in found if rows]
     if part == "final":
         head = modules["lm_head"]
         found = pieces([(head, "weight", "vocab", 0, 1), (head, "bias", "vocab", 0, 1)])
@@ -278,6 +398,15 @@ def hf_splits(
         found = pieces(rows)
         if found:
             splits.append(Split(mlp, found, parts["mlp"], add))
+    for module in layer.modules():
+        stacked = [p for p in module._parameters.values() if p is not None and p.dim() == 3]
+        if experts is None or not stacked or type(module).forward is nn.Module.forward:
+            continue
+        prefix = _path(modules, module)
+        load = experts(prefix, module) if prefix.endswith("experts.") else None
+        if load is not None:
+            names = {f"{prefix}{n}" for n, p in module._parameters.items() if p is not None}
+            splits.append(Experts(module, names, load))
     return splits
 
 
