@@ -10,11 +10,12 @@ alone; the parts are named so the README and `inspect` can say what dominates:
                table and projection are part of it), one decoder layer on
                each side, final norm + unembedding (one side's at a time) + the logits
   sub-layer    a layer's small tensors (norms; an MoE layer's router and shared expert,
-               Gemma 4's dense MLP beside its experts; an attention with a q/k norm over the whole projection) on each side, and
-               one part of a split module at a time (`part_elements`: one KV head's
-               attention weights; MLP and vocabulary chunks of that size; one routed
-               expert) with the bytes read; ours mapped in memory from SRC read a whole
-               source tensor (or table, or one expert of a stacked one) to slice it
+               Gemma 4's dense MLP beside its experts; an attention with a q/k norm
+               over the whole projection) on each side, and one part of a split
+               module at a time (`part_elements`: one KV head's attention weights; MLP
+               and vocabulary chunks of that size; one routed expert) with the bytes
+               read; ours mapped in memory from SRC read a whole source tensor (or
+               table, or one expert of a stacked one) to slice it
 
 plus the interpreter with torch and transformers, and the activations of all inputs.
 """

@@ -66,9 +66,7 @@ def assert_same_report(streamed, whole, mode="streamed", tolerance=None):
         assert streamed.components.keys() == whole.components.keys()
         for name, b in whole.components.items():
             a = streamed.components[name]
-            assert a == b or abs(a - b) <= tolerance or (math.isinf(a) and math.isinf(b)), (
-                name
-            )
+            assert a == b or abs(a - b) <= tolerance or (math.isinf(a) and math.isinf(b)), name
 
 
 @pytest.mark.parametrize("mode", MODES)
