@@ -10,13 +10,17 @@ dict. Arrays are numpy in their *storage* dtype: bfloat16 travels as uint16 (sam
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
+import mmap
 import os
 import pickle
 import struct
 import threading
 import warnings
+import weakref
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -246,6 +250,61 @@ def _read_safetensors_array(info: TensorInfo) -> np.ndarray:
     return array
 
 
+def map_array(info: TensorInfo) -> np.ndarray:
+    """`read_array`'s array, of a safetensors file mapped instead of read: no copy is made
+    until the caller casts or rearranges it (verification casts every tensor to its compute
+    dtype, the conversion rearranges it: reading it first into a buffer of its own was a
+    tenth of the conversion's CPU time and a third of verification's load).
+
+    A private mapping (writable, the file never written), unmapped when the array and every
+    tensor sharing it are gone; no file descriptor stays open with it (Python's mmap keeps
+    one per mapping: a model verified in its storage dtype holds thousands of tensors).
+    Other formats, and systems without mmap(2), are read. The file's size is checked before
+    it is mapped; one truncated while mapped raises SIGBUS when read, as any mapped reader.
+    """
+    if info.path.suffix != ".safetensors" or info.nbytes == 0 or _LIBC is None:
+        return read_array(info)
+    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    length = info.end - start
+    try:
+        with open(info.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < info.end:
+                raise BadInputError(f"{info.path}: truncated before tensor {info.name!r}")
+            flags, prot = mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE
+            address = _LIBC.mmap(None, length, prot, flags, f.fileno(), start)
+            if address in (None, ctypes.c_void_p(-1).value):
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+    except OSError as e:
+        raise BadInputError(
+            f"{info.path}: cannot read tensor {info.name!r} ({e.strerror})"
+        ) from None
+    buffer = (ctypes.c_uint8 * length).from_address(address)
+    weakref.finalize(buffer, _LIBC.munmap, address, length)
+    flat = np.frombuffer(buffer, dtype=np.uint8, offset=info.start - start)
+    return flat.view(DTYPES[info.dtype][0]).reshape(info.shape)
+
+
+def _libc() -> ctypes.CDLL | None:
+    """mmap(2) / munmap(2) of the C library, None where there are none (Windows)."""
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_int64,
+        ]  # fmt: skip
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A pytorch_model.bin's tensors, memory-mapped, cached while the file is unchanged."""
     stat = path.stat()
@@ -380,6 +439,27 @@ class BackgroundSha256:
         return self._digest.hexdigest()
 
 
+def preallocate(fd: int, path: Path, nbytes: int) -> None:
+    """Reserve the blocks of a file of `nbytes` before it is written (Linux fallocate(2)):
+    the writes then only copy (0.24 s instead of 0.35-0.43 s for 1.7 GB here,
+    scripts/bench_ab.py), and a disk too small fails now, before gigabytes are written.
+    A file system without it (or a system without fallocate) is written as before; nothing
+    is emulated by writing zeros."""
+    err = _fallocate(fd, nbytes)
+    if err == errno.ENOSPC:
+        raise OutputError(f"{path}: no space left on the device for its {nbytes:,} bytes")
+
+
+def _fallocate(fd: int, nbytes: int) -> int:
+    """fallocate(fd, 0, 0, nbytes): 0, or the errno it failed with (EOPNOTSUPP where the
+    call is missing)."""
+    call = getattr(_LIBC, "fallocate", None)
+    if call is None or nbytes <= 0:
+        return errno.EOPNOTSUPP
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return ctypes.get_errno() if call(fd, 0, 0, nbytes) else 0
+
+
 class SafetensorsWriter:
     """Writes one safetensors file whose header is known up front, tensor by tensor.
 
@@ -405,6 +485,7 @@ class SafetensorsWriter:
         self.sha256 = BackgroundSha256(struct.pack("<Q", len(raw)) + raw)
         try:
             self._file = open(path, "wb")  # noqa: SIM115 (closed in close())
+            preallocate(self._file.fileno(), path, 8 + len(raw) + offset)
             self._file.write(struct.pack("<Q", len(raw)) + raw)
         except OSError as e:
             raise OutputError(f"{path}: cannot write ({e.strerror})") from None

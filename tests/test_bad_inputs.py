@@ -425,6 +425,29 @@ def test_nonfinite_count_reads_the_bits_of_16_bit_floats():
     assert count_nonfinite(np.arange(4, dtype=np.int32), "I32") == 0
 
 
+def test_nonfinite_count_of_held_tensors_is_exact_behind_its_sum_shortcut():
+    """verify's count over torch tensors skips a chunk whose sum is finite: a NaN or an Inf
+    anywhere makes it not (+Inf and -Inf in one chunk sum to NaN); finite values
+    summing past the range fall back to the exact count, which is 0."""
+    from gqa_convert.verify.ours import count_nonfinite
+
+    clean = torch.randn(4096)
+    assert count_nonfinite(clean, chunk=1000) == 0
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for where in ([7], [7, 3000], [5, 6], [999, 1000, 4095]):
+            for kind in ("nan", "inf", "-inf", "mixed"):
+                x = clean.clone().to(dtype)
+                for n, i in enumerate(where):
+                    value = {"nan": "nan", "inf": "inf", "-inf": "-inf"}.get(kind)
+                    value = value or ("inf", "-inf", "nan")[n % 3]
+                    x[i] = float(value)
+                assert count_nonfinite(x, chunk=1000) == len(where), (dtype, where, kind)
+    big = torch.full((3000,), 3e38)  # sums to inf in fp32: counted exactly, none
+    assert count_nonfinite(big, chunk=1000) == 0
+    assert count_nonfinite(torch.full((3000,), 60000.0, dtype=torch.float16), chunk=1000) == 0
+    assert count_nonfinite(torch.arange(10)) == 0
+
+
 def test_a_source_file_unreadable_during_export_is_bad_input_not_an_output_error(bases, tmp_path):
     """Reading SRC failed while the export was written (the copy of a tokenizer file, its
     hash): that is the input's fault, exit 3, not 6."""

@@ -41,3 +41,54 @@ def test_writer_output_reads_back_with_safetensors_including_odd_shapes(tmp_path
     )
     infos, _ = read_header(path)
     assert infos["bf16-as-u16"].dtype == "BF16" and infos["bf16-as-u16"].shape == (5,)
+
+
+def test_a_mapped_tensor_equals_the_read_one_and_holds_no_file_open(tmp_path):
+    """map_array (verification's and the conversion's reader of safetensors): the bytes of
+    read_array at every offset (page-aligned or not, every dtype, empty and scalar
+    tensors), writable without touching the file, no descriptor kept per mapping, unmapped
+    once released, and a file cut short since its header was read is bad input."""
+    import gc
+    import os
+    from pathlib import Path
+
+    import pytest
+    from safetensors.numpy import save_file
+
+    from gqa_convert.checkpoint import map_array, read_array, read_weights
+    from gqa_convert.errors import BadInputError
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a": rng.standard_normal((3, 5)).astype(np.float32),
+        "b": rng.standard_normal(4099).astype(np.float16),  # pushes c off a page boundary
+        "c": rng.integers(-(2**15), 2**15, (70, 300), dtype=np.int16),
+        "d": np.zeros((0, 4), np.float32),
+        "e": np.array(2.5, np.float64),
+        "f": rng.integers(-(2**31), 2**31, 9000, dtype=np.int32),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    infos = read_weights(tmp_path)
+    assert any(i.start % 4096 for i in infos.values() if i.nbytes)
+    fds = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").is_dir() else None
+    maps = [map_array(i) for i in infos.values() for _ in range(50)]
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds
+    for array, info in zip(maps[::50], infos.values(), strict=True):
+        read = read_array(info)
+        assert array.dtype == read.dtype and array.shape == read.shape
+        assert array.tobytes() == read.tobytes(), info.name
+        array[...] = 0  # a private copy of the page: the file keeps its bytes
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    if Path("/proc/self/maps").is_file():
+        path = str(tmp_path / "model.safetensors")
+        held = Path("/proc/self/maps").read_text().count(path)
+        assert held >= 250
+        del maps, array
+        gc.collect()
+        assert Path("/proc/self/maps").read_text().count(path) == 0
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.truncate(infos["f"].end - 4)
+    with pytest.raises(BadInputError, match="truncated before tensor 'f'"):
+        map_array(infos["f"])

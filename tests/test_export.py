@@ -252,3 +252,46 @@ def test_a_float32_source_converted_to_bfloat16_equals_torchs_cast(tmp_path):
     assert torch.isnan(written["ln_final.w"][3]) and written["ln_final.w"].dtype == torch.bfloat16
     norm = tensors["model.norm.weight"].to(torch.bfloat16)
     assert torch.equal(written["ln_final.w"][:3], norm[:3])
+
+
+def test_shards_are_preallocated_and_a_disk_too_small_fails_before_writing(tmp_path, monkeypatch):
+    """Each shard's blocks are reserved before it is written (fallocate): the file holds
+    exactly the tensors; ENOSPC is an output error naming the file and size before any
+    tensor is written; a file system without fallocate is written as before."""
+    import errno
+
+    from gqa_convert import checkpoint
+    from gqa_convert.checkpoint import TensorSpec, write_sharded
+    from gqa_convert.errors import OutputError
+
+    arrays = {f"t{i}": np.arange(1000 * (i + 1), dtype=np.float32) for i in range(3)}
+    specs = [TensorSpec(n, "F32", a.shape) for n, a in arrays.items()]
+    calls = []
+    real = checkpoint._fallocate
+
+    def spy(fd, nbytes):
+        calls.append(nbytes)
+        return real(fd, nbytes)
+
+    monkeypatch.setattr(checkpoint, "_fallocate", spy)
+    (tmp_path / "ok").mkdir()
+    write_sharded(tmp_path / "ok", specs, iter(arrays.items()), 10_000)
+    files = sorted((tmp_path / "ok").glob("*.safetensors"))
+    assert [f.stat().st_size for f in files] == calls  # reserved = written, per shard
+    loaded = {k: v for f in files for k, v in load_file(f).items()}
+    assert all(np.array_equal(loaded[n].numpy(), a) for n, a in arrays.items())
+
+    for err, works in ((errno.ENOSPC, False), (errno.EOPNOTSUPP, True)):
+        out = tmp_path / f"e{err}"
+        out.mkdir()
+        written = []
+        monkeypatch.setattr(checkpoint, "_fallocate", lambda fd, n, err=err: err)
+        gen = ((n, written.append(n) or a) for n, a in arrays.items())
+        if works:
+            write_sharded(out, specs, gen, 10_000)
+            again = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+            assert all(np.array_equal(again[n].numpy(), a) for n, a in arrays.items())
+        else:
+            with pytest.raises(OutputError, match=r"no space left .* 4,\d{3} bytes"):
+                write_sharded(out, specs, gen, 10_000)
+            assert written == []

@@ -35,7 +35,7 @@ def open_dense(folder: Path, hf_config: dict[str, Any], check_sizes: bool = True
 
 
 def _read(info: TensorInfo) -> Any:
-    return checkpoint.read_array(info)
+    return checkpoint.map_array(info)
 
 
 def stored_files(folder: Path, stored: dict[str, TensorInfo]) -> list[Path]:
@@ -62,7 +62,7 @@ class StoredTensor:
         return list(self.info.shape)
 
     def __getitem__(self, key: Any) -> torch.Tensor:
-        return checkpoint.to_torch(checkpoint.read_array(self.info), self.info.dtype)[key]
+        return checkpoint.to_torch(checkpoint.map_array(self.info), self.info.dtype)[key]
 
 
 def stored_inputs(source: Source) -> dict[str, StoredTensor]:
