@@ -179,12 +179,15 @@ def iter_arrays(
     A source tensor holding NaN or Inf raises BadInputError unless `allow_nonfinite`.
     """
     last: tuple[str, np.ndarray] | None = None  # a stacked source serves its experts in turn
+    source = array = None
     for task in plan.tasks:
         info = plan.sources[task.source]
         if last is not None and last[0] == task.source:
             source = last[1]
         else:
-            last = None  # free it before the next read
+            # The previous source and its view go before the next read: one at a time (held
+            # through the read, two stacked experts tensors were alive: 2x the largest).
+            last = source = array = None
             source = plan.source.read(task.source)  # dense: dequantised if stored quantised
             if not allow_nonfinite:
                 check_finite(info, source)
