@@ -1,15 +1,15 @@
 """Before / after of a change: the same commands run from two source trees, interleaved.
 
-    python scripts/bench_ab.py BEFORE [--after REPO] [--runs 5] [--what convert,verify]
+    python scripts/bench_ab.py BEFORE [--after REPO] [--runs 5] [--what convert,verify] [--src SRC]
 
 BEFORE is a checkout of the code before the change (`git worktree add /tmp/before HEAD~1`),
 AFTER this repository by default. Each command runs as `python -P -m gqa_convert.cli ...`
 with PYTHONPATH set to one tree (-P: not the working directory; which tree each side imports
 is checked first), on the 16-layer bench checkpoint of scripts/bench.py (built into its
-cache if missing), before and after alternating, before first on even runs; each figure is
-the median of its runs and a wall ratio the median of the per-pair ratios (a pair sees
-about the same load on a shared machine). Peak RSS and CPU seconds are the child's own
-(bench.py's launcher).
+cache if missing) or SRC, before and after alternating, before first on even runs; each
+figure is the median of its runs and a wall ratio the median of the per-pair ratios (a
+pair sees about the same load on a shared machine). Peak RSS and CPU seconds are the
+child's own (bench.py's launcher).
 
   convert  `convert SRC OUT --no-verify` (OUT removed after each run)
   verify   `verify SRC OUT --no-streaming`, OUT a --no-verify export written once
@@ -53,13 +53,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs per side (median)")
     parser.add_argument("--what", default="convert,verify", help="convert, verify, verify-src")
     parser.add_argument("--layers", type=int, default=16, help="layers of the bench checkpoint")
+    parser.add_argument("--src", type=Path, help="another checkpoint instead of the bench one")
     args = parser.parse_args()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     for name, tree in trees.items():
         got = imported_from(tree)
         if got != tree:
             sys.exit(f"{name}: PYTHONPATH={tree} imports gqa_convert from {got}")
-    src = bench.checkpoint(args.layers)
+    src = args.src or bench.checkpoint(args.layers)
     bench.warm(src)
     work = bench.scratch()
     subprocess.run(
@@ -72,7 +73,8 @@ def main() -> None:
         "verify": lambda: ["verify", str(src), str(work / "plain"), "--no-streaming"],
         "verify-src": lambda: ["verify", str(src), "--no-streaming"],
     }
-    print(f"{args.layers}L bench checkpoint, {args.runs} runs per side, {bench.machine()}")
+    name = src.name if args.src else f"{args.layers}L bench checkpoint"
+    print(f"{name}, {args.runs} runs per side, {bench.machine()}")
     print("| command | before | after | after / before (wall) | CPU s | peak RSS |")
     print("|---|---|---|---|---|---|")
     for what in args.what.split(","):
