@@ -280,7 +280,8 @@ def map_array(info: TensorInfo) -> np.ndarray:
             f"{info.path}: cannot read tensor {info.name!r} ({e.strerror})"
         ) from None
     buffer = (ctypes.c_uint8 * length).from_address(address)
-    weakref.finalize(buffer, _LIBC.munmap, address, length)
+    # unmapped with the last array or tensor over it; not at exit (the process's end does)
+    weakref.finalize(buffer, _LIBC.munmap, address, length).atexit = False
     flat = np.frombuffer(buffer, dtype=np.uint8, offset=info.start - start)
     return flat.view(DTYPES[info.dtype][0]).reshape(info.shape)
 
