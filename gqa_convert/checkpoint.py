@@ -287,7 +287,8 @@ def map_array(info: TensorInfo) -> np.ndarray:
 
 
 def _libc() -> ctypes.CDLL | None:
-    """mmap(2) / munmap(2) of the C library, None where there are none (Windows)."""
+    """mmap(2) / munmap(2) (and fallocate(2) where there is one) of the C library, None
+    where there are none (Windows)."""
     if os.name != "posix":
         return None
     try:
@@ -298,6 +299,8 @@ def _libc() -> ctypes.CDLL | None:
             ctypes.c_int64,
         ]  # fmt: skip
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        if hasattr(libc, "fallocate"):  # Linux only
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     except (OSError, AttributeError):
         return None
     return libc
@@ -457,7 +460,6 @@ def _fallocate(fd: int, nbytes: int) -> int:
     call = getattr(_LIBC, "fallocate", None)
     if call is None or nbytes <= 0:
         return errno.EOPNOTSUPP
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return ctypes.get_errno() if call(fd, 0, 0, nbytes) else 0
 
 
