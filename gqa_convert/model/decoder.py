@@ -149,7 +149,9 @@ def final_logits(cfg: ModelConfig, logits: Tensor) -> Tensor:
     2's soft-cap."""
     if cfg.logit_scale != 1.0:
         logits = logits * cfg.logit_scale
-    return soft_cap(logits / cfg.logits_scaling, cfg.final_logit_softcap)
+    if cfg.logits_scaling != 1.0:  # x / 1.0 is x: no [batch, pos, vocab] copy for the rest
+        logits = logits / cfg.logits_scaling
+    return soft_cap(logits, cfg.final_logit_softcap)
 
 
 SPLIT_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
