@@ -356,6 +356,56 @@ def test_sub_layer_mode_reads_each_layer_in_slices(tmp_path, llama, monkeypatch)
     assert tiles(reads[("unembed.W_U", 1)], cfg.d_vocab)
 
 
+@pytest.mark.parametrize("mode", [False, True], ids=["whole", "streamed"])
+def test_an_exports_layers_are_cast_into_the_previous_layers_arrays(tmp_path, mode):
+    """Reading an export, each layer's weights are cast (bf16 -> fp32 here) into the arrays
+    the previous layer was cast into, whole-model too: the report is the one of fresh
+    arrays for every layer, and a layer's broken weight is named at that layer, not the
+    next (whose arrays it was cast into last)."""
+    from gqa_convert.verify.ours import Ours
+
+    llama = make_hf_checkpoint(tmp_path / "src", "llama", dtype=torch.bfloat16)
+    out = convert(llama, tmp_path / "out")
+    cast, arrays = Ours._cast, {}
+
+    def spy(self, name, tensor, device, dtype):
+        free = self._free.get(name)
+        result = cast(self, name, tensor, device, dtype)
+        arrays.setdefault(name, []).append(free is not None and result is free)
+        return result
+
+    def fresh_arrays(self, part):
+        self._free = {}
+
+    def compare(reused, fresh):
+        assert reused.passed == fresh.passed and reused.first_divergence == fresh.first_divergence
+        for a, b in [(getattr(reused, n), getattr(fresh, n)) for n in FIGURES] + list(
+            zip(reused.layer_rel_err, fresh.layer_rel_err, strict=True)
+        ):
+            assert a == b or abs(a - b) <= 1e-6
+
+    for broken in (None, "ln1-ones-layer-1"):
+        if broken:
+            M.mutate_export(out, EXPORT_MUTATIONS[broken][0])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Ours, "_cast", spy)
+            arrays.clear()
+            reused = verify(llama, out, seq_len=32, dtype="float32", streaming=mode)
+            patch.setattr(Ours, "_keep_free_for", fresh_arrays)
+            fresh = verify(llama, out, seq_len=32, dtype="float32", streaming=mode)
+        compare(reused, fresh)
+        assert reused.passed == (broken is None)
+        if broken:
+            assert reused.first_divergence == {"layer": 1, "component": "ln1"}
+            break
+        n_layers = len(reused.layer_rel_err)
+        assert n_layers > 2
+        for name in ("attn.W_Q", "attn._W_K", "attn.W_O", "mlp.W_in", "mlp.W_out", "ln1.w"):
+            # each layer's cast but the first into the previous layer's array; none in the
+            # run with fresh arrays (after the reusing one)
+            assert arrays[name] == [False] + [True] * (n_layers - 1) + [False] * n_layers, name
+
+
 def test_a_405b_layer_fits_16_gb_only_in_parts():
     """The estimates at Llama-3.1-405B's shape (convert's gate: the export's files read):
     one layer on each side does not fit 16 GB, one KV head's part does."""

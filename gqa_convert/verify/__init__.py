@@ -210,7 +210,9 @@ def verify(
         files=Path(converted) if converted is not None and model is None else None,
         plan=plan,
         reference=ref,
-        streaming=streamed,
+        # An export's layers are cast one at a time into the previous one's arrays even
+        # whole-model: holding them all made 3.4 GB of fresh pages (Ours._cast).
+        streaming=streamed or (converted is not None and model is None),
         allow_nonfinite=allow_nonfinite,
         device_of=place,
         part_elements=part,

@@ -125,6 +125,10 @@ class Ours(PartHolder):
             self._check_names()
         self.n_layers = len(self.model.blocks)
         self._held: set[Part] = set()
+        # A released layer's cast tensors by their name in the block, for the next layer's
+        # casts of the same name and shape (`_cast`); what a part has cast, by part.
+        self._free: dict[str, Tensor] = {}
+        self._cast_by_part: dict[Part, dict[str, Tensor]] = {}
         # Ours are views of the HF reference's tensors (SRC mapped in memory, dense).
         source = plan.source if plan is not None else None
         self.dequantised = not self.files and source is not None and source.quantized
@@ -159,6 +163,8 @@ class Ours(PartHolder):
 
         device, dtype = self.device_of(part), COMPUTE_DTYPES[self.dtype]
         split = self._split(part)  # held by sub-layer Splits, a slice at a time
+        self._keep_free_for(part)
+        cast_here = self._cast_by_part.setdefault(part, {})
         for prefix, module in self.modules(part).items():
             state = {}
             for name, param in module.state_dict(keep_vars=True).items():
@@ -178,10 +184,41 @@ class Ours(PartHolder):
                 # taken are cast (a cast commutes with indexing), not the whole table.
                 keep = part == "embed" and self.files
                 cast = param_dtype(self.model, full, dtype)  # a router kept in fp32
-                state[name] = tensor.to(device=device, dtype=None if keep else cast)
+                if keep or (tensor.device == device and tensor.dtype == cast):
+                    state[name] = tensor.to(device=device)
+                else:
+                    state[name] = cast_here[name] = self._cast(name, tensor, device, cast)
             missing = module.load_state_dict(state, assign=True, strict=not split).missing_keys
             if {f"{prefix}.{name}" for name in missing} - split:
                 raise BadInputError(f"{self.where}: {missing} not loaded")  # not reached
+
+    # ---- casts into released layers' arrays ----------------------------------------------
+    # Streaming, each layer's weights are cast into new arrays: fresh pages, which the
+    # kernel zeroes and maps one fault at a time (at 16 layers of 1.7 GB bf16, 3.4 GB of
+    # them: more system time than the forward's arithmetic, measured). The next layer has
+    # the same tensors: its casts go into the released layer's arrays instead.
+
+    def _release(self, part: Part) -> None:
+        if isinstance(part, int):
+            self._free = self._cast_by_part.pop(part, {})
+        else:
+            self._cast_by_part.pop(part, None)
+        super()._release(part)
+
+    def _keep_free_for(self, part: Part) -> None:
+        """Drop the free arrays `part` cannot use (another part kind, names or shapes)
+        before it allocates: at most one layer's arrays are ever held beyond the budget's."""
+        if not isinstance(part, int):
+            self._free = {}
+            return
+        shapes = {n: t.shape for n, t in self.layer(part).state_dict(keep_vars=True).items()}
+        self._free = {n: t for n, t in self._free.items() if shapes.get(n) == t.shape}
+
+    def _cast(self, name: str, tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        free = self._free.pop(name, None)
+        if free is not None and free.dtype == dtype and free.device == torch.device(device):
+            return free.copy_(tensor)
+        return tensor.to(device=device, dtype=dtype)
 
     def _make_splits(self, part: Part) -> list[Split]:
         """sublayer.ours_splits of the part: slices of the export's tensors read from its

@@ -208,9 +208,13 @@ class PartHolder:
             if self.streaming and part in self._held:
                 for split in self._splits.pop(part, []):
                     split.remove()
-                for module in self.modules(part).values():
-                    module.to("meta")
+                self._release(part)
                 self._held.discard(part)
+
+    def _release(self, part: Part) -> None:
+        """Send a held part's tensors back to the meta device (streaming)."""
+        for module in self.modules(part).values():
+            module.to("meta")
 
     # Sub-layer streaming (sublayer.py): the part's Splits while it is held, and how many
     # weights one of their parts holds (0: off, every part held whole).
