@@ -19,11 +19,17 @@ LAYOUTS = [
     ("m (n h) -> n h m", (21, 6 * 5), {"n": 6}),
     ("(n h) -> n h", (6 * 5,), {"n": 6}),
     ("m -> m", (21,), {}),
+    # and with axes a multiple of 4 long
+    ("f m -> m f", (52, 21), {}),
+    ("(n h) m -> n m h", (6 * 8, 21), {"n": 6}),
+    ("m (n h) -> n h m", (20, 6 * 8), {"n": 6}),
 ]
 
 
-@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
-@pytest.mark.parametrize(("layout", "shape", "sizes"), LAYOUTS, ids=[lay for lay, *_ in LAYOUTS])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float16, np.float32])
+@pytest.mark.parametrize(
+    ("layout", "shape", "sizes"), LAYOUTS, ids=[f"{lay} {shape}" for lay, shape, _ in LAYOUTS]
+)
 def test_contiguous_equals_a_plain_copy(layout, shape, sizes, dtype):
     source = np.random.default_rng(0).integers(0, 60000, size=shape).astype(dtype)
     view = einops.rearrange(source, layout, **sizes)
