@@ -568,34 +568,48 @@ def write_sharded(
     return hashes
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20, stop: threading.Event | None = None) -> str:
-    """The sha256 of a file, fed in chunks from a mapping of it (hashlib releases the GIL on
+def sha256_file(
+    path: Path,
+    chunk: int = 8 << 20,
+    stop: threading.Event | None = None,
+    window: int = 64 << 20,
+) -> str:
+    """The sha256 of a file, fed in chunks from mappings of it (hashlib releases the GIL on
     large updates; mapped, the page cache's bytes are hashed where they are instead of
-    copied into a buffer first: 1.8 of the 16 GB conversion's CPU seconds). A file that
-    cannot be mapped (empty, or a pipe) is read.
+    copied into a buffer first: 1.8 of the 16 GB conversion's CPU seconds). The file is
+    mapped `window` bytes at a time, each window unmapped before the next: a mapped page
+    counts in the process's resident memory while the mapping lives, and one mapping of a
+    5 GB shard took the 8B conversion's peak from 3.7 to 5.4 GB. A file that cannot be
+    mapped (empty, or a pipe) is read.
 
     Setting `stop` abandons the work (the result is then meaningless): a cancelled
     conversion need not wait for the hash of a 10 GB shard.
     """
     digest = hashlib.sha256()
+    window = max(mmap.ALLOCATIONGRANULARITY, window - window % mmap.ALLOCATIONGRANULARITY)
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         try:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mapped = mmap.mmap(f.fileno(), min(size, window), access=mmap.ACCESS_READ)
         except (OSError, ValueError):  # empty (ValueError), or not mappable
-            mapped = None
-        if mapped is None:
             buf = memoryview(bytearray(chunk))  # one buffer, reused
             while (n := f.readinto(buf)) and not (stop and stop.is_set()):
                 digest.update(buf[:n])
             return digest.hexdigest()
-        with mapped, memoryview(mapped) as view:
-            if hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_SEQUENTIAL)  # read ahead, as read() would
-            for start in range(0, len(view), chunk):
-                if stop and stop.is_set():
-                    break
-                digest.update(view[start : start + chunk])
-    return digest.hexdigest()
+        offset = 0
+        while True:
+            with mapped, memoryview(mapped) as view:
+                if hasattr(mapped, "madvise"):
+                    mapped.madvise(mmap.MADV_SEQUENTIAL)  # read ahead, as read() would
+                for start in range(0, len(view), chunk):
+                    if stop and stop.is_set():
+                        return digest.hexdigest()
+                    digest.update(view[start : start + chunk])
+            offset += window
+            if offset >= size:
+                return digest.hexdigest()
+            length = min(size - offset, window)
+            mapped = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=offset)
 
 
 def to_torch(array: np.ndarray, code: str) -> torch.Tensor:

@@ -91,3 +91,33 @@ def test_a_mapped_tensor_equals_the_read_one_and_holds_no_file_open(tmp_path):
         f.truncate(infos["f"].end - 4)
     with pytest.raises(BadInputError, match="truncated before tensor 'f'"):
         map_array(infos["f"])
+
+
+def test_sha256_file_is_hashlibs_digest_and_maps_one_window_at_a_time(tmp_path, monkeypatch):
+    """The file is hashed through mappings of at most `window` bytes (a mapping's pages count
+    in resident memory while it lives), and the digest is the whole file's, at every size
+    around a window's edges."""
+    import mmap
+
+    from gqa_convert import checkpoint
+
+    window = mmap.ALLOCATIONGRANULARITY
+    lengths = []
+    real_mmap = mmap.mmap
+
+    def recording_mmap(fileno, length, *args, **kwargs):
+        lengths.append(length)
+        return real_mmap(fileno, length, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.mmap, "mmap", recording_mmap)
+    rng = np.random.default_rng(0)
+    for size in (0, 1, window - 1, window, window + 1, 3 * window + 5):
+        lengths.clear()
+        path = tmp_path / f"f{size}"
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        path.write_bytes(data)
+        got = checkpoint.sha256_file(path, chunk=window // 4 + 3, window=window)
+        assert got == hashlib.sha256(data).hexdigest(), size
+        assert max(lengths) <= window, (size, lengths)
+        if size:
+            assert sum(lengths) == size, (size, lengths)
