@@ -260,16 +260,18 @@ print(json.dumps(stages))
 """
 
 
-def breakdown(src: Path) -> str:
-    """CPU seconds per stage of one in-process conversion, as one line."""
+def breakdown(src: Path) -> tuple[str, float | None]:
+    """CPU seconds per stage of one in-process conversion, as one line, and their sum (None
+    when the probe failed)."""
     work = scratch()
     probe = python_child(BREAKDOWN, str(src), str(work / "out"))
     result = subprocess.run(probe, capture_output=True, text=True)
     shutil.rmtree(work)
     if result.returncode:
-        return f"breakdown failed: {result.stderr[-300:]}"
+        return f"breakdown failed: {result.stderr[-300:]}", None
     stages = json.loads(result.stdout.strip().splitlines()[-1])
-    return ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items())
+    line = ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items())
+    return line, sum(stages.values())
 
 
 def convert_argv(src: Path, out: Path) -> tuple[list[str], str]:
@@ -342,7 +344,7 @@ def targets_1_2(layers: int, runs: int, notes: list[str]) -> list[Row]:
     startup = [run_child([*cli(), "--version"]) for _ in range(runs)]
     bare = [run_child([sys.executable, "-c", "pass"]) for _ in range(runs)]
     imported = import_probe(half)
-    stages = breakdown(src)
+    stages, stages_cpu = breakdown(src)
 
     t_ours, t_cp = median([c.wall_s for c in ours]), median([c.wall_s for c in cps])
     ratio = median([o.wall_s / c.wall_s for o, c in zip(ours, cps, strict=True)])
@@ -356,12 +358,13 @@ def targets_1_2(layers: int, runs: int, notes: list[str]) -> list[Row]:
         f"cp -r {spread([c.wall_s for c in cps])}; the ratio is the median of per-pair ratios."
     )
     notes.append(f"Target 1, CPU seconds by stage (main thread unless said): {stages}.")
-    cores = os.cpu_count() or 1
-    floor = sum(stages.values()) / cores
-    notes.append(
-        f"Target 1, the stages' {sum(stages.values()):.2f} CPU-s spread perfectly over {cores} "
-        f"cores: {floor:.2f} s wall at least, {floor / t_cp:.1f}x `cp -r`'s median."
-    )
+    if stages_cpu is not None:
+        cores = os.cpu_count() or 1
+        notes.append(
+            f"Target 1, the stages' {stages_cpu:.2f} CPU-s spread perfectly over {cores} cores: "
+            f"{stages_cpu / cores:.2f} s wall at least, {stages_cpu / cores / t_cp:.1f}x "
+            "`cp -r`'s median."
+        )
     return [
         Row(
             f"1. convert --no-verify wall, {layers}L, {size / 1e9:.2f} GB bf16",
