@@ -157,13 +157,17 @@ def estimate(
     tokens: int = 128,
     sequences: int = 1,
     second_copy: bool = False,
+    ours_by_layer: bool = False,
     dequantisation: int = 0,
 ) -> Estimate:
     """Peak bytes of `verify` for `sequences` inputs of up to `tokens` tokens.
 
     `storage_bytes` per element of the files read; `second_copy`: our weights are read from
-    an export's files (not views of the HF model's); `dequantisation`: the bytes a quantised
-    source's dequantisation holds at once besides its result (both sides' temporaries).
+    an export's files or dequantised by our reader (not views of the HF model's);
+    `ours_by_layer`: read from an export's files, which whole-model mode too holds one layer
+    at a time (`Ours._cast`: only HF's side is whole); `dequantisation`: the bytes a
+    quantised source's dequantisation holds at once besides its result (both sides'
+    temporaries).
     """
     c, s = DTYPE_BYTES[dtype], storage_bytes
     table = cfg.d_vocab * cfg.d_model
@@ -182,7 +186,12 @@ def estimate(
     logits = (n + 1) * t * cfg.d_vocab * c + 8 * min(t * cfg.d_vocab, STATS_CHUNK_ELEMENTS) * 8
     acts = streams + inner + logits
     read = largest_layer_tensor(cfg) * s + expert_stack(cfg) * c
-    whole = BASE_BYTES + acts + ours * (embedding + table + cfg.n_layers * layer) * c
+    every = (embedding + table + cfg.n_layers * layer) * c
+    # Ours held one part at a time beside HF's whole model: the embedding part, one layer
+    # (cast into the previous one's arrays) with the bytes of the tensor being cast, or one
+    # unembedding.
+    by_layer = max(embedding * c, layer * c + read, table * c)
+    whole = BASE_BYTES + acts + every + (by_layer if ours_by_layer else (ours - 1) * every)
     whole += max(table, pl_table) * s  # the largest tensor's bytes, read before its cast
     phases = (
         embedding * (c + s),  # HF's cast from the bytes read; ours index the bytes

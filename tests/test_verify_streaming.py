@@ -275,8 +275,9 @@ def spawn_cli(tmp_path, *args):
     return Run(code, out.read_text(), err.read_text())
 
 
-@pytest.mark.slow
-def test_streaming_verifies_within_a_budget_the_whole_model_exceeds(tmp_path):
+@pytest.fixture(scope="module")
+def mid(tmp_path_factory):
+    """A 16-layer bf16 checkpoint of 1.03 GB in float32 (scripts/build_llama8b_shaped.py)."""
     import importlib.util
     from pathlib import Path
 
@@ -284,8 +285,12 @@ def test_streaming_verifies_within_a_budget_the_whole_model_exceeds(tmp_path):
     spec = importlib.util.spec_from_file_location("build_llama8b_shaped", path)
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
-    src = builder.build(tmp_path / "mid", MID_SHAPE, shard_bytes=200_000_000)
+    return builder.build(tmp_path_factory.mktemp("mid") / "mid", MID_SHAPE, shard_bytes=200_000_000)
 
+
+@pytest.mark.slow
+def test_streaming_verifies_within_a_budget_the_whole_model_exceeds(tmp_path, mid):
+    src = mid
     bounded = spawn_cli(tmp_path, "verify", src, "--json", "--max-memory", f"{BUDGET}B")
     assert bounded.code == 0, bounded.stderr
     streamed = json.loads(bounded.stdout)
@@ -303,6 +308,25 @@ def test_streaming_verifies_within_a_budget_the_whole_model_exceeds(tmp_path):
     assert whole["peak_memory_bytes"] > BUDGET > streamed["peak_memory_bytes"]
     assert streamed["peak_memory_bytes"] < 0.6 * whole["peak_memory_bytes"]
     assert streamed["max_abs_logit_diff"] == pytest.approx(whole["max_abs_logit_diff"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_whole_model_verify_of_an_export_holds_ours_one_layer_at_a_time(tmp_path, mid):
+    """`verify SRC OUT --no-streaming` holds HF's model whole and ours one layer at a time
+    (Ours._cast), and its estimate counts that: the measured peak is under the estimate,
+    which is under SRC's own estimate plus a tenth of one model copy. Holding all of ours
+    (1.03 GB more in float32) would break the first bound."""
+    out = tmp_path / "out"
+    assert spawn_cli(tmp_path, "convert", mid, out, "--no-verify").code == 0
+    run = spawn_cli(tmp_path, "verify", mid, out, "--json", "--no-streaming")
+    assert run.code == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["mode"] == "whole" and report["passed"] is True
+    need = report["memory"]["estimate"]["whole"]
+    assert report["peak_memory_bytes"] <= need, (report["peak_memory_bytes"] / 1e6, need / 1e6)
+    info = inspect_checkpoint(mid)  # SRC alone: ours would be views of HF's weights
+    alone, copy = info["estimated_peak_memory_bytes"]["verify"], 4 * info["parameters"]
+    assert alone < need < alone + copy / 10, (alone / 1e6, need / 1e6, copy / 1e6)
 
 
 def test_sub_layer_mode_reads_each_layer_in_slices(tmp_path, llama, monkeypatch):

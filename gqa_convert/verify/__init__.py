@@ -318,7 +318,8 @@ def _estimate(
 ) -> Estimate:
     """`memory.estimate` for this source: the bytes read per element are those of its dense
     tensors (a quantised source's are dequantised first, in float32 for most formats), and
-    ours are a second copy when read from files or dequantised by our reader."""
+    ours are a second copy when read from an export's files (held one layer at a time, even
+    whole-model) or dequantised by our reader (held whole)."""
     from gqa_convert.checkpoint import DTYPES
 
     storage = max(DTYPES[t.dtype][0].itemsize for t in source.tensors.values())
@@ -329,6 +330,7 @@ def _estimate(
         tokens=seq_len,
         sequences=sequences,
         second_copy=converted is not None or source.quantized,
+        ours_by_layer=converted is not None,
         dequantisation=source.dequantisation_bytes,
     )
 
