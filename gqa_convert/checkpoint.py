@@ -568,30 +568,25 @@ def write_sharded(
     return hashes
 
 
-def sha256_file(
-    path: Path,
-    chunk: int = 8 << 20,
-    stop: threading.Event | None = None,
-    window: int = 8 << 20,
-) -> str:
-    """The sha256 of a file, fed in chunks from mappings of it (hashlib releases the GIL on
-    large updates; mapped, the page cache's bytes are hashed where they are instead of
-    copied into a buffer first: 1.8 of the 16 GB conversion's CPU seconds). The file is
-    mapped `window` bytes at a time, each window unmapped before the next: a mapped page
-    counts in the process's resident memory while the mapping lives, and one mapping of a
-    5 GB shard took the 8B conversion's peak from 3.7 to 5.4 GB. 8, 16 and 64 MB windows
-    hash a 4 GB shard equally fast here (2.64-2.70 CPU-s); 8 MB holds what the buffer
-    read into did. A file that cannot be mapped (empty, or a pipe) is read.
+def sha256_file(path: Path, chunk: int = 8 << 20, stop: threading.Event | None = None) -> str:
+    """The sha256 of a file, fed from mappings of `chunk` bytes of it, each unmapped before
+    the next (hashlib releases the GIL on large updates; mapped, the page cache's bytes are
+    hashed where they are instead of copied into a buffer first: 1.8 of the 16 GB
+    conversion's CPU seconds). One mapping of the whole file would do, but a mapped page
+    counts in the process's resident memory while the mapping lives: one of a 5 GB shard
+    took the 8B conversion's peak from 3.7 to 5.4 GB. 8, 16 and 64 MB mappings hash a 4 GB
+    shard equally fast here (2.64-2.70 CPU-s). A file that cannot be mapped (empty, or a
+    pipe) is read.
 
     Setting `stop` abandons the work (the result is then meaningless): a cancelled
     conversion need not wait for the hash of a 10 GB shard.
     """
     digest = hashlib.sha256()
-    window = max(mmap.ALLOCATIONGRANULARITY, window - window % mmap.ALLOCATIONGRANULARITY)
+    chunk = max(mmap.ALLOCATIONGRANULARITY, chunk - chunk % mmap.ALLOCATIONGRANULARITY)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         try:
-            mapped = mmap.mmap(f.fileno(), min(size, window), access=mmap.ACCESS_READ)
+            mapped = mmap.mmap(f.fileno(), min(size, chunk), access=mmap.ACCESS_READ)
         except (OSError, ValueError):  # empty (ValueError), or not mappable
             buf = memoryview(bytearray(chunk))  # one buffer, reused
             while (n := f.readinto(buf)) and not (stop and stop.is_set()):
@@ -599,17 +594,14 @@ def sha256_file(
             return digest.hexdigest()
         offset = 0
         while True:
-            with mapped, memoryview(mapped) as view:
+            with mapped:
                 if hasattr(mapped, "madvise"):
                     mapped.madvise(mmap.MADV_SEQUENTIAL)  # read ahead, as read() would
-                for start in range(0, len(view), chunk):
-                    if stop and stop.is_set():
-                        return digest.hexdigest()
-                    digest.update(view[start : start + chunk])
-            offset += window
-            if offset >= size:
+                digest.update(mapped)
+            offset += chunk
+            if offset >= size or (stop and stop.is_set()):
                 return digest.hexdigest()
-            length = min(size - offset, window)
+            length = min(size - offset, chunk)
             mapped = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=offset)
 
 

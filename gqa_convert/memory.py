@@ -191,7 +191,8 @@ def estimate(
     # (cast into the previous one's arrays) with the bytes of the tensor being cast, or one
     # unembedding.
     by_layer = max(embedding * c, layer * c + read, table * c)
-    whole = BASE_BYTES + acts + every + (by_layer if ours_by_layer else (ours - 1) * every)
+    second = by_layer if ours_by_layer else every if second_copy else 0
+    whole = BASE_BYTES + acts + every + second
     whole += max(table, pl_table) * s  # the largest tensor's bytes, read before its cast
     phases = (
         embedding * (c + s),  # HF's cast from the bytes read; ours index the bytes

@@ -93,10 +93,10 @@ def test_a_mapped_tensor_equals_the_read_one_and_holds_no_file_open(tmp_path):
         map_array(infos["f"])
 
 
-def test_sha256_file_is_hashlibs_digest_and_maps_one_window_at_a_time(tmp_path, monkeypatch):
-    """The file is hashed through mappings of at most `window` bytes (a mapping's pages count
+def test_sha256_file_is_hashlibs_digest_and_maps_one_chunk_at_a_time(tmp_path, monkeypatch):
+    """The file is hashed through mappings of at most `chunk` bytes (a mapping's pages count
     in resident memory while it lives), and the digest is the whole file's, at every size
-    around a window's edges."""
+    around a chunk's edges."""
     import mmap
 
     from gqa_convert import checkpoint
@@ -116,7 +116,7 @@ def test_sha256_file_is_hashlibs_digest_and_maps_one_window_at_a_time(tmp_path, 
         path = tmp_path / f"f{size}"
         data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
         path.write_bytes(data)
-        got = checkpoint.sha256_file(path, chunk=window // 4 + 3, window=window)
+        got = checkpoint.sha256_file(path, chunk=window)
         assert got == hashlib.sha256(data).hexdigest(), size
         assert max(lengths) <= window, (size, lengths)
         if size:
